@@ -1,0 +1,36 @@
+# Targets document themselves: `make help`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint train bench-ps clean
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/ofa: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/ofa ## create .venv and install the project with its test tools
+
+test: install ## run the test suite (what CI runs)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+lint: install ## ruff over the code
+	$(BIN)/ruff check onceforall tests bench
+
+train: install ## the main job: train a supernet on Fashion-MNIST (quick schedule)
+	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick
+
+bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedule (~90 min on 2 cores)
+	$(BIN)/python bench/progressive_shrinking.py
+
+clean: ## remove the venv and run outputs
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,71 @@
+"""Data-parallel training under torchrun: rank/world from the environment, gradient all-reduce.
+
+Elastic subnets leave different parameters unused at every step, so gradients are averaged with one
+explicit all-reduce after the step's subnets have all been back-propagated (what DDP with
+``find_unused_parameters`` would do, without its per-step graph search). Every rank samples the same
+subnet because sampling is seeded by the step, not by the rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes in the environment; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
+    if info.world > 1:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def allreduce_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Average gradients over ranks in one flat buffer; parameters no subnet used count as zero."""
+    if info.world <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def rank_checksums(module: torch.nn.Module, info: DistInfo) -> list[float]:
+    """Every rank's parameter checksum; ranks that drifted apart are a bug, so this raises."""
+    mine = torch.tensor([sum(float(p.detach().double().sum()) for p in module.parameters())],
+                        dtype=torch.float64)
+    if info.world <= 1:
+        return [float(mine)]
+    gathered = [torch.zeros_like(mine) for _ in range(info.world)]
+    dist.all_gather(gathered, mine)
+    values = [float(g) for g in gathered]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"data-parallel ranks diverged: parameter checksums {values}")
+    return values

@@ -1,0 +1,41 @@
+"""Subnet evaluation: BN recalibration, then accuracy on a split."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .bn import recalibrate_bn
+from .data import Dataset, eval_batches
+from .space import SubnetConfig
+from .supernet import OFASupernet
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, split: str, resolution: int, *,
+             forward=None, limit: int | None = None, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent of ``model`` (eval mode) on ``split`` at ``resolution``."""
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in eval_batches(data, split, resolution, batch_size, limit):
+        correct += int((forward(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def evaluate_subnets(net: OFASupernet, configs: dict[str, SubnetConfig], data: Dataset,
+                     calib_images: torch.Tensor, split: str = "val",
+                     limit: int | None = None) -> dict[str, float]:
+    """Accuracy of each named subnet after BN recalibration, on a copy: ``net`` is left untouched."""
+    work = copy.deepcopy(net)
+    out = {}
+    for name, cfg in configs.items():
+        fwd = lambda x, cfg=cfg: work(x, cfg)  # noqa: E731
+        recalibrate_bn(work, calib_images, cfg.r, forward=fwd)
+        out[name] = round(accuracy(work, data, split, cfg.r, forward=fwd, limit=limit), 3)
+    return out

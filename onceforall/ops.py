@@ -1,0 +1,266 @@
+"""Elastic ops and their static counterparts.
+
+An elastic op holds the weights of its largest size and is told the active size in each call
+(``forward(x, kernel=5)``); it keeps no "active" state of its own. ``extract(...)`` returns the
+static ``nn.Module`` that computes the same function for one size, with copied weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .space import make_divisible
+
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
+def activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "hswish": nn.Hardswish}[name](inplace=True)
+
+
+def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, n: int) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight[:n])
+        dst.bias.copy_(src.bias[:n])
+        dst.running_mean.copy_(src.running_mean[:n])
+        dst.running_var.copy_(src.running_var[:n])
+        dst.num_batches_tracked.copy_(src.num_batches_tracked)
+    return dst
+
+
+class ElasticBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm over the first C channels of its max-size parameters and running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c == self.num_features:
+            return super().forward(x)
+        # Slices of the running buffers are views: training updates the active slice in place.
+        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], self.weight[:c],
+                            self.bias[:c], self.training, self.momentum, self.eps)
+
+    def extract(self, c: int) -> nn.BatchNorm2d:
+        return _copy_bn(nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum), self, c)
+
+    def permute_(self, idx: torch.Tensor) -> None:
+        with torch.no_grad():
+            for t in (self.weight, self.bias, self.running_mean, self.running_var):
+                t.copy_(t[idx])
+
+
+class ElasticPointwiseConv(nn.Module):
+    """1x1 convolution whose output channels are elastic; input channels follow the input."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:out_channels, : x.shape[1]])
+
+    def extract(self, in_channels: int, out_channels: int) -> nn.Conv2d:
+        conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight[:out_channels, :in_channels])
+        return conv
+
+
+class ElasticDepthwiseConv(nn.Module):
+    """Depthwise convolution with an elastic kernel (OFA's kernel transformation).
+
+    Only the largest kernel is stored. A smaller kernel is the centre of the next larger one passed
+    through a learned (k*k x k*k) matrix, initialised to identity and shared by all channels: 7x7 ->
+    centre 5x5 -> T(25x25) -> centre 3x3 -> T(9x9).
+    """
+
+    def __init__(self, channels: int, kernels: Sequence[int], stride: int):
+        super().__init__()
+        self.kernels = tuple(sorted(kernels))
+        self.stride = stride
+        kmax = self.kernels[-1]
+        self.weight = nn.Parameter(torch.empty(channels, 1, kmax, kmax))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        self.transforms = nn.ParameterDict({
+            f"{big}to{small}": nn.Parameter(torch.eye(small * small))
+            for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1])
+        })
+
+    def active_weight(self, channels: int, kernel: int) -> torch.Tensor:
+        w = self.weight[:channels]  # (C, 1, kmax, kmax)
+        for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1]):
+            if big <= kernel:
+                break
+            lo = (big - small) // 2
+            centre = w[:, :, lo:lo + small, lo:lo + small].reshape(channels, small * small)
+            w = F.linear(centre, self.transforms[f"{big}to{small}"]).view(channels, 1, small, small)
+        return w
+
+    def forward(self, x: torch.Tensor, kernel: int) -> torch.Tensor:
+        c = x.shape[1]
+        return F.conv2d(x, self.active_weight(c, kernel), None, self.stride, kernel // 2, 1, c)
+
+    def extract(self, channels: int, kernel: int) -> nn.Conv2d:
+        conv = nn.Conv2d(channels, channels, kernel, self.stride, kernel // 2, groups=channels,
+                         bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(self.active_weight(channels, kernel))
+        return conv
+
+
+class SqueezeExcite(nn.Module):
+    """Static squeeze-excite: channel gates from pooled features (ReLU, then hard sigmoid)."""
+
+    def __init__(self, channels: int, mid: int):
+        super().__init__()
+        self.reduce = nn.Linear(channels, mid)
+        self.expand = nn.Linear(mid, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3))  # (B, C)
+        s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
+        return x * s[:, :, None, None]
+
+
+class ElasticSqueezeExcite(nn.Module):
+    """Squeeze-excite over the first C channels; its bottleneck is make_divisible(C / 4)."""
+
+    REDUCTION = 4
+
+    def __init__(self, max_channels: int):
+        super().__init__()
+        mid = self.mid_channels(max_channels)
+        self.reduce = nn.Linear(max_channels, mid)
+        self.expand = nn.Linear(mid, max_channels)
+
+    @classmethod
+    def mid_channels(cls, channels: int) -> int:
+        return make_divisible(channels // cls.REDUCTION, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        m = self.mid_channels(c)
+        s = x.mean((2, 3))  # (B, C)
+        s = F.relu(F.linear(s, self.reduce.weight[:m, :c], self.reduce.bias[:m]))
+        s = F.hardsigmoid(F.linear(s, self.expand.weight[:c, :m], self.expand.bias[:c]))
+        return x * s[:, :, None, None]
+
+    def extract(self, c: int) -> SqueezeExcite:
+        m = self.mid_channels(c)
+        se = SqueezeExcite(c, m)
+        with torch.no_grad():
+            se.reduce.weight.copy_(self.reduce.weight[:m, :c])
+            se.reduce.bias.copy_(self.reduce.bias[:m])
+            se.expand.weight.copy_(self.expand.weight[:c, :m])
+            se.expand.bias.copy_(self.expand.bias[:c])
+        return se
+
+
+class MBConv(nn.Module):
+    """Static inverted residual: [1x1 expand, BN, act] -> kxk depthwise, BN, act -> [SE] -> 1x1, BN."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, kernel: int, stride: int,
+                 act: str, se: bool):
+        super().__init__()
+        self.expand = None
+        if hidden != in_channels:
+            self.expand = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False),
+                                        nn.BatchNorm2d(hidden, BN_EPS, BN_MOMENTUM), activation(act))
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden, BN_EPS, BN_MOMENTUM), activation(act))
+        self.se = SqueezeExcite(hidden, ElasticSqueezeExcite.mid_channels(hidden)) if se else None
+        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False),
+                                     nn.BatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.depthwise(y)
+        if self.se is not None:
+            y = self.se(y)
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+class ElasticMBConv(nn.Module):
+    """Inverted residual with elastic kernel and expand ratio; one line per op in forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[int],
+                 expands: Sequence[int], stride: int, act: str, se: bool):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.act_name, self.use_se = act, se
+        max_hidden = self.hidden(max(expands))
+        self.expand_conv = ElasticPointwiseConv(in_channels, max_hidden)
+        self.expand_bn = ElasticBatchNorm2d(max_hidden, BN_EPS, BN_MOMENTUM)
+        self.dw_conv = ElasticDepthwiseConv(max_hidden, kernels, stride)
+        self.dw_bn = ElasticBatchNorm2d(max_hidden, BN_EPS, BN_MOMENTUM)
+        self.se = ElasticSqueezeExcite(max_hidden) if se else None
+        self.project_conv = ElasticPointwiseConv(max_hidden, out_channels)
+        self.project_bn = ElasticBatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM)
+        self.act = activation(act)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def hidden(self, expand: int) -> int:
+        return make_divisible(round(self.in_channels * expand), 8)
+
+    def forward(self, x: torch.Tensor, kernel: int, expand: int) -> torch.Tensor:
+        y = self.act(self.expand_bn(self.expand_conv(x, self.hidden(expand))))  # (B, hidden, H, W)
+        y = self.act(self.dw_bn(self.dw_conv(y, kernel)))  # (B, hidden, H/s, W/s)
+        if self.se is not None:
+            y = self.se(y)
+        y = self.project_bn(self.project_conv(y, self.out_channels))  # (B, out, H/s, W/s)
+        return x + y if self.residual else y
+
+    def extract(self, kernel: int, expand: int) -> MBConv:
+        h = self.hidden(expand)
+        block = MBConv(self.in_channels, self.out_channels, h, kernel, self.stride, self.act_name,
+                       self.use_se)
+        if block.expand is None:  # hidden == in_channels: still a conv here, keep it explicit
+            block.expand = nn.Sequential(nn.Conv2d(self.in_channels, h, 1, bias=False),
+                                         nn.BatchNorm2d(h, BN_EPS, BN_MOMENTUM),
+                                         activation(self.act_name))
+        block.expand[0] = self.expand_conv.extract(self.in_channels, h)
+        block.expand[1] = self.expand_bn.extract(h)
+        block.depthwise[0] = self.dw_conv.extract(h, kernel)
+        block.depthwise[1] = self.dw_bn.extract(h)
+        if self.se is not None:
+            block.se = self.se.extract(h)
+        block.project[0] = self.project_conv.extract(h, self.out_channels)
+        block.project[1] = self.project_bn.extract(self.out_channels)
+        return block
+
+    @torch.no_grad()
+    def sort_channels_(self, bands: Sequence[int] = ()) -> None:
+        """Re-order hidden channels by importance (L1 norm of their projection weights).
+
+        ``bands`` are hidden-channel boundaries that a previous width phase already trained; channels
+        stay inside their band (sorted within it), so smaller widths keep what they learned.
+        """
+        importance = self.project_conv.weight.abs().sum((0, 2, 3))  # (max_hidden,)
+        band = torch.zeros_like(importance)
+        for edge in sorted(bands):
+            band[edge:] += 1
+        # Sort by band first, then by descending importance (importance < 1e6 in any sane net).
+        order = torch.argsort(band * 1e6 - importance, stable=True)
+        self.project_conv.weight.copy_(self.project_conv.weight[:, order])
+        self.dw_conv.weight.copy_(self.dw_conv.weight[order])
+        self.dw_bn.permute_(order)
+        self.expand_conv.weight.copy_(self.expand_conv.weight[order])
+        self.expand_bn.permute_(order)
+        if self.se is not None:
+            se = self.se
+            se.expand.weight.copy_(se.expand.weight[order])
+            se.expand.bias.copy_(se.expand.bias[order])
+            se.reduce.weight.copy_(se.reduce.weight[:, order])
+            # The SE bottleneck is elastic too: sort its channels by their expand weights.
+            mid_order = torch.argsort(se.expand.weight.abs().sum(0), descending=True, stable=True)
+            se.expand.weight.copy_(se.expand.weight[:, mid_order])
+            se.reduce.weight.copy_(se.reduce.weight[mid_order])
+            se.reduce.bias.copy_(se.reduce.bias[mid_order])

@@ -1,0 +1,141 @@
+"""Training schedules: the teacher and the progressive-shrinking phases as data.
+
+A phase says which elastic choices are open (the largest ``n`` of each dimension; ``None`` = all),
+how many subnets are sampled per step, its epochs and learning rate, and whether hidden channels
+are re-sorted by importance when it starts. The paper's five phases are five of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+from .space import SearchSpace
+
+PHASE_ORDER = ("teacher", "kernel", "depth-1", "depth-2", "width-1", "width-2")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    name: str
+    epochs: int
+    lr: float
+    warmup_epochs: int = 0
+    subnets_per_step: int = 1
+    n_kernels: int | None = None
+    n_depths: int | None = None
+    n_expands: int | None = None
+    kd_ratio: float = 1.0
+    sort_channels: bool = False
+
+    def space(self, full: SearchSpace) -> SearchSpace:
+        """The sub-space this phase samples from: the largest ``n`` choices of each dimension."""
+        top = lambda xs, n: None if n is None else sorted(xs)[-n:]  # noqa: E731
+        return full.restrict(kernels=top(full.kernels, self.n_kernels),
+                             depths=top(full.depths, self.n_depths),
+                             expands=top(full.expands, self.n_expands))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    teacher: PhaseConfig
+    phases: tuple[PhaseConfig, ...]
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    label_smoothing: float = 0.1
+    bn_calib_images: int = 2000
+    bn_calib_batch: int = 200
+    val_images: int | None = None  # per-epoch validation on this many validation images
+    train_images: int | None = None  # use only the first N training images (smoke runs)
+    checkpoint_every_s: float = 120.0
+    notes: str = ""
+
+    def all_phases(self) -> tuple[PhaseConfig, ...]:
+        return (self.teacher, *self.phases)
+
+    def phase(self, name: str) -> PhaseConfig:
+        for p in self.all_phases():
+            if p.name == name:
+                return p
+        raise UserError(f"schedule {self.name!r} has no phase {name!r}", field="phase",
+                        fix=f"use one of {[p.name for p in self.all_phases()]}")
+
+    def previous(self, name: str) -> PhaseConfig | None:
+        names = [p.name for p in self.all_phases()]
+        i = names.index(self.phase(name).name)
+        return self.all_phases()[i - 1] if i > 0 else None
+
+    def without_progressive_shrinking(self) -> "Schedule":
+        """The ablation baseline: same phases, epochs and sampling, every dimension elastic at once."""
+        flat = tuple(dataclasses.replace(p, name=f"all-{i + 1}", n_kernels=None, n_depths=None,
+                                         n_expands=None, sort_channels=False)
+                     for i, p in enumerate(self.phases))
+        return dataclasses.replace(self, name=f"{self.name}-no-ps", phases=flat)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _teacher(epochs: int, lr: float, warmup: int = 0) -> PhaseConfig:
+    return PhaseConfig("teacher", epochs, lr, warmup, 1, 1, 1, 1, kd_ratio=0.0)
+
+
+def _shrink(epochs: tuple[int, int, int, int, int], lrs: tuple[float, float, float, float, float],
+            warmups: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0),
+            subnets: tuple[int, int, int, int, int] = (1, 2, 2, 4, 4),
+            kd_ratio: float = 1.0) -> tuple[PhaseConfig, ...]:
+    # (name, n_kernels, n_depths, n_expands, sort_channels)
+    opened = (("kernel", None, 1, 1, False), ("depth-1", None, 2, 1, False),
+              ("depth-2", None, None, 1, False), ("width-1", None, None, 2, True),
+              ("width-2", None, None, None, True))
+    return tuple(PhaseConfig(name, ep, lr, wu, n, nk, nd, ne, kd_ratio, sort)
+                 for (name, nk, nd, ne, sort), ep, lr, wu, n
+                 in zip(opened, epochs, lrs, warmups, subnets))
+
+
+def smoke() -> Schedule:
+    """Seconds on 2 cores: for tests."""
+    return Schedule("smoke", _teacher(1, 0.05), _shrink((1, 1, 1, 1, 1), (0.02,) * 5),
+                    batch_size=64, train_images=512, val_images=200, bn_calib_images=200,
+                    bn_calib_batch=100, checkpoint_every_s=3600,
+                    notes="tests only: 512 training images, one epoch per phase")
+
+
+def quick() -> Schedule:
+    """The README's main command: the whole pipeline in about 10 minutes on 2 cores."""
+    return Schedule("quick", _teacher(2, 0.1), _shrink((1, 1, 1, 1, 1), (0.02, 0.01, 0.02, 0.01, 0.02)),
+                    batch_size=128, train_images=20000, val_images=2000,
+                    notes="a demo of every stage on a third of Fashion-MNIST; accuracy is not the goal")
+
+
+def standard() -> Schedule:
+    """The benchmark: the whole training within 45 minutes on 2 CPU cores."""
+    return Schedule("standard", _teacher(10, 0.1, 1),
+                    _shrink((3, 1, 3, 1, 3), (0.03, 0.01, 0.03, 0.01, 0.03)),
+                    batch_size=128, val_images=2000,
+                    notes="Fashion-MNIST on 2 CPU cores; the paper's phase order and ratios, "
+                          "fewer epochs")
+
+
+def paper() -> Schedule:
+    """The paper's epochs and learning rates (ImageNet, GPU clusters; batch 2048 over 32 GPUs)."""
+    return Schedule("paper", _teacher(180, 2.6, 5),
+                    _shrink((120, 25, 120, 25, 120), (0.96, 0.08, 0.24, 0.08, 0.24),
+                            warmups=(5, 0, 5, 0, 5)),
+                    batch_size=2048, val_images=10000,
+                    notes="OFA-MobileNetV3 recipe: 180 teacher epochs, then 120+5 / 25 / 120+5 / 25 / "
+                          "120+5 epochs, lr 2.6 scaled to batch 2048")
+
+
+SCHEDULES = {"smoke": smoke, "quick": quick, "standard": standard, "paper": paper}
+
+
+def get_schedule(name: str) -> Schedule:
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}", field="schedule",
+                        fix=f"use one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]()

@@ -1,0 +1,155 @@
+"""Many subnet configs at once, as integer arrays.
+
+The search scores tens of thousands of architectures; building a Python :class:`SubnetConfig` for each
+one would cost more than scoring it. A :class:`SubnetBatch` holds the same four fields as arrays of
+choice *values* (not indices), so it reads like the canonical JSON shape, and efficiency tables and the
+accuracy predictor turn it into numbers with a few numpy gathers.
+
+Entries of skipped blocks may hold any value (the evolution keeps them as latent genes, as the
+reference does, so that a depth mutation wakes up a block with its own choices). Every consumer masks
+them with :meth:`SubnetBatch.active`; :meth:`SubnetBatch.canonical` and :meth:`SubnetBatch.to_configs`
+set them to the smallest choice, as :meth:`SubnetConfig.canonical` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from .errors import UserError
+from .space import SearchSpace, SubnetConfig
+
+
+@dataclass(frozen=True, eq=False)
+class SubnetBatch:
+    """``N`` subnet configs: ``r`` (N,), ``d`` (N, units), ``k`` and ``e`` (N, slots), all int64."""
+
+    r: np.ndarray  # (N,)
+    d: np.ndarray  # (N, U)
+    k: np.ndarray  # (N, S)
+    e: np.ndarray  # (N, S)
+
+    def __post_init__(self) -> None:
+        for name, ndim in (("r", 1), ("d", 2), ("k", 2), ("e", 2)):
+            arr = np.asarray(getattr(self, name), dtype=np.int64)
+            if arr.ndim != ndim:
+                raise ValueError(f"SubnetBatch.{name} must be {ndim}-D, got shape {arr.shape}")
+            object.__setattr__(self, name, arr)
+        n = self.r.shape[0]
+        if not self.d.shape[0] == self.k.shape[0] == self.e.shape[0] == n:
+            raise ValueError(f"SubnetBatch rows disagree: r {self.r.shape}, d {self.d.shape}, "
+                             f"k {self.k.shape}, e {self.e.shape}")
+        if self.k.shape != self.e.shape:
+            raise ValueError(f"SubnetBatch k {self.k.shape} and e {self.e.shape} differ in shape")
+
+    def __len__(self) -> int:
+        return int(self.r.shape[0])
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_configs(cls, cfgs: Sequence[SubnetConfig]) -> "SubnetBatch":
+        if len(cfgs) == 0:
+            raise ValueError("SubnetBatch.from_configs needs at least one config")
+        return cls(np.array([c.r for c in cfgs]), np.array([c.d for c in cfgs]),
+                   np.array([c.k for c in cfgs]), np.array([c.e for c in cfgs]))
+
+    @classmethod
+    def repeat(cls, cfg: SubnetConfig, n: int) -> "SubnetBatch":
+        return cls(np.full(n, cfg.r), np.tile(cfg.d, (n, 1)), np.tile(cfg.k, (n, 1)),
+                   np.tile(cfg.e, (n, 1)))
+
+    @classmethod
+    def sample(cls, space: SearchSpace, rng: np.random.Generator, n: int) -> "SubnetBatch":
+        """``n`` uniform random configs; skipped slots keep random (latent) choices."""
+        return cls(rng.choice(np.asarray(space.resolutions), size=n),
+                   rng.choice(np.asarray(space.depths), size=(n, len(space.units))),
+                   rng.choice(np.asarray(space.kernels), size=(n, space.num_slots)),
+                   rng.choice(np.asarray(space.expands), size=(n, space.num_slots)))
+
+    @staticmethod
+    def concat(batches: Sequence["SubnetBatch"]) -> "SubnetBatch":
+        return SubnetBatch(np.concatenate([b.r for b in batches]),
+                           np.concatenate([b.d for b in batches]),
+                           np.concatenate([b.k for b in batches]),
+                           np.concatenate([b.e for b in batches]))
+
+    # -- row operations -----------------------------------------------------------------------
+    def take(self, idx: np.ndarray) -> "SubnetBatch":
+        return SubnetBatch(self.r[idx], self.d[idx], self.k[idx], self.e[idx])
+
+    def put(self, idx: np.ndarray, rows: "SubnetBatch") -> "SubnetBatch":
+        """A copy with rows ``idx`` (ints or a boolean mask) replaced by ``rows``."""
+        r, d, k, e = self.r.copy(), self.d.copy(), self.k.copy(), self.e.copy()
+        r[idx], d[idx], k[idx], e[idx] = rows.r, rows.d, rows.k, rows.e
+        return SubnetBatch(r, d, k, e)
+
+    # -- meaning ------------------------------------------------------------------------------
+    def active(self, space: SearchSpace) -> np.ndarray:
+        """(N, S) bool: slot ``s`` is active when ``s % max_depth < d[unit(s)]``."""
+        md = space.max_depth
+        slot = np.arange(self.k.shape[1])
+        return (slot % md)[None, :] < self.d[:, slot // md]
+
+    def canonical(self, space: SearchSpace) -> "SubnetBatch":
+        act = self.active(space)
+        return SubnetBatch(self.r, self.d, np.where(act, self.k, min(space.kernels)),
+                           np.where(act, self.e, min(space.expands)))
+
+    def to_configs(self, space: SearchSpace) -> list[SubnetConfig]:
+        c = self.canonical(space)
+        return [SubnetConfig(int(c.r[i]), tuple(c.d[i].tolist()), tuple(c.k[i].tolist()),
+                             tuple(c.e[i].tolist())) for i in range(len(c))]
+
+    def indices(self, space: SearchSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Choice indices into the sorted choices ``(r (N,), k (N,S), e (N,S), active (N,S))``.
+
+        Raises :class:`UserError` when a shape does not fit the space or an active entry is not one
+        of the space's choices. Skipped slots may hold anything; their index is 0 there.
+        """
+        if self.d.shape[1] != len(space.units) or self.k.shape[1] != space.num_slots:
+            raise UserError(f"configs have {self.d.shape[1]} units and {self.k.shape[1]} block slots, "
+                            f"the space {space.name!r} has {len(space.units)} and {space.num_slots}",
+                            field="d", fix=f"use configs of the space {space.name!r}")
+        check_choices(self.d, space.depths, "d")
+        r_idx = choice_index(self.r, space.resolutions)
+        if (r_idx < 0).any():
+            check_choices(self.r, space.resolutions, "r")
+        act = self.active(space)
+        k_idx = choice_index(self.k, space.kernels)
+        e_idx = choice_index(self.e, space.expands)
+        for name, idx, values, allowed in (("k", k_idx, self.k, space.kernels),
+                                           ("e", e_idx, self.e, space.expands)):
+            bad = act & (idx < 0)
+            if bad.any():
+                check_choices(values[bad], allowed, name)
+        return r_idx, np.where(act, k_idx, 0), np.where(act, e_idx, 0), act
+
+
+BatchLike = Union[SubnetBatch, SubnetConfig, Sequence[SubnetConfig]]
+
+
+def as_batch(cfgs: BatchLike) -> SubnetBatch:
+    if isinstance(cfgs, SubnetBatch):
+        return cfgs
+    if isinstance(cfgs, SubnetConfig):
+        return SubnetBatch.from_configs([cfgs])
+    return SubnetBatch.from_configs(list(cfgs))
+
+
+def choice_index(values: np.ndarray, choices: Sequence[int]) -> np.ndarray:
+    """Index of each value in ``sorted(choices)``, -1 where it is not a choice (same shape)."""
+    ordered = np.asarray(sorted(choices), dtype=np.int64)
+    lut = np.full(int(ordered[-1]) + 2, -1, dtype=np.int64)
+    lut[ordered] = np.arange(len(ordered))
+    # Values outside [0, max] map to the sentinel slot at the end, which holds -1.
+    safe = np.where((values >= 0) & (values <= ordered[-1]), values, len(lut) - 1)
+    return lut[safe]
+
+
+def check_choices(values: np.ndarray, choices: Sequence[int], name: str) -> None:
+    bad = sorted(set(np.unique(values).tolist()) - set(choices))
+    if bad:
+        raise UserError(f"values {bad} are not in the space's choices {sorted(choices)}",
+                        field=name, fix=f"use only {sorted(choices)}")

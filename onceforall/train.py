@@ -1,0 +1,294 @@
+"""Training stages: the teacher (full network), then each progressive-shrinking phase.
+
+``run_phase`` is one stage: it starts from the previous phase's checkpoint (or from scratch for the
+teacher), samples ``subnets_per_step`` subnets of the phase's space at every step, accumulates their
+gradients (label-smoothed cross-entropy plus distillation from the teacher), then takes one SGD step.
+Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
+generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
+same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
+from .dist import allreduce_gradients, broadcast_parameters, init_from_env, rank_checksums
+from .errors import UserError
+from .evaluate import evaluate_subnets
+from .progress import Progress, append_jsonl
+from .schedule import PhaseConfig, Schedule
+from .space import SearchSpace, SubnetConfig
+from .supernet import OFASupernet
+
+LOG = "log.jsonl"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def reference_configs(space: SearchSpace) -> dict[str, SubnetConfig]:
+    """The subnets tracked during training: max, min, and three middle ones."""
+    srt = lambda xs: sorted(xs)  # noqa: E731
+    mid = lambda xs: srt(xs)[len(xs) // 2]  # noqa: E731
+    d, k, e, r = space.depths, space.kernels, space.expands, space.resolutions
+    return {
+        "max": space.max_config(),
+        "min": space.min_config(),
+        "mid": space.uniform_config(mid(d), mid(k), mid(e), mid(r)),
+        "shallow-wide": space.uniform_config(min(d), max(k), max(e), mid(r)),
+        "deep-narrow": space.uniform_config(max(d), min(k), min(e), mid(r)),
+    }
+
+
+def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int) -> float:
+    """Linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 (per step)."""
+    warm = phase.warmup_epochs * steps_per_epoch
+    total = phase.epochs * steps_per_epoch
+    if step < warm:
+        return phase.lr * (step + 1) / warm
+    progress = (step - warm) / max(total - warm, 1)
+    return 0.5 * phase.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on batch-norm parameters and biases (the paper's recipe)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights and biases are the 1-D ones
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target_probs * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    folder: Path
+    epochs: int
+    steps: int
+    wall_s: float
+    images_per_s: float
+    val_accuracy: dict[str, float]
+    resumed_from_step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["folder"] = str(self.folder)
+        return out
+
+
+def _optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"momentum.{name}"] = buf
+    return out
+
+
+def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                            tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        buf = tensors.get(f"momentum.{name}")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+
+
+def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
+              out_dir: str | Path, *, init: str | Path | None = None,
+              teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
+              progress: bool = True, stop_after_steps: int | None = None) -> PhaseResult:
+    """Train one phase into ``out_dir``; resumes from ``out_dir`` if a previous run was cut short.
+
+    ``init``: checkpoint folder of the previous phase (required except for the teacher).
+    ``teacher``: checkpoint folder of the teacher, for distillation when the phase's kd_ratio > 0.
+    ``stop_after_steps``: stop (with a checkpoint) after this many steps; used to test resuming.
+    """
+    phase = schedule.phase(phase_name)
+    phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
+    out_dir = Path(out_dir)
+    dev = pick_device(device)
+    info = init_from_env(dev)
+    data = subsample(data, schedule.train_images, schedule.val_images)
+    phase_space = phase.space(space)
+
+    # -- state: resume, or start from the previous phase -------------------------------------
+    torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
+    net = OFASupernet(space)
+    resume = None
+    if (out_dir / ckpt.SIDECAR).is_file():
+        meta = ckpt.read_meta(out_dir)
+        if meta.get("phase") != phase.name:
+            raise UserError(f"holds a checkpoint of phase {meta.get('phase')!r}, not {phase.name!r}",
+                            source=str(out_dir), field="phase",
+                            fix="give each phase its own output folder")
+        resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
+        if resume.meta.get("completed"):
+            return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
+        ckpt.load_weights(net, resume)
+    elif init is not None:
+        ckpt.load_weights(net, ckpt.load_checkpoint(init, space=space))
+        if phase.sort_channels:
+            prev = schedule.previous(phase.name)
+            net.sort_channels_(prev.space(space).expands if prev else ())
+    elif phase.name != schedule.teacher.name:
+        raise UserError(f"phase {phase.name!r} needs the previous phase's checkpoint", field="init",
+                        fix="pass --init with the previous phase's output folder")
+
+    kd_net = None
+    if phase.kd_ratio > 0:
+        if teacher is None:
+            raise UserError(f"phase {phase.name!r} distils from the teacher (kd_ratio "
+                            f"{phase.kd_ratio})", field="teacher",
+                            fix="pass --teacher with the teacher's output folder")
+        kd_net = OFASupernet(space)
+        ckpt.load_weights(kd_net, ckpt.load_checkpoint(teacher, space=space))
+        kd_net = kd_net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+    net = net.to(dev, memory_format=torch.channels_last).train()
+    broadcast_parameters(net, info)
+    params = [p for p in net.parameters()]
+    opt = torch.optim.SGD(param_groups(net, schedule.weight_decay), lr=phase.lr,
+                          momentum=schedule.momentum, nesterov=True)
+    steps_per_epoch = len(data.train) // schedule.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
+                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    total_steps = phase.epochs * steps_per_epoch
+    global_step, elapsed_before = 0, 0.0
+    if resume is not None:
+        _load_optimizer_tensors(net, opt, resume.optimizer or {})
+        global_step = int(resume.meta["global_step"])
+        elapsed_before = float(resume.meta.get("wall_s", 0.0))
+        ckpt.set_rng_state(resume.meta["rng"])
+    start_step = global_step
+
+    calib = calibration_images(data, schedule.bn_calib_images, seed)
+    refs = reference_configs(space)
+    tracked = {k: refs[k] for k in ("max", "mid", "min")}
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+    bar = Progress(phase.name, total_steps, enabled=progress and info.is_main, start_step=start_step)
+    t_start = time.monotonic()
+    images_seen, loss_sum, loss_n = 0, 0.0, 0
+    val_acc: dict[str, float] = {}
+
+    def save(completed: bool, epoch: int, result: dict | None = None, **extra: Any) -> None:
+        if not info.is_main:
+            return
+        meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
+                "schedule": schedule.to_dict(), "seed": seed, "completed": completed,
+                "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "lr": lr_at(min(global_step, total_steps - 1), phase,
+                                                        steps_per_epoch),
+                "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
+                "dataset": data.describe(), "world_size": info.world}
+        if result is not None:
+            meta["result"] = result
+        meta.update(extra)
+        ckpt.save_checkpoint(out_dir, net.state_dict(), meta,
+                             optimizer=None if completed else _optimizer_tensors(net, opt))
+
+    last_save = time.monotonic()
+    while global_step < total_steps:
+        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        order = epoch_order(len(data.train), seed * 1000 + phase_index, epoch)
+        x, y = train_batch(data, order, step_in_epoch, schedule.batch_size,
+                           seed=seed * 1000 + phase_index, epoch=epoch, rank=info.rank,
+                           world=info.world)
+        rng = np.random.default_rng([seed, phase_index, global_step])
+        resolution = int(rng.choice(phase_space.resolutions))
+        x = resize(x, resolution).to(dev)
+        y = y.to(dev)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(global_step, phase, steps_per_epoch)
+
+        soft = None
+        if kd_net is not None:
+            with torch.no_grad():
+                soft = F.softmax(kd_net(x, space.max_config()), dim=1)
+        step_loss = 0.0
+        for _ in range(phase.subnets_per_step):
+            cfg = phase_space.sample(rng)
+            logits = net(x, cfg)
+            loss = criterion(logits, y)
+            if soft is not None:
+                loss = loss + phase.kd_ratio * soft_cross_entropy(logits, soft)
+            loss.backward()
+            step_loss += float(loss.detach())
+        allreduce_gradients(params, info)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        global_step += 1
+        images_seen += len(y) * info.world
+        loss_sum += step_loss / phase.subnets_per_step
+        loss_n += 1
+        rate = images_seen / max(time.monotonic() - t_start, 1e-9)
+        bar.update(global_step, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / loss_n,
+                   lr=opt.param_groups[0]["lr"], res=resolution, **{"img/s": round(rate)})
+
+        end_of_epoch = global_step % steps_per_epoch == 0
+        if end_of_epoch and info.is_main:
+            val_acc = evaluate_subnets(net, tracked, data, calib, split="val")
+            record = {"phase": phase.name, "epoch": epoch + 1, "global_step": global_step,
+                      "train_loss": round(loss_sum / loss_n, 5), "images_per_s": round(rate, 1),
+                      "lr": opt.param_groups[0]["lr"], "val_accuracy": val_acc,
+                      "elapsed_s": round(elapsed_before + time.monotonic() - t_start, 2)}
+            append_jsonl(out_dir / LOG, record)
+            bar.message(f"epoch {epoch + 1}/{phase.epochs} val acc " +
+                        " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
+            loss_sum, loss_n = 0.0, 0
+        if global_step < total_steps and (
+                end_of_epoch or time.monotonic() - last_save > schedule.checkpoint_every_s
+                or (stop_after_steps is not None and global_step - start_step >= stop_after_steps)):
+            save(False, global_step // steps_per_epoch)
+            last_save = time.monotonic()
+        if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
+            bar.close()
+            return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
+                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step)
+
+    bar.close()
+    checksums = rank_checksums(net, info)
+    if not val_acc and info.is_main:
+        val_acc = evaluate_subnets(net, tracked, data, calib, split="val")
+    wall = elapsed_before + time.monotonic() - t_start
+    result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
+                         round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,
+                         start_step)
+    save(True, phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
+         rank_checksums=checksums)
+    return result
+
+
+def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_root: str | Path, *,
+                   seed: int = 0, device: str = "auto", progress: bool = True,
+                   phases: list[str] | None = None) -> list[PhaseResult]:
+    """The teacher and every shrinking phase in order, each in ``out_root/<phase>``."""
+    out_root = Path(out_root)
+    names = phases or [p.name for p in schedule.all_phases()]
+    results = []
+    teacher_dir = out_root / schedule.teacher.name
+    prev = None
+    for p in schedule.all_phases():
+        if p.name in names:
+            results.append(run_phase(space, schedule, p.name, data, out_root / p.name, init=prev,
+                                     teacher=teacher_dir if p.kd_ratio > 0 else None, seed=seed,
+                                     device=device, progress=progress))
+        prev = out_root / p.name
+    return results

@@ -1,0 +1,46 @@
+"""Two processes with the gloo backend on CPU, as torchrun would start them."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from onceforall import checkpoint as ckpt
+from onceforall.data import load_dataset
+from onceforall.schedule import smoke
+from onceforall.space import get_space
+from onceforall.train import run_phase
+
+SPACE = get_space("fashion-mnist")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    data = load_dataset("synthetic:600", val_size=120)
+    # The kernel phase samples a random subnet per step: ranks must agree on it at every step.
+    run_phase(SPACE, smoke(), "kernel", data, f"{root}/kernel", init=f"{root}/teacher",
+              teacher=f"{root}/teacher", progress=False)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_stay_in_sync(tmp_path, tiny_data):
+    run_phase(SPACE, smoke(), "teacher", tiny_data, tmp_path / "teacher", progress=False)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    meta = ckpt.read_meta(tmp_path / "kernel")
+    assert meta["completed"] and meta["world_size"] == 2
+    # Each rank's live parameters, gathered at the end (the run raises if they differ).
+    a, b = meta["rank_checksums"]
+    assert a == b
+    # Only rank 0 writes: one log line per epoch, not one per rank.
+    lines = (tmp_path / "kernel" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == smoke().phase("kernel").epochs

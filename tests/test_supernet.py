@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from onceforall.space import get_space
+from onceforall.supernet import OFASupernet
+
+
+def _randomized(space):
+    """A supernet whose BN statistics and kernel transforms are far from their initial values."""
+    torch.manual_seed(0)
+    net = OFASupernet(space)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        for name, p in net.named_parameters():
+            if "transforms" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "imagenet-mbv3"])
+def test_extracted_subnet_matches_supernet(name):
+    space = get_space(name)
+    net = _randomized(space)
+    rng = np.random.default_rng(1)
+    configs = space.sample_many(rng, 20) + [space.max_config(), space.min_config()]
+    worst = 0.0
+    for cfg in configs:
+        r = cfg.r if name == "fashion-mnist" else min(space.resolutions)
+        x = torch.randn(2, space.in_channels, r, r)
+        with torch.no_grad():
+            expected = net(x, cfg)
+            static = net.get_active_subnet(cfg).eval()
+            got = static(x)
+        assert not any(type(m).__name__.startswith("Elastic") for m in static.modules())
+        worst = max(worst, (expected - got).abs().max().item())
+    assert worst <= 1e-5
+
+
+def test_kernel_transforms_start_as_identity():
+    net = OFASupernet(get_space("fashion-mnist"))
+    block = net.units[0][1]
+    w7 = block.dw_conv.weight
+    assert torch.equal(block.dw_conv.active_weight(8, 3), w7[:8, :, 2:5, 2:5])
+
+
+def test_set_active_subnet_is_what_forward_runs():
+    space = get_space("fashion-mnist")
+    net = _randomized(space)
+    cfg = space.sample(np.random.default_rng(3))
+    x = torch.randn(2, 1, cfg.r, cfg.r)
+    net.set_active_subnet(cfg)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x, cfg))
+
+
+def test_channel_sorting_keeps_the_max_network_function():
+    space = get_space("fashion-mnist")
+    net = _randomized(space)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        before = net(x, space.max_config())
+        net.sort_channels_()
+        after = net(x, space.max_config())
+    assert (before - after).abs().max() < 1e-5
+    block = net.units[1][1]
+    importance = block.project_conv.weight.abs().sum((0, 2, 3))
+    assert torch.all(importance[:-1] >= importance[1:] - 1e-7)
+
+
+def test_channel_sorting_respects_trained_bands():
+    space = get_space("fashion-mnist")
+    net = _randomized(space)
+    block = net.units[1][1]
+    edge = block.hidden(4)
+    first_band = set(block.project_conv.weight[:, :edge].abs().sum((0, 2, 3)).tolist())
+    net.sort_channels_(trained_expands=[4, 6])
+    assert set(block.project_conv.weight[:, :edge].abs().sum((0, 2, 3)).tolist()) == first_band

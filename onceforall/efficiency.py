@@ -78,9 +78,9 @@ def _fixed_layers(space: SearchSpace, r) -> list[tuple[str, object, int]]:
     layers = [("stem", *_conv(h, space.in_channels, space.stem_width, 3))]
     # The first block keeps hidden == in channels, so it has no expand conv (see MBConv).
     layers += [(f"first_block.{n}", m, p) for n, m, p in
-               _mbconv(space.stem_width, space.first_block_width, space.stem_width, 3, 1, h, False,
-                       expand=False)]
-    h_final = h
+               _mbconv(space.stem_width, space.first_block_width, space.stem_width, 3,
+                       space.first_block_stride, h, False, expand=False)]
+    h_final = _ceil_div(h, space.first_block_stride)
     for unit in space.units:
         h_final = _ceil_div(h_final, unit.stride)
     layers.append(("head.expand", *_conv(h_final, space.units[-1].width, space.final_expand_width, 1)))
@@ -91,7 +91,7 @@ def _fixed_layers(space: SearchSpace, r) -> list[tuple[str, object, int]]:
 
 def unit_input_sizes(space: SearchSpace, r):
     """Feature-map side entering each unit, for resolution ``r`` (int or (R,) array) -> list per unit."""
-    h = _ceil_div(r, space.stem_stride)
+    h = _ceil_div(_ceil_div(r, space.stem_stride), space.first_block_stride)
     sizes = []
     for unit in space.units:
         sizes.append(h)

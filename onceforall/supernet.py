@@ -57,8 +57,8 @@ class OFASupernet(nn.Module):
         super().__init__()
         self.space = space
         self.stem = _stem(space)
-        self.first_block = MBConv(space.stem_width, space.first_block_width, space.stem_width, 3, 1,
-                                  "relu", False)
+        self.first_block = MBConv(space.stem_width, space.first_block_width, space.stem_width, 3,
+                                  space.first_block_stride, "relu", False)
         self.units = nn.ModuleList()
         for u, spec in enumerate(space.units):
             self.units.append(nn.ModuleList(

@@ -1,0 +1,140 @@
+"""Benchmark: progressive shrinking on Fashion-MNIST vs the same training without it.
+
+Trains the teacher and the five shrinking phases of a schedule (default `standard`), and measures the
+test accuracy of the max, min and three middle subnets after every phase, with BN recalibrated. The
+baseline starts from the same teacher and runs the same phases (epochs, learning rates, subnets per
+step) with every dimension elastic from the start and no channel sorting.
+
+Resumable: every phase is a checkpoint folder under --work, and every measurement is written to the
+results JSON as soon as it exists; a rerun skips what is done.
+
+    python bench/progressive_shrinking.py [--schedule standard] [--work bench/_work]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onceforall import checkpoint as ckpt  # noqa: E402
+from onceforall.data import calibration_images, load_dataset  # noqa: E402
+from onceforall.evaluate import evaluate_subnets  # noqa: E402
+from onceforall.schedule import get_schedule  # noqa: E402
+from onceforall.space import get_space  # noqa: E402
+from onceforall.supernet import OFASupernet  # noqa: E402
+from onceforall.train import reference_configs, run_phase  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def test_accuracy(folder: Path, space, data, calib) -> dict[str, float]:
+    net = OFASupernet(space)
+    ckpt.load_weights(net, ckpt.load_checkpoint(folder, space=space))
+    net = net.to(memory_format=torch.channels_last)
+    return evaluate_subnets(net, reference_configs(space), data, calib, split="test")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schedule", default="standard")
+    ap.add_argument("--space", default="fashion-mnist")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--work", default=str(ROOT / "bench" / "_work"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "progressive_shrinking.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    space, schedule = get_space(args.space), get_schedule(args.schedule)
+    data = load_dataset(args.data, seed=args.seed)
+    calib = calibration_images(data, schedule.bn_calib_images, args.seed)
+    work = Path(args.work) / schedule.name
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results.get("schedule") != schedule.name:
+        results = {}
+    results.update({"schedule": schedule.name, "space": space.name, "dataset": data.describe(),
+                    "machine": machine(), "command": "python bench/progressive_shrinking.py "
+                    f"--schedule {schedule.name}"})
+    results.setdefault("phases", [])
+    results.setdefault("baseline_phases", [])
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
+
+    def record(key: str, phase_name: str, folder: Path, result) -> None:
+        done = {p["name"] for p in results[key]}
+        if phase_name in done:
+            return
+        t = time.monotonic()
+        acc = test_accuracy(folder, space, data, calib)
+        results[key].append({"name": phase_name, "wall_s": result.wall_s,
+                             "images_per_s": result.images_per_s, "epochs": result.epochs,
+                             "test_accuracy": acc, "val_accuracy": result.val_accuracy,
+                             "eval_s": round(time.monotonic() - t, 1)})
+        save()
+        print(f"[bench] {key} {phase_name}: {result.wall_s:.0f}s test acc {acc}", flush=True)
+
+    # Progressive shrinking: the schedule as it is.
+    teacher_dir = work / "ps" / schedule.teacher.name
+    prev = None
+    for phase in schedule.all_phases():
+        folder = work / "ps" / phase.name
+        res = run_phase(space, schedule, phase.name, data, folder, init=prev,
+                        teacher=teacher_dir if phase.kd_ratio > 0 else None, seed=args.seed)
+        record("phases", phase.name, folder, res)
+        prev = folder
+    results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
+    results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
+    save()
+
+    # Baseline: same teacher, same phases, everything elastic from the start.
+    baseline = schedule.without_progressive_shrinking()
+    prev = teacher_dir
+    for phase in baseline.phases:
+        folder = work / "no-ps" / phase.name
+        res = run_phase(space, baseline, phase.name, data, folder, init=prev, teacher=teacher_dir,
+                        seed=args.seed)
+        record("baseline_phases", phase.name, folder, res)
+        prev = folder
+    results["baseline_no_ps"] = {"test_accuracy": results["baseline_phases"][-1]["test_accuracy"],
+                                 "wall_s": round(sum(p["wall_s"] for p in results["baseline_phases"]), 1)}
+    fin, base = results["final"]["test_accuracy"], results["baseline_no_ps"]["test_accuracy"]
+    results["checks"] = {
+        "ps_beats_baseline_on_min": fin["min"] > base["min"],
+        "max_at_least_92_5": fin["max"] >= 92.5,
+        "min_at_least_89": fin["min"] >= 89.0,
+        "training_within_45_min": results["training_wall_s"] <= 45 * 60,
+    }
+    save()
+    print(json.dumps(results["checks"], indent=1))
+    from render import render  # bench/render.py
+
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint train bench-ps clean
+.PHONY: help install test lint train bench-ps bench-specialize bench-cpu bench-reference clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,19 @@ train: install ## the main job: train a supernet on Fashion-MNIST (quick schedul
 
 bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedule (~90 min on 2 cores)
 	$(BIN)/python bench/progressive_shrinking.py
+
+bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
+	$(BIN)/python bench/specialize.py
+
+bench-cpu: install ## benchmark: training-step speed by memory format, threads, torch.compile
+	$(BIN)/python bench/cpu_speed.py
+
+REF_VENV := bench/_ref/venv
+bench-reference: ## search speed vs the reference `ofa` package (its own venv: torch 2.14.1)
+	test -x $(REF_VENV)/bin/python || $(PY) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ofa==0.1.0.post202307202001 \
+		numpy scipy pyyaml safetensors tqdm
+	$(REF_VENV)/bin/python bench/reference_search.py
 
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) runs *.egg-info

@@ -91,7 +91,69 @@ def _plot_ps(r: dict) -> bool:
     return True
 
 
-SECTIONS = {"progressive_shrinking.json": progressive_shrinking}
+def specialize(r: dict) -> list[str]:
+    lines = ["## Specialization per target (issue: predictor, latency, search, export)", "",
+             f"Command: `{r.get('command', 'python bench/specialize.py')}`  ",
+             f"Machine: {_machine(r.get('machine', {}))}  ", f"Supernet: `{r.get('supernet')}`", ""]
+    if "accuracy_data" in r:
+        a = r["accuracy_data"]
+        lines += [f"Accuracy data: {a['n']} stratified subnets, BN recalibrated, validation accuracy "
+                  f"on {a['val_images']} images; {a['eval_s_per_subnet']:.2f} s per subnet "
+                  f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "
+                  f"{a['val_acc_max']:.2f}%.", ""]
+    if "predictor" in r:
+        p = r["predictor"]
+        lines += ["| predictor (held-out subnets) | Kendall tau | RMSE (pts) | MAE (pts) | Spearman | "
+                  "train/val/test |", "|---|---|---|---|---|---|",
+                  f"| MLP 3x400 | {p['kendall_tau']:.3f} | {p['rmse_pts']:.3f} | {p['mae_pts']:.3f} | "
+                  f"{p['spearman_rho']:.3f} | {p['n_train']}/{p['n_val']}/{p['n_test']} |", ""]
+    if r.get("latency"):
+        lines += ["| latency table (onnxruntime, batch 1) | MAPE | Kendall tau | max APE | subnets | "
+                  "measured range (ms) | build |", "|---|---|---|---|---|---|---|"]
+        for k, v in r["latency"].items():
+            lo, hi = v["measured_ms_range"]
+            lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "
+                         f"{v['max_ape_pct']:.1f}% | {v['n']} | {lo:.3f} to {hi:.3f} | "
+                         f"{_fmt_s(v['build_s'])} |")
+        lines.append("")
+    if r.get("search"):
+        s = r["search"]
+        ref = s.get("reference_s")
+        lines += [f"Search (population 100, 500 generations, MACs constraint): ours **{s['ours_s']:.2f} s**"
+                  + (f", reference **{ref:.1f} s** ({ref / s['ours_s']:.0f}x)" if ref else
+                     ", reference: pending (bench/reference_search.py)") + ".", ""]
+    if r.get("targets"):
+        lines += ["| target | constraint | budget | searched: test acc | best uniform: test acc | "
+                  "MACs | params | latency measured / predicted (ms) | reproduced acc / in budget |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in r["targets"].items():
+            rep = t["reproduced"]
+            lat = (f"{t['measured_latency_ms']:.3f} / {t['predicted_latency_ms']:.3f}"
+                   if t.get("predicted_latency_ms") is not None else f"{t['measured_latency_ms']:.3f} / -")
+            uni = "none fits" if t["best_uniform_test_acc"] is None else f"{t['best_uniform_test_acc']:.2f}"
+            lines.append(f"| {name} | {t['constraint']} | {t['budget']:g} | {t['searched_test_acc']:.2f} | "
+                         f"{uni} | {t['macs'] / 1e6:.2f}M | {t['params'] / 1e3:.0f}k | {lat} | "
+                         f"{rep['test_acc']:.2f} / {'yes' if rep['within_budget'] else 'NO'} |")
+        lines += [""] + [f"![{n}](pareto/{n}.png)" for n in r["targets"]]
+    return lines
+
+
+def cpu_speed(r: dict) -> list[str]:
+    lines = ["## Training step speed on CPU (what helps)", "",
+             f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}", "",
+             f"Images/s of one training step (forward, backward, SGD), batch {r['batch']}, resolution "
+             f"{r['resolution']}:", "", "| model | subnet | threads | layout | images/s | first step |",
+             "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        rate = f"{row['images_per_s']:.0f}" if "images_per_s" in row else f"failed: {row['error']}"
+        first = f"{row['first_step_s']:.1f} s" if "first_step_s" in row else ""
+        lines.append(f"| {row['model']} | {row['subnet']} | {row['threads']} | {row['layout']} | "
+                     f"{rate} | {first} |")
+    return lines
+
+
+SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "specialize.json": specialize,
+            "cpu_speed.json": cpu_speed}
 
 
 def render() -> Path:

@@ -122,6 +122,102 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(args: argparse.Namespace):
+    from .targets import load_targets
+
+    targets = load_targets(args.targets)
+    for t in targets:
+        if t.name == args.target:
+            return t
+    raise UserError(f"no target named {args.target!r}", source=args.targets, field="name",
+                    fix=f"use one of {[t.name for t in targets]}")
+
+
+def _supernet(path: str):
+    from .export import load_supernet
+
+    return load_supernet(path)
+
+
+def cmd_accuracy_data(args: argparse.Namespace) -> int:
+    from .accuracy_data import collect_accuracy
+    from .data import load_dataset
+    from .progress import Progress
+
+    net = _supernet(args.supernet)
+    data = load_dataset(args.data, val_size=args.val_size, seed=args.seed)
+    bar = Progress("accuracy-data", 1)
+
+    def progress(i: int, total: int, seconds: float) -> None:
+        bar.total = max(total, 1)
+        bar.update(i, **{"s/subnet": seconds})
+
+    collect_accuracy(net, data, args.out, args.n, seed=args.seed, chunk=args.chunk,
+                     num_chunks=args.num_chunks, progress=progress)
+    bar.close()
+    return 0
+
+
+def cmd_fit_predictor(args: argparse.Namespace) -> int:
+    from .accuracy_data import load_accuracy_rows
+    from .checkpoint import load_checkpoint
+    from .predictor import fit_predictor
+
+    space = load_checkpoint(args.supernet).space
+    cfgs, accs = load_accuracy_rows(args.rows, space)
+    predictor, metrics = fit_predictor(space, cfgs, accs, seed=args.seed)
+    predictor.save(args.out)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .progress import Progress
+    from .space import get_space
+    from .specialize import profile_target
+
+    target = _target(args)
+    bar = Progress(f"profile {target.name}", 1)
+
+    def progress(i: int, total: int) -> None:
+        bar.total = total
+        bar.update(i)
+
+    summary = profile_target(get_space(args.space), target, args.out, validate=args.validate,
+                             progress=progress)
+    bar.close()
+    summary.get("validation", {}).pop("configs", None)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .space import get_space
+    from .specialize import search_target
+
+    result = search_target(get_space(args.space), _target(args), args.predictor, args.out,
+                           latency_path=args.latency, seed=args.seed)
+    print(json.dumps({"best": result.best.to_dict(), "predicted_accuracy": result.best_score,
+                      result.metric_name: result.best_metric}, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .export import export_subnet
+    from .space import SubnetConfig
+
+    doc = json.loads(Path(args.search).read_text())
+    net_space = _supernet(args.supernet).space
+    cfg = SubnetConfig.from_dict(doc["best"], net_space, args.search)
+    data = load_dataset(args.data, val_size=args.val_size, seed=args.seed)
+    card = export_subnet(args.supernet, cfg, data, _target(args), args.out,
+                         predicted_accuracy=doc.get("best_score"),
+                         predicted_latency_ms=doc.get("predicted_latency_ms"), seed=args.seed)
+    print(json.dumps({k: card[k] for k in ("accuracy", "latency", "macs", "params")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ofa", description=(
         "Once-for-All on Kubeflow: train one elastic supernet, specialize it for many targets."))
@@ -162,6 +258,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--val-size", type=int, default=5000)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("accuracy-data", help="measure validation accuracy of sampled subnets")
+    p.add_argument("--supernet", required=True, help="checkpoint folder of the final phase")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--n", type=int, default=500, help="subnets in the whole (stratified) sample")
+    p.add_argument("--chunk", type=int, default=0, help="this worker's chunk")
+    p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--out", required=True, help="JSON lines file (appended; reruns resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", type=int, default=5000)
+    p.set_defaults(func=cmd_accuracy_data)
+
+    p = sub.add_parser("fit-predictor", help="fit the accuracy predictor on measured subnets")
+    p.add_argument("--supernet", required=True, help="checkpoint folder (gives the search space)")
+    p.add_argument("--rows", nargs="+", required=True, help="accuracy-data JSON lines files")
+    p.add_argument("--out", required=True, help="path prefix: writes PREFIX.safetensors/.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fit_predictor)
+
+    for name, func, text in (("profile", cmd_profile, "measure a target's latency table here"),
+                             ("search", cmd_search, "evolutionary search for one target"),
+                             ("export", cmd_export, "export a searched subnet to ONNX + card")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--targets", default="examples/targets.yaml", help="target spec YAML")
+        p.add_argument("--target", required=True, help="target name in that file")
+        p.add_argument("--space", default="fashion-mnist")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
+        if name == "profile":
+            p.add_argument("--out", required=True, help="latency table JSON")
+            p.add_argument("--validate", type=int, default=0,
+                           help="also measure N whole subnets and report MAPE / Kendall tau")
+        elif name == "search":
+            p.add_argument("--predictor", required=True, help="predictor .safetensors or .json")
+            p.add_argument("--latency", help="latency table JSON (latency_ms targets)")
+            p.add_argument("--out", required=True, help="folder for search.json")
+        else:
+            p.add_argument("--supernet", required=True)
+            p.add_argument("--search", required=True, help="search.json of this target")
+            p.add_argument("--data", default="fashion-mnist")
+            p.add_argument("--val-size", type=int, default=5000)
+            p.add_argument("--out", required=True, help="folder for model.onnx + model_card.json")
     return parser
 
 

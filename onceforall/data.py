@@ -247,16 +247,19 @@ def _load_image_folder(root: Path, *, val_size: int, seed: int, image_size: int 
 
 def synthetic_dataset(n: int = 2000, *, seed: int = 0, size: int = 28, channels: int = 1,
                       classes: int = 10, val_size: int = 400) -> Dataset:
-    """Learnable toy data: each class is a fixed random blob pattern plus noise."""
+    """Learnable toy data: class c is horizontal stripes of frequency 1 + c % 5 at brightness
+    level c // 5, plus noise. Stripes survive the crop-and-flip augmentation."""
     gen = torch.Generator().manual_seed(seed)
-    protos = torch.rand(classes, channels, size, size, generator=gen)
-    protos = F.avg_pool2d(protos, 5, 1, 2)  # smooth patterns a small conv net can tell apart
+    rows = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
+    freq = torch.tensor([1 + c % 5 for c in range(classes)], dtype=torch.float32).view(-1, 1, 1, 1)
+    level = torch.tensor([0.3 + 0.4 * (c // 5) / max(1, (classes - 1) // 5) for c in range(classes)])
+    protos = level.view(-1, 1, 1, 1) + 0.25 * torch.sin(2 * torch.pi * freq * rows / size)
+    protos = protos.expand(classes, channels, size, size)
 
     def make(count: int) -> ImageSet:
         labels = torch.randint(0, classes, (count,), generator=gen)
-        x = protos[labels] + 0.15 * torch.randn(count, channels, size, size, generator=gen)
-        x = (x - x.amin()) / (x.amax() - x.amin())
-        return ImageSet((x * 255).round().to(torch.uint8), labels)
+        x = protos[labels] + 0.1 * torch.randn(count, channels, size, size, generator=gen)
+        return ImageSet((x.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
     return _finish("synthetic", f"synthetic:{n}", tuple(str(i) for i in range(classes)),
                    make(n), make(max(n // 5, 10)), val_size, seed)

@@ -1,0 +1,196 @@
+"""Benchmark: specialize the `standard` supernet for the example targets.
+
+1. accuracy data: N stratified subnets, BN recalibrated, validation accuracy (resumable);
+2. accuracy predictor: fit, then RMSE / Kendall tau on held-out subnets;
+3. latency tables: onnxruntime at 1 and 2 threads (batch 1), validated on 50 whole subnets;
+4. search speed: population 100 x 500 generations (and the reference implementation's, when
+   bench/reference_search.py has been run in its own venv: see that file);
+5. per example target: search, export (ONNX + card), the best uniform subnet under the same budget,
+   and an independent onnxruntime reproduction of the card.
+
+Results: docs/results/specialize.json, rendered into docs/benchmarks.md.
+
+    python bench/specialize.py --supernet bench/_work/standard/ps/width-2 [--n 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from progressive_shrinking import machine  # noqa: E402
+
+from onceforall.accuracy_data import SubnetEvaluator, collect_accuracy, load_accuracy_rows  # noqa: E402
+from onceforall.data import load_dataset  # noqa: E402
+from onceforall.efficiency import CostTable  # noqa: E402
+from onceforall.export import export_subnet, load_supernet  # noqa: E402
+from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table  # noqa: E402
+from onceforall.predictor import AccuracyPredictor, fit_predictor  # noqa: E402
+from onceforall.reproduce import reproduce  # noqa: E402
+from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
+from onceforall.specialize import constraint_fn, pareto_plot, search_target, uniform_configs  # noqa: E402
+from onceforall.targets import load_targets  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--supernet", default=str(ROOT / "bench/_work/standard/ps/width-2"))
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
+                    help="IDX folder for the independent card reproduction")
+    ap.add_argument("--targets", default=str(ROOT / "examples/targets.yaml"))
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--work", default=str(ROOT / "bench/_work/specialize"))
+    ap.add_argument("--out", default=str(ROOT / "docs/results/specialize.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    res = json.loads(out.read_text()) if out.exists() else {}
+    res.update({"machine": machine(), "supernet": args.supernet,
+                "command": f"python bench/specialize.py --supernet {args.supernet} --n {args.n}"})
+
+    def save() -> None:
+        out.write_text(json.dumps(res, indent=1))
+
+    def log(msg: str) -> None:
+        print(f"[specialize] {msg}", flush=True)
+
+    net = load_supernet(args.supernet)
+    space = net.space
+    data = load_dataset(args.data, seed=args.seed)
+
+    # 1. accuracy data
+    rows_path = work / "accuracy.jsonl"
+    t0 = time.monotonic()
+    collect_accuracy(net, data, rows_path, args.n, seed=args.seed,
+                     progress=lambda i, n, s: i % 50 == 0 and log(f"accuracy data {i}/{n} ({s:.2f} s/subnet)"))
+    cfgs, accs = load_accuracy_rows([rows_path], space)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    if "accuracy_data" not in res or res["accuracy_data"]["n"] != len(cfgs):
+        res["accuracy_data"] = {"n": len(cfgs), "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
+                                "eval_s_per_subnet": round(float(np.mean([r["eval_s"] for r in rows])), 3),
+                                "this_run_wall_s": round(time.monotonic() - t0, 1),
+                                "val_acc_min": float(accs.min()), "val_acc_max": float(accs.max()),
+                                "val_images": len(data.val)}
+    save()
+
+    # 2. predictor
+    predictor, metrics = fit_predictor(space, cfgs, accs, seed=args.seed, epochs=500, patience=60)
+    predictor.save(work / "predictor")
+    res["predictor"] = {"kendall_tau": metrics["kendall_tau"], "rmse_pts": metrics["rmse"],
+                        "mae_pts": metrics["mae"], "spearman_rho": metrics["spearman_rho"],
+                        "n_train": metrics["n_train"], "n_val": metrics["n_val"],
+                        "n_test": metrics["n_test"]}
+    log(f"predictor {res['predictor']}")
+    save()
+
+    # 3. latency tables at 1 and 2 threads, batch 1
+    res.setdefault("latency", {})
+    tables = {}
+    for threads in (1, 2):
+        key = f"threads_{threads}"
+        path = work / f"latency_t{threads}_b1.json"
+        prof = Profiler("onnxruntime", threads, 1)
+        if not path.exists():
+            build_latency_table(space, prof).save(path)
+        tables[(threads, 1)] = table = LatencyTable.load(path, space)
+        if key not in res["latency"]:
+            v = validate_latency_table(table, prof, n=50, seed=args.seed, net=net)
+            res["latency"][key] = {"mape_pct": v["mape_pct"], "kendall_tau": v["kendall_tau"],
+                                   "max_ape_pct": v["max_ape_pct"], "n": v["n"],
+                                   "build_s": table.build_s, "overhead_ms": table.overhead_ms,
+                                   "measured_ms_range": [min(v["measured_ms"]), max(v["measured_ms"])]}
+            save()
+        log(f"latency {key}: {res['latency'][key]}")
+
+    # 4. search speed: the paper's settings, MACs constraint
+    costs = CostTable.build(space)
+    t = time.monotonic()
+    evolution_search(space, predictor.predict, costs.macs, 6e6, np.random.default_rng(args.seed),
+                     EvolutionConfig())
+    res.setdefault("search", {})["ours_s"] = round(time.monotonic() - t, 3)
+    ref = ROOT / "docs/results/reference_search.json"
+    if ref.exists():
+        res["search"].update(json.loads(ref.read_text()))
+    save()
+
+    # 5. targets
+    evaluator_val = SubnetEvaluator(net, data, split="val", seed=args.seed)
+    evaluator_test = SubnetEvaluator(net, data, split="test", seed=args.seed)
+    uniform_val: dict[str, float] = {}
+    res.setdefault("targets", {})
+    for target in load_targets(args.targets):
+        tdir = work / "targets" / target.name
+        latency_path = None
+        if target.constraint.kind == "latency_ms":
+            latency_path = tdir / "latency.json"
+            key = (target.threads, target.batch_size)
+            if key not in tables:
+                if not latency_path.exists():
+                    build_latency_table(space, Profiler(target.runtime, target.threads,
+                                                        target.batch_size)).save(latency_path)
+                tables[key] = LatencyTable.load(latency_path, space)
+            else:
+                tdir.mkdir(parents=True, exist_ok=True)
+                tables[key].save(latency_path)
+        result = search_target(space, target, work / "predictor.safetensors", tdir,
+                               latency_path=latency_path, seed=args.seed)
+        doc = json.loads((tdir / "search.json").read_text())
+        card = export_subnet(args.supernet, result.best, data, target, tdir / "model",
+                             predicted_accuracy=result.best_score,
+                             predicted_latency_ms=doc.get("predicted_latency_ms"), seed=args.seed)
+        # Best uniform subnet under the same budget, chosen on validation, judged on test.
+        constraint = constraint_fn(space, target, LatencyTable.load(latency_path, space)
+                                   if latency_path else None)
+        uniform = [c for c in uniform_configs(space) if constraint([c])[0] <= target.constraint.budget]
+        best_u = None
+        for c in uniform:
+            k = c.to_json()
+            if k not in uniform_val:
+                uniform_val[k] = evaluator_val(c)
+            if best_u is None or uniform_val[k] > uniform_val[best_u.to_json()]:
+                best_u = c
+        u_test = evaluator_test(best_u) if best_u else None
+        s_val = evaluator_val(result.best)
+        pareto_plot(doc, tdir / "pareto.png", tdir / "pareto.html",
+                    points=[(float(constraint([best_u])[0]), uniform_val[best_u.to_json()],
+                             "best uniform (val)")] if best_u else [])
+        (ROOT / "docs" / "pareto").mkdir(parents=True, exist_ok=True)
+        (ROOT / "docs" / "pareto" / f"{target.name}.png").write_bytes((tdir / "pareto.png").read_bytes())
+        rep = reproduce(tdir / "model" / "model_card.json", args.data_dir)
+        res["targets"][target.name] = {
+            "constraint": target.constraint.kind, "budget": target.constraint.budget,
+            "searched_test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
+            "searched_val_acc": round(s_val, 3), "predicted_acc": round(result.best_score, 3),
+            "searched_metric": result.best_metric, "searched_config": result.best.to_dict(),
+            "best_uniform_test_acc": None if u_test is None else round(u_test, 3),
+            "best_uniform_val_acc": None if best_u is None else uniform_val[best_u.to_json()],
+            "best_uniform_config": None if best_u is None else best_u.to_dict(),
+            "uniform_feasible": len(uniform), "macs": card["macs"], "params": card["params"],
+            "measured_latency_ms": card["latency"]["measured_ms"],
+            "predicted_latency_ms": card["latency"]["predicted_ms"],
+            "search_s": doc["search_s"], "reproduced": rep,
+        }
+        log(f"target {target.name}: {res['targets'][target.name]}")
+        save()
+
+    from render import render
+
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

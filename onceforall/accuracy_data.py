@@ -1,0 +1,136 @@
+"""Accuracy data for the predictor: sampled subnets, BN recalibrated, measured on validation.
+
+The sample is stratified: every dimension (resolution, each unit's depth, each slot's kernel and
+expand ratio) takes each of its choices equally often, in a seeded random arrangement (a Latin
+hypercube over the choices). The list of configs depends only on (space, n, seed), so chunks of it
+can be measured by different workers (``chunk``/``num_chunks``) and a rerun skips rows already
+in the output file (JSON lines, one row per subnet, appended as each is measured).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .bn import recalibrate_bn
+from .data import Dataset, calibration_images, normalize, resize
+from .efficiency import CostTable
+from .errors import UserError
+from .space import SearchSpace, SubnetConfig
+from .supernet import OFASupernet
+
+
+def stratified_configs(space: SearchSpace, n: int, seed: int) -> list[SubnetConfig]:
+    rng = np.random.default_rng(seed)
+
+    def balanced(choices, shape) -> np.ndarray:
+        # Each column takes every choice equally often (up to n % len(choices)), shuffled per column.
+        cols = []
+        for _ in range(int(np.prod(shape[1:])) if len(shape) > 1 else 1):
+            col = np.resize(np.asarray(choices), n)
+            cols.append(rng.permutation(col))
+        return np.stack(cols, axis=1).reshape(shape)
+
+    r = balanced(space.resolutions, (n,))
+    d = balanced(space.depths, (n, len(space.units)))
+    k = balanced(space.kernels, (n, space.num_slots))
+    e = balanced(space.expands, (n, space.num_slots))
+    cfgs = [SubnetConfig(int(r[i]), tuple(map(int, d[i])), tuple(map(int, k[i])),
+                         tuple(map(int, e[i]))).canonical(space) for i in range(n)]
+    return cfgs
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(path.read_text().splitlines()) - 1:
+                break  # a row cut short by a kill: measured again
+            raise UserError(f"line {i + 1} is not JSON", source=str(path),
+                            fix="remove the damaged line; it will be measured again") from None
+    return rows
+
+
+class SubnetEvaluator:
+    """Evaluates many subnets of one supernet fast: static subnets, images resized once per
+    resolution, BN recalibrated on a fixed set of training images, no autograd."""
+
+    def __init__(self, net: OFASupernet, data: Dataset, *, split: str = "val",
+                 calib_images: int = 2000, seed: int = 0, batch_size: int = 1000):
+        self.net = net.eval()
+        self.space = net.space
+        self.batch_size = batch_size
+        calib = calibration_images(data, calib_images, seed)
+        images = getattr(data, split)
+        x = normalize(images.images, data.mean, data.std)
+        self.labels = images.labels
+        self.calib = {r: resize(calib, r) for r in self.space.resolutions}
+        self.eval_x = {r: resize(x, r) for r in self.space.resolutions}
+
+    @torch.inference_mode()
+    def _accuracy(self, model: torch.nn.Module, r: int) -> float:
+        x = self.eval_x[r]
+        correct = 0
+        for s in range(0, len(x), self.batch_size):
+            correct += int((model(x[s:s + self.batch_size]).argmax(1)
+                            == self.labels[s:s + self.batch_size]).sum())
+        return 100.0 * correct / len(x)
+
+    def __call__(self, cfg: SubnetConfig) -> float:
+        subnet = self.net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
+        recalibrate_bn(subnet, self.calib[cfg.r], cfg.r)
+        return self._accuracy(subnet.eval(), cfg.r)
+
+
+def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: int, *,
+                     seed: int = 0, chunk: int = 0, num_chunks: int = 1,
+                     progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Measure this chunk's share of ``stratified_configs(space, n, seed)`` into ``out_path``."""
+    if not 0 <= chunk < num_chunks:
+        raise UserError(f"chunk {chunk} is not in [0, {num_chunks})", field="chunk",
+                        fix="number chunks 0 .. num_chunks-1")
+    space = net.space
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.dumps(r["config"], sort_keys=True) for r in read_rows(out_path)}
+    todo = [c for c in stratified_configs(space, n, seed)[chunk::num_chunks]
+            if json.dumps(c.to_dict(), sort_keys=True) not in done]
+    costs = CostTable.build(space)
+    evaluate = SubnetEvaluator(net, data, seed=seed)
+    with open(out_path, "a") as f:
+        for i, cfg in enumerate(todo):
+            t = time.monotonic()
+            acc = evaluate(cfg)
+            row = {"config": cfg.to_dict(), "r": cfg.r, "val_acc": round(acc, 3),
+                   "macs": int(costs.macs([cfg])[0]), "params": int(costs.params([cfg])[0]),
+                   "eval_s": round(time.monotonic() - t, 3)}
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            if progress:
+                progress(i + 1, len(todo), row["eval_s"])
+    return out_path
+
+
+def load_accuracy_rows(paths: list[str | Path], space: SearchSpace) -> tuple[list[SubnetConfig],
+                                                                               np.ndarray]:
+    cfgs, accs = [], []
+    for path in paths:
+        for row in read_rows(path):
+            cfgs.append(SubnetConfig.from_dict(row["config"], space, str(path)))
+            accs.append(row["val_acc"])
+    if not cfgs:
+        raise UserError("no measured subnets", source=", ".join(map(str, paths)),
+                        fix="run the accuracy-data stage first")
+    return cfgs, np.asarray(accs, dtype=np.float64)

@@ -1,0 +1,174 @@
+"""Export a searched subnet: extract, recalibrate BN, measure, ONNX, verify, model card.
+
+The exported graph takes what the dataset holds: images as float32 ``pixel / 255`` in NCHW at the
+dataset's native size. Normalization and the resize to the subnet's resolution are inside the graph
+(the resize as two matrix products that equal torch's antialiased bilinear resize exactly), so
+anyone with onnxruntime and the dataset reproduces the card's accuracy without knowing our
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .bn import recalibrate_bn
+from .data import Dataset, calibration_images, normalize, resize
+from .efficiency import subnet_macs, subnet_params
+from .evaluate import accuracy
+from .latency import Profiler, onnx_bytes, ort_session
+from .space import SearchSpace, SubnetConfig
+from .supernet import OFASupernet, StaticSubnet
+from .targets import Target
+
+CARD = "model_card.json"
+MODEL = "model.onnx"
+OPSET = 17
+
+
+def resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) matrix A with ``A @ X @ A.T`` == torch's antialiased bilinear resize of X."""
+    eye = torch.eye(src).view(src, 1, src, 1).expand(src, 1, src, src)  # basis images e_i along H
+    cols = F.interpolate(eye.contiguous(), size=(dst, src), mode="bilinear", antialias=True,
+                         align_corners=False)  # (src, 1, dst, src)
+    return cols[:, 0, :, 0].T.contiguous()  # (dst, src)
+
+
+class DeployModel(nn.Module):
+    """``pixel / 255`` at native size -> normalize -> resize to r -> subnet -> logits."""
+
+    def __init__(self, subnet: StaticSubnet, mean: tuple[float, ...], std: tuple[float, ...],
+                 native: int, resolution: int):
+        super().__init__()
+        self.subnet = subnet
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.register_buffer("resize", resize_matrix(native, resolution))  # (r, native)
+        self.identity = native == resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std  # (B, C, native, native)
+        if not self.identity:
+            x = self.resize @ x @ self.resize.T  # (B, C, r, r)
+        return self.subnet(x)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _ort_accuracy(sess, data: Dataset, split: str = "test", batch: int = 500) -> float:
+    images = getattr(data, split)
+    correct = 0
+    for start in range(0, len(images), batch):
+        x = images.images[start:start + batch].float().numpy() / 255.0
+        out = sess.run(None, {"input": x.astype(np.float32)})[0]
+        correct += int((out.argmax(1) == images.labels[start:start + batch].numpy()).sum())
+    return 100.0 * correct / len(images)
+
+
+def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASupernet:
+    c = ckpt.load_checkpoint(folder, space=space)
+    net = OFASupernet(c.space)
+    ckpt.load_weights(net, c)
+    return net.eval()
+
+
+def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, target: Target,
+                  out_dir: str | Path, *, predicted_accuracy: float | None = None,
+                  predicted_latency_ms: float | None = None, seed: int = 0,
+                  calib_images: int = 2000, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model)."""
+    t0 = time.monotonic()
+    net = load_supernet(supernet_dir)
+    space = net.space
+    cfg = space.validate_config(cfg)
+    subnet = net.get_active_subnet(cfg)
+    recalibrate_bn(subnet, calibration_images(data, calib_images, seed), cfg.r)
+    subnet.eval()
+    torch_acc = accuracy(subnet, data, "test", cfg.r)
+
+    deploy = DeployModel(subnet, data.mean, data.std, data.image_size, cfg.r).eval()
+    example = data.test.images[:8].float() / 255.0  # (8, C, native, native)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL
+    tmp = out_dir / (MODEL + ".tmp")
+    tmp.write_bytes(onnx_bytes(deploy, example, dynamic_batch=True, opset=OPSET))
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(tmp)))
+    os.replace(tmp, model_path)
+
+    # Parity: the graph computes what torch computes, on real images and on a batch of 3 (dynamic).
+    sess = ort_session(model_path, target.threads)
+    with torch.inference_mode():
+        ref = deploy(example).numpy()
+        # The same subnet the way training feeds it (antialiased resize in torch) agrees too.
+        via_train_path = subnet(resize(normalize(data.test.images[:8], data.mean, data.std), cfg.r))
+    got = sess.run(None, {"input": example.numpy()})[0]
+    parity = float(np.abs(got - ref).max())
+    preprocessing_diff = float(np.abs(via_train_path.numpy() - ref).max())
+    got3 = sess.run(None, {"input": example[:3].numpy()})[0]
+    if parity > 1e-4 or got3.shape[0] != 3:
+        raise RuntimeError(f"onnxruntime differs from torch by {parity:.2e} (> 1e-4)")
+    ort_acc = _ort_accuracy(sess, data)
+
+    shape = (space.in_channels, data.image_size, data.image_size)
+    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=200)
+    latency_ms = profiler.measure(deploy, shape)
+
+    card = {
+        "format": "onceforall-model-card/1",
+        "target": target.to_dict(),
+        "subnet": cfg.to_dict(),
+        "resolution": cfg.r,
+        "space": space.name,
+        "input": {
+            "name": "input", "shape": ["batch", *shape], "dtype": "float32", "layout": "NCHW",
+            "values": "pixel / 255 in [0, 1], the dataset's native size",
+            "normalization": {"mean": list(data.mean), "std": list(data.std), "in_graph": True},
+            "resize": {"to": cfg.r, "method": "bilinear, antialiased (torch semantics)",
+                       "in_graph": True},
+        },
+        "output": {"name": "output", "shape": ["batch", space.num_classes], "kind": "logits",
+                   "classes": list(data.classes)},
+        "dataset": {"name": data.name, "split": "test", "images": len(data.test),
+                    "source": data.source},
+        "accuracy": {"test_top1_pct_onnxruntime": round(ort_acc, 3),
+                     "test_top1_pct_torch": round(torch_acc, 3),
+                     "predicted_val_top1_pct": None if predicted_accuracy is None
+                     else round(float(predicted_accuracy), 3)},
+        "latency": {"measured_ms": round(latency_ms, 5),
+                    "predicted_ms": None if predicted_latency_ms is None
+                    else round(float(predicted_latency_ms), 5),
+                    "runtime": target.runtime, "threads": target.threads,
+                    "batch_size": target.batch_size, "statistic": "median of 200 calls after 20 "
+                    "warm-up calls", "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                    "what": "the whole graph above, normalization and resize included"},
+        "macs": subnet_macs(space, cfg),
+        "params": subnet_params(space, cfg),
+        "onnx": {"file": MODEL, "sha256": _sha256(model_path), "opset": OPSET,
+                 "max_abs_diff_vs_torch": parity,
+                 "max_abs_diff_vs_training_preprocessing": preprocessing_diff},
+        "bn_recalibration": {"images": calib_images, "from": "training split", "seed": seed},
+        "supernet": str(supernet_dir),
+        "export_s": round(time.monotonic() - t0, 2),
+    }
+    if extra:
+        card.update(extra)
+    tmp_card = out_dir / (CARD + ".tmp")
+    tmp_card.write_text(json.dumps(card, indent=1))
+    os.replace(tmp_card, out_dir / CARD)
+    return card

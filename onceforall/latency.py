@@ -1,0 +1,277 @@
+"""Latency lookup tables measured on the target's own runtime, and their validation.
+
+Every distinct block variant of the space (unit, first-or-later block, resolution, kernel, expand)
+and the fixed parts (stem + first block, head) are exported and timed on the target runtime with the
+target's threads and batch size, with warm-up and repeats (median). The fixed per-call overhead of
+the runtime (measured on a one-op graph) is taken out of every op and added back once, so that the
+sum of the table is an estimate of one end-to-end call. Predicting a subnet is a sum of table
+entries; a batch of configs is a few numpy gathers, fast enough for the search's inner loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .space import SearchSpace, SubnetConfig
+from .subnet_batch import BatchLike, as_batch
+from .supernet import OFASupernet
+
+FORMAT = "onceforall-latency-table/1"
+
+
+def onnx_bytes(module: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = False,
+               opset: int = 17) -> bytes:
+    """Export ``module`` to an in-memory ONNX model (one file, weights inside).
+
+    The TorchScript exporter is used: it exports a small block in ~50 ms where the dynamo exporter
+    takes seconds, which matters for tables of hundreds of variants; both emit the same operators
+    for these modules (Conv, BatchNorm folded, HardSwish, ReduceMean, Gemm, HardSigmoid, Mul).
+    """
+    import warnings
+
+    buf = io.BytesIO()
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice
+        torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}
+                          if dynamic_batch else None, do_constant_folding=True)
+    return buf.getvalue()
+
+
+def ort_session(model: bytes | str | Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t) / 1e6)
+    return statistics.median(samples)
+
+
+class Replicas(nn.Module):
+    """``copies`` independent copies of a module applied to one input, outputs summed.
+
+    Timing K copies in one call amortises the runtime's per-call overhead over K ops, so a block
+    of a few microseconds is not lost in the noise of the call itself. Each copy gets slightly
+    different weights, so no graph optimizer can merge them.
+    """
+
+    def __init__(self, module: nn.Module, copies: int):
+        super().__init__()
+        reps = []
+        for i in range(copies):
+            m = copy.deepcopy(module)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(1e-3 * (i + 1))
+            reps.append(m)
+        self.reps = nn.ModuleList(reps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.reps[0](x)
+        for m in self.reps[1:]:
+            out = out + m(x)
+        return out
+
+
+@dataclass(frozen=True)
+class Profiler:
+    """Times modules on one runtime with fixed threads and batch size."""
+
+    runtime: str = "onnxruntime"
+    threads: int = 1
+    batch_size: int = 1
+    warmup: int = 10
+    repeats: int = 50
+
+    def measure(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        x = torch.randn(self.batch_size, *shape)
+        if self.runtime == "onnxruntime":
+            sess = ort_session(onnx_bytes(module, x), self.threads)
+            feed = {"input": x.numpy()}
+            return time_calls(lambda: sess.run(None, feed), warmup=self.warmup, repeats=self.repeats)
+        if self.runtime == "torch":
+            module = module.eval()
+            prev = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                with torch.inference_mode():
+                    return time_calls(lambda: module(x), warmup=self.warmup, repeats=self.repeats)
+            finally:
+                torch.set_num_threads(prev)
+        raise UserError(f"unknown runtime {self.runtime!r}", field="runtime",
+                        fix="use onnxruntime or torch")
+
+    def overhead(self) -> float:
+        """The cost of one call of a graph that does almost nothing."""
+        return self.measure(nn.ReLU(), (1, 4, 4))
+
+    def measure_op(self, module: nn.Module, shape: tuple[int, ...], overhead: float,
+                   copies: int = 8) -> float:
+        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
+        total = self.measure(Replicas(module, copies), shape)
+        return max(total - overhead, 0.0) / copies
+
+
+def _sizes(space: SearchSpace, r: int) -> tuple[int, list[int], int]:
+    """(side after stem+first block, side entering each unit, side entering the head)."""
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    h = ceil(ceil(r, space.stem_stride), space.first_block_stride)
+    sizes = []
+    for spec in space.units:
+        sizes.append(h)
+        h = ceil(h, spec.stride)
+    return sizes[0], sizes, h
+
+
+@dataclass(frozen=True, eq=False)
+class LatencyTable:
+    space: SearchSpace
+    runtime: str
+    threads: int
+    batch_size: int
+    overhead_ms: float
+    fixed_ms: np.ndarray  # (R,) stem + first block + head + one call overhead
+    block_ms: np.ndarray  # (S, R, K, E) one block at each slot/resolution/kernel/expand
+    device: str = ""
+    build_s: float = 0.0
+
+    def predict(self, cfgs: BatchLike) -> np.ndarray:
+        """(N,) predicted milliseconds per call (a batch of ``batch_size``)."""
+        r_idx, k_idx, e_idx, act = as_batch(cfgs).indices(self.space)
+        slots = np.arange(self.space.num_slots)[None, :]
+        per_slot = self.block_ms[slots, r_idx[:, None], k_idx, e_idx]  # (N, S)
+        return self.fixed_ms[r_idx] + np.where(act, per_slot, 0.0).sum(axis=1)
+
+    def predict_one(self, cfg: SubnetConfig) -> float:
+        return float(self.predict([cfg])[0])
+
+    # -- persistence: plain JSON, nothing to unpickle -----------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "space": self.space.to_dict(), "runtime": self.runtime,
+                "threads": self.threads, "batch_size": self.batch_size,
+                "overhead_ms": self.overhead_ms, "fixed_ms": self.fixed_ms.tolist(),
+                "block_ms": self.block_ms.tolist(), "device": self.device, "build_s": self.build_s}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, space: SearchSpace) -> "LatencyTable":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read latency table ({exc})", source=str(path),
+                            fix="re-run the profile stage for this target") from None
+        if raw.get("format") != FORMAT:
+            raise UserError(f"unknown format {raw.get('format')!r}", source=str(path),
+                            field="format", fix="re-run the profile stage for this target")
+        if raw.get("space") != space.to_dict():
+            raise UserError(f"was measured for space {raw.get('space', {}).get('name')!r}, not "
+                            f"{space.name!r}", source=str(path), field="space",
+                            fix="profile the target again for this search space")
+        block = np.asarray(raw["block_ms"], dtype=np.float64)
+        expected = (space.num_slots, len(space.resolutions), len(space.kernels), len(space.expands))
+        if block.shape != expected:
+            raise UserError(f"block_ms has shape {block.shape}, expected {expected}",
+                            source=str(path), field="block_ms", fix="re-run the profile stage")
+        return cls(space, raw["runtime"], raw["threads"], raw["batch_size"], raw["overhead_ms"],
+                   np.asarray(raw["fixed_ms"], dtype=np.float64), block, raw.get("device", ""),
+                   raw.get("build_s", 0.0))
+
+
+def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str = "",
+                        copies: int = 8,
+                        progress: Callable[[int, int], None] | None = None) -> LatencyTable:
+    """Measure every distinct variant once and lay the numbers out per block slot."""
+    t0 = time.monotonic()
+    torch.manual_seed(0)
+    net = OFASupernet(space).eval()
+    res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
+    overhead = profiler.overhead()
+    n_variants = len(res) * (2 + len(space.units) * min(2, space.max_depth) * len(ks) * len(es))
+    done = 0
+
+    def measured(module: nn.Module, shape: tuple[int, ...]) -> float:
+        nonlocal done
+        ms = profiler.measure_op(module, shape, overhead, copies)
+        done += 1
+        if progress:
+            progress(done, n_variants)
+        return ms
+
+    fixed = np.zeros(len(res))
+    block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
+    for ri, r in enumerate(res):
+        _, unit_sizes, h_head = _sizes(space, r)
+        front = nn.Sequential(net.stem, net.first_block)
+        fixed[ri] = (measured(front, (space.in_channels, r, r))
+                     + measured(net.head, (space.units[-1].width, h_head, h_head)) + overhead)
+        for u, spec in enumerate(space.units):
+            later = -(-unit_sizes[u] // spec.stride)
+            for i, h_in in ((0, unit_sizes[u]), (1, later)):
+                if i >= space.max_depth:
+                    continue
+                c_in = space.block_in_channels(u, i)
+                for ki, k in enumerate(ks):
+                    for ei, e in enumerate(es):
+                        ms = measured(net.units[u][i].extract(k, e), (c_in, h_in, h_in))
+                        if i == 0:
+                            block[u * space.max_depth, ri, ki, ei] = ms
+                        else:  # every later block of the unit has the same shapes
+                            block[u * space.max_depth + 1:(u + 1) * space.max_depth, ri, ki, ei] = ms
+    return LatencyTable(space, profiler.runtime, profiler.threads, profiler.batch_size, overhead,
+                        fixed, block, device, round(time.monotonic() - t0, 2))
+
+
+def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50, seed: int = 0,
+                           net: OFASupernet | None = None) -> dict[str, Any]:
+    """Measure ``n`` random whole subnets end to end; MAPE and Kendall tau of the table's sums."""
+    from scipy.stats import kendalltau
+
+    space = table.space
+    net = net or OFASupernet(space).eval()
+    cfgs = space.sample_many(np.random.default_rng(seed), n)
+    predicted = table.predict(cfgs)
+    measured = np.array([profiler.measure(net.get_active_subnet(c).eval(),
+                                          (space.in_channels, c.r, c.r)) for c in cfgs])
+    ape = np.abs(predicted - measured) / measured
+    tau = kendalltau(predicted, measured).statistic
+    return {"n": n, "mape_pct": round(float(100 * ape.mean()), 3),
+            "max_ape_pct": round(float(100 * ape.max()), 3), "kendall_tau": round(float(tau), 4),
+            "measured_ms": [round(float(v), 5) for v in measured],
+            "predicted_ms": [round(float(v), 5) for v in predicted],
+            "configs": [c.to_dict() for c in cfgs]}

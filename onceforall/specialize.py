@@ -1,0 +1,122 @@
+"""Per-target specialization stages: profile, search, export; plus the Pareto plot.
+
+Each function takes paths and configs and writes its outputs into a folder, so the CLI, a KFP
+component and a benchmark call the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .efficiency import CostTable
+from .errors import UserError
+from .latency import LatencyTable, Profiler, build_latency_table, validate_latency_table
+from .predictor import AccuracyPredictor
+from .search import EvolutionConfig, SearchResult, evolution_search
+from .space import SearchSpace, SubnetConfig
+from .subnet_batch import SubnetBatch
+from .targets import Target
+
+SEARCH_RESULT = "search.json"
+
+
+def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
+                   validate: int = 0, seed: int = 0, device: str = "",
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Measure the latency table of ``target`` here (run this on the target's hardware)."""
+    profiler = Profiler(target.runtime, target.threads, target.batch_size)
+    table = build_latency_table(space, profiler, device=device, progress=progress)
+    table.save(out_path)
+    summary: dict[str, Any] = {"table": str(out_path), "build_s": table.build_s,
+                               "overhead_ms": table.overhead_ms}
+    if validate:
+        summary["validation"] = validate_latency_table(table, profiler, n=validate, seed=seed)
+    return summary
+
+
+def constraint_fn(space: SearchSpace, target: Target,
+                  latency: LatencyTable | None) -> Callable[[SubnetBatch], np.ndarray]:
+    kind = target.constraint.kind
+    if kind == "latency_ms":
+        if latency is None:
+            raise UserError(f"target {target.name!r} has a latency budget but no latency table",
+                            field="latency", fix="run the profile stage for this target first")
+        return latency.predict
+    costs = CostTable.build(space)
+    return costs.macs if kind == "macs" else costs.params
+
+
+def search_target(space: SearchSpace, target: Target, predictor_path: str | Path,
+                  out_dir: str | Path, *, latency_path: str | Path | None = None, seed: int = 0,
+                  config: EvolutionConfig = EvolutionConfig()) -> SearchResult:
+    """Evolutionary search under the target's hard constraint; writes ``search.json``."""
+    import time
+
+    predictor = AccuracyPredictor.load(predictor_path, space)
+    latency = LatencyTable.load(latency_path, space) if latency_path else None
+    constraint = constraint_fn(space, target, latency)
+    t0 = time.monotonic()
+    result = evolution_search(space, predictor.predict, constraint, target.constraint.budget,
+                              np.random.default_rng(seed), config,
+                              metric_name=target.constraint.kind)
+    seconds = time.monotonic() - t0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"target": target.to_dict(), "search_s": round(seconds, 3), "seed": seed,
+           "settings": {"population": config.population, "generations": config.generations,
+                        "parent_ratio": config.parent_ratio, "mutation_ratio": config.mutation_ratio,
+                        "mutate_prob": config.mutate_prob}, **result.to_dict()}
+    if latency is not None:
+        doc["predicted_latency_ms"] = latency.predict_one(result.best)
+    (out_dir / SEARCH_RESULT).write_text(json.dumps(doc, indent=1))
+    return result
+
+
+def uniform_configs(space: SearchSpace) -> list[SubnetConfig]:
+    """Every subnet with the same depth, kernel and expand ratio everywhere, at every resolution."""
+    return [space.uniform_config(d, k, e, r) for d in space.depths for k in space.kernels
+            for e in space.expands for r in space.resolutions]
+
+
+def pareto_plot(search: dict[str, Any], out_png: str | Path, out_html: str | Path | None = None, *,
+                points: list[tuple[float, float, str]] = ()) -> None:
+    """Predicted accuracy vs the constrained metric: the front, the pick, the budget, extra points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = search["pareto"]
+    kind = search["metric_name"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([p["metric"] for p in front], [p["score"] for p in front], "-o", ms=3,
+            label="Pareto front (predicted)")
+    ax.axvline(search["budget"], color="grey", ls=":", label=f"budget {search['budget']:g}")
+    ax.plot([search["best_metric"]], [search["best_score"]], "r*", ms=14, label="searched subnet")
+    for x, y, label in points:
+        ax.plot([x], [y], "s", ms=6, label=label)
+    ax.set_xlabel({"latency_ms": "predicted latency (ms)", "macs": "MACs",
+                   "params": "parameters"}[kind])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{search['target']['name']}: {kind} <= {search['budget']:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    Path(out_png).write_bytes(buf.getvalue())
+    if out_html:
+        rows = "".join(f"<tr><td>{p['metric']:.4g}</td><td>{p['score']:.3f}</td>"
+                       f"<td><code>{json.dumps(p['config'])}</code></td></tr>" for p in front)
+        Path(out_html).write_text(
+            "<html><body><h3>Pareto front: " + search["target"]["name"] + "</h3>"
+            f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+            f"<table border=1><tr><th>{kind}</th><th>predicted acc (%)</th><th>config</th></tr>"
+            f"{rows}</table></body></html>")

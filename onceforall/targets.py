@@ -1,0 +1,154 @@
+"""Hardware targets: what to specialize for, read from YAML and validated.
+
+```yaml
+targets:
+  - name: edge-cpu-1t          # [a-z0-9-], unique; names the model folder and metric labels
+    runtime: onnxruntime       # onnxruntime | torch
+    threads: 1                 # intra-op threads the model gets on the device
+    batch_size: 1
+    constraint: {kind: latency_ms, budget: 2.0}   # latency_ms | macs | params
+    placement:                 # where the profile/export pods run on the cluster (optional)
+      node_selector: {kubernetes.io/arch: arm64}
+      tolerations: [{key: edge, operator: Exists, effect: NoSchedule}]
+```
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+RUNTIMES = ("onnxruntime", "torch")
+CONSTRAINTS = ("latency_ms", "macs", "params")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str
+    budget: float
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    runtime: str
+    threads: int
+    batch_size: int
+    constraint: Constraint
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "runtime": self.runtime, "threads": self.threads,
+                "batch_size": self.batch_size, "description": self.description,
+                "constraint": {"kind": self.constraint.kind, "budget": self.constraint.budget},
+                "placement": {"node_selector": dict(self.node_selector),
+                              "tolerations": [dict(t) for t in self.tolerations]}}
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str | None = None, where: str = "target") -> "Target":
+        return _parse_target(raw, source, where)
+
+
+def load_targets(path: str | Path) -> list[Target]:
+    import yaml
+
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise UserError("targets file not found", source=src, field="targets",
+                        fix="give a YAML file like examples/targets.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "somewhere"
+        raise UserError(f"not valid YAML ({where}: {getattr(exc, 'problem', exc)})", source=src,
+                        fix="correct the YAML syntax") from None
+    return parse_targets(raw, src)
+
+
+def parse_targets(raw: Any, source: str | None = None) -> list[Target]:
+    if not isinstance(raw, dict) or "targets" not in raw:
+        raise UserError("must be a mapping with a `targets:` list", source=source, field="targets",
+                        fix="start the file with `targets:` and list one mapping per target")
+    items = raw["targets"]
+    if not isinstance(items, list) or not items:
+        raise UserError("must be a non-empty list", source=source, field="targets",
+                        fix="list at least one target")
+    targets = [_parse_target(item, source, f"targets[{i}]") for i, item in enumerate(items)]
+    seen: set[str] = set()
+    for i, t in enumerate(targets):
+        if t.name in seen:
+            raise UserError(f"duplicate target name {t.name!r}", source=source,
+                            field=f"targets[{i}].name", fix="give every target its own name")
+        seen.add(t.name)
+    return targets
+
+
+def _parse_target(raw: Any, source: str | None, where: str) -> Target:
+    def err(f: str, what: str, fix: str) -> UserError:
+        return UserError(what, source=source, field=f"{where}.{f}" if f else where, fix=fix)
+
+    if not isinstance(raw, dict):
+        raise err("", "each target must be a mapping", "write name, runtime, threads, batch_size, "
+                                                        "constraint")
+    known = {"name", "runtime", "threads", "batch_size", "constraint", "placement", "description"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise err(unknown[0], "unknown key", f"known keys are {sorted(known)}")
+    for key in ("name", "runtime", "constraint"):
+        if key not in raw:
+            raise err(key, "missing", "every target needs name, runtime and constraint")
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise err("name", f"{name!r} is not a valid name",
+                  "use lower-case letters, digits and '-', at most 63 characters")
+    runtime = raw["runtime"]
+    if runtime not in RUNTIMES:
+        raise err("runtime", f"unknown runtime {runtime!r}", f"use one of {list(RUNTIMES)}")
+    ints = {}
+    for key, default in (("threads", 1), ("batch_size", 1)):
+        v = raw.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise err(key, f"must be a positive integer, got {v!r}", "use e.g. 1 or 2")
+        ints[key] = v
+    c = raw["constraint"]
+    if not isinstance(c, dict) or set(c) != {"kind", "budget"}:
+        raise err("constraint", f"must be {{kind, budget}}, got {c!r}",
+                  "write constraint: {kind: latency_ms, budget: 2.0}")
+    if c["kind"] not in CONSTRAINTS:
+        raise err("constraint.kind", f"unknown constraint kind {c['kind']!r}",
+                  f"use one of {list(CONSTRAINTS)}")
+    budget = c["budget"]
+    if (not isinstance(budget, (int, float)) or isinstance(budget, bool) or not math.isfinite(budget)
+            or budget <= 0):
+        raise err("constraint.budget", f"must be a positive number, got {budget!r}",
+                  "give the budget in the kind's unit (ms, MACs or parameters)")
+    placement = raw.get("placement") or {}
+    if not isinstance(placement, dict) or set(placement) - {"node_selector", "tolerations"}:
+        raise err("placement", "must be a mapping with node_selector and/or tolerations",
+                  "write placement: {node_selector: {...}, tolerations: [...]}")
+    selector = placement.get("node_selector") or {}
+    if not isinstance(selector, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in selector.items()):
+        raise err("placement.node_selector", "must map label names to string values",
+                  'write e.g. {kubernetes.io/arch: "arm64"} (quote numbers)')
+    tolerations = placement.get("tolerations") or []
+    if not isinstance(tolerations, list):
+        raise err("placement.tolerations", "must be a list", "write a list of toleration mappings")
+    for i, tol in enumerate(tolerations):
+        if not isinstance(tol, dict) or not set(tol) <= TOLERATION_KEYS or not tol:
+            raise err(f"placement.tolerations[{i}]", f"not a Kubernetes toleration: {tol!r}",
+                      f"use the keys {sorted(TOLERATION_KEYS)}")
+    return Target(name, runtime, ints["threads"], ints["batch_size"],
+                  Constraint(c["kind"], float(budget)), dict(selector),
+                  tuple(dict(t) for t in tolerations), str(raw.get("description", "")))

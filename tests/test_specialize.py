@@ -1,0 +1,151 @@
+"""Latency tables, accuracy data, search per target, ONNX export and card reproduction."""
+
+import dataclasses
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onceforall import checkpoint as ckpt
+from onceforall.accuracy_data import collect_accuracy, read_rows, stratified_configs
+from onceforall.data import load_dataset
+from onceforall.errors import UserError
+from onceforall.export import export_subnet, resize_matrix
+from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table
+from onceforall.predictor import fit_predictor
+from onceforall.reproduce import reproduce
+from onceforall.space import UnitSpec, get_space
+from onceforall.specialize import pareto_plot, search_target, uniform_configs
+from onceforall.supernet import OFASupernet
+from onceforall.targets import parse_targets
+
+SMALL = dataclasses.replace(
+    get_space("fashion-mnist"), name="small", stem_width=8, first_block_width=8,
+    units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
+    kernels=(3, 5), expands=(3, 6), resolutions=(16, 20), final_expand_width=64, feature_width=64)
+FAST = Profiler("onnxruntime", threads=1, batch_size=1, warmup=2, repeats=5)
+
+
+def _target(kind, budget, name="t"):
+    return parse_targets({"targets": [{"name": name, "runtime": "onnxruntime", "threads": 1,
+                                       "batch_size": 1,
+                                       "constraint": {"kind": kind, "budget": budget}}]})[0]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_latency_table(SMALL, FAST, copies=2)
+
+
+def test_latency_table_covers_every_slot_and_roundtrips(table, tmp_path):
+    assert table.block_ms.shape == (SMALL.num_slots, 2, 2, 2) and (table.block_ms >= 0).all()
+    assert (table.fixed_ms > 0).all() and table.block_ms.sum() > 0
+    cfgs = SMALL.sample_many(np.random.default_rng(0), 20)
+    pred = table.predict(cfgs)
+    assert pred.shape == (20,) and (pred > 0).all()
+    # The sum is the fixed part plus the active slots' entries (skipped blocks cost nothing).
+    cfg = SMALL.uniform_config(2, 5, 6, 20)
+    slots = [u * 4 + i for u in range(2) for i in range(2)]
+    expected = table.fixed_ms[1] + sum(table.block_ms[s, 1, 1, 1] for s in slots)
+    assert table.predict([cfg])[0] == pytest.approx(expected)
+    loaded = LatencyTable.load(table.save(tmp_path / "lut.json"), SMALL)
+    assert np.allclose(loaded.predict(cfgs), pred)
+    with pytest.raises(UserError) as info:
+        LatencyTable.load(tmp_path / "lut.json", get_space("fashion-mnist"))
+    assert info.value.field == "space"
+
+
+def test_latency_validation_reports_mape_and_tau(table):
+    report = validate_latency_table(table, FAST, n=6, seed=1)
+    assert report["n"] == 6 and np.isfinite(report["mape_pct"]) and len(report["measured_ms"]) == 6
+
+
+def test_stratified_sample_is_balanced_and_seeded():
+    cfgs = stratified_configs(SMALL, 30, seed=3)
+    assert cfgs == stratified_configs(SMALL, 30, seed=3)
+    assert sorted(c.r for c in cfgs).count(16) == 15
+    assert sum(c.d[0] == 2 for c in cfgs) == 10
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """A Fashion-MNIST-shaped IDX folder of learnable toy images (reproduce() reads IDX)."""
+    folder = tmp_path_factory.mktemp("idx")
+    data = load_dataset("synthetic:400", val_size=80)
+
+    def write(name, arr):
+        header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        (folder / f"{name}.gz").write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+    train_x = torch.cat([data.train.images, data.val.images])[:, 0].numpy()
+    write("train-images-idx3-ubyte", train_x)
+    write("train-labels-idx1-ubyte", torch.cat([data.train.labels, data.val.labels]).numpy())
+    write("t10k-images-idx3-ubyte", data.test.images[:, 0].numpy())
+    write("t10k-labels-idx1-ubyte", data.test.labels.numpy())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def supernet_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    net = OFASupernet(SMALL)
+    folder = tmp_path_factory.mktemp("supernet")
+    ckpt.save_checkpoint(folder, net.state_dict(), {"phase": "width-2", "space": SMALL.to_dict()})
+    return folder
+
+
+def test_collect_accuracy_in_chunks_and_resume(supernet_dir, idx_dir, tmp_path):
+    data = load_dataset(str(idx_dir), val_size=60)
+    net = OFASupernet(SMALL)
+    ckpt.load_weights(net, ckpt.load_checkpoint(supernet_dir))
+    out = tmp_path / "acc.jsonl"
+    collect_accuracy(net, data, out, 6, chunk=0, num_chunks=2)
+    assert len(read_rows(out)) == 3
+    collect_accuracy(net, data, out, 6, chunk=0, num_chunks=2)  # nothing left to do
+    collect_accuracy(net, data, out, 6, chunk=1, num_chunks=2)
+    rows = read_rows(out)
+    assert len(rows) == 6 and all(0 <= r["val_acc"] <= 100 and r["macs"] > 0 for r in rows)
+
+
+def test_resize_matrix_is_torchs_antialiased_resize():
+    x = torch.rand(2, 1, 28, 28)
+    a = resize_matrix(28, 20)
+    ref = F.interpolate(x, size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
+    assert (a @ x @ a.T - ref).abs().max() < 1e-5
+
+
+def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    cfgs = SMALL.sample_many(rng, 200)
+    acc = np.array([80 + sum(c.e) / 10 + c.r / 10 + rng.normal(0, 0.05) for c in cfgs])
+    predictor, _ = fit_predictor(SMALL, cfgs, acc, seed=0, epochs=30)
+    predictor.save(tmp_path / "predictor")
+    target = _target("macs", 600_000, "tiny-macs")
+    from onceforall.search import EvolutionConfig
+
+    result = search_target(SMALL, target, tmp_path / "predictor.safetensors", tmp_path / "s",
+                           config=EvolutionConfig(population=20, generations=10))
+    doc = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert doc["best_metric"] <= 600_000 and doc["target"]["name"] == "tiny-macs"
+    pareto_plot(doc, tmp_path / "p.png", tmp_path / "p.html", points=[(5e5, 81.0, "uniform")])
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "<table" in (tmp_path / "p.html").read_text()
+    assert len(uniform_configs(SMALL)) == 3 * 2 * 2 * 2
+
+    data = load_dataset(str(idx_dir), val_size=60)
+    card = export_subnet(supernet_dir, result.best, data, target, tmp_path / "m",
+                         predicted_accuracy=result.best_score, calib_images=100)
+    assert card["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    assert card["onnx"]["max_abs_diff_vs_training_preprocessing"] <= 1e-4
+    assert abs(card["accuracy"]["test_top1_pct_onnxruntime"] - card["accuracy"]["test_top1_pct_torch"]) <= 0.1
+    assert card["macs"] <= 600_000 and card["subnet"] == result.best.to_dict()
+    import onnx
+
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    assert model.opset_import[0].version >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    rep = reproduce(tmp_path / "m" / "model_card.json", idx_dir, repeats=20)
+    assert rep["sha256_ok"] and rep["acc_diff"] <= 0.1 and rep["within_budget"]

@@ -1,0 +1,60 @@
+import pytest
+import yaml
+
+from onceforall.errors import UserError
+from onceforall.targets import load_targets, parse_targets
+
+EXAMPLE = "examples/targets.yaml"
+
+
+def test_example_file_has_four_clearly_different_targets():
+    targets = load_targets(EXAMPLE)
+    assert len(targets) >= 4
+    assert {t.constraint.kind for t in targets} == {"latency_ms", "macs", "params"}
+    assert {t.threads for t in targets} == {1, 2}
+    t = targets[0]
+    assert t.to_dict()["placement"]["tolerations"][0]["key"] == "dedicated"
+
+
+def _one(**override):
+    base = {"name": "edge", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+            "constraint": {"kind": "latency_ms", "budget": 2.0}}
+    base.update(override)
+    return {"targets": [base]}
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"runtime": "tensorrt"}, "targets[0].runtime"),
+    ({"constraint": {"kind": "energy", "budget": 1}}, "targets[0].constraint.kind"),
+    ({"constraint": {"kind": "macs", "budget": -5}}, "targets[0].constraint.budget"),
+    ({"constraint": {"kind": "macs", "budget": 0}}, "targets[0].constraint.budget"),
+    ({"constraint": {"kind": "macs"}}, "targets[0].constraint"),
+    ({"threads": 0}, "targets[0].threads"),
+    ({"name": "Edge CPU"}, "targets[0].name"),
+    ({"colour": "red"}, "targets[0].colour"),
+    ({"placement": {"node_selector": {"zone": 3}}}, "targets[0].placement.node_selector"),
+    ({"placement": {"tolerations": [{"kee": "x"}]}}, "targets[0].placement.tolerations[0]"),
+])
+def test_bad_target_names_the_field(override, field):
+    with pytest.raises(UserError) as info:
+        parse_targets(_one(**override), "t.yaml")
+    assert info.value.field == field and info.value.source == "t.yaml" and info.value.fix
+
+
+def test_duplicate_names():
+    raw = _one()
+    raw["targets"].append(dict(raw["targets"][0]))
+    with pytest.raises(UserError, match="duplicate"):
+        parse_targets(raw)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("targets: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_targets(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_targets(tmp_path / "nope.yaml")
+    bad.write_text(yaml.safe_dump({"target": []}))
+    with pytest.raises(UserError, match="targets"):
+        load_targets(bad)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint train bench-ps bench-specialize bench-cpu bench-reference clean
+.PHONY: help install test lint lint-deploy train bench-ps bench-specialize bench-cpu bench-reference clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ test: install ## run the test suite (what CI runs)
 
 lint: install ## ruff over the code
 	$(BIN)/ruff check onceforall tests bench
+
+lint-deploy: install ## hadolint the images, build and validate every kustomize overlay (offline)
+	bash scripts/lint_deploy.sh $(BIN)
 
 train: install ## the main job: train a supernet on Fashion-MNIST (quick schedule)
 	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick

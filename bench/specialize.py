@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,7 +34,7 @@ from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
 from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table  # noqa: E402
-from onceforall.predictor import AccuracyPredictor, fit_predictor  # noqa: E402
+from onceforall.predictor import fit_predictor  # noqa: E402
 from onceforall.reproduce import reproduce  # noqa: E402
 from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
 from onceforall.specialize import constraint_fn, pareto_plot, search_target, uniform_configs  # noqa: E402
@@ -75,7 +74,8 @@ def main() -> int:
     rows_path = work / "accuracy.jsonl"
     t0 = time.monotonic()
     collect_accuracy(net, data, rows_path, args.n, seed=args.seed,
-                     progress=lambda i, n, s: i % 50 == 0 and log(f"accuracy data {i}/{n} ({s:.2f} s/subnet)"))
+                     progress=lambda i, n, s: i % 50 == 0
+                     and log(f"accuracy data {i}/{n} ({s:.2f} s/subnet)"))
     cfgs, accs = load_accuracy_rows([rows_path], space)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     if "accuracy_data" not in res or res["accuracy_data"]["n"] != len(cfgs):

@@ -100,7 +100,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"not valid JSON ({exc})", source=str(path),
                         fix="the sidecar is damaged; re-run the phase that wrote it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}",
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise UserError(f"unknown checkpoint format {found!r}",
                         source=str(path), field="format",
                         fix=f"use a checkpoint written by this version ({FORMAT})")
     for key in ("space", "files", "phase"):

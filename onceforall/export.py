@@ -9,7 +9,6 @@ preprocessing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -62,10 +61,6 @@ class DeployModel(nn.Module):
         if not self.identity:
             x = self.resize @ x @ self.resize.T  # (B, C, r, r)
         return self.subnet(x)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _ort_accuracy(sess, data: Dataset, split: str = "test", batch: int = 500) -> float:
@@ -159,7 +154,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),
         "params": subnet_params(space, cfg),
-        "onnx": {"file": MODEL, "sha256": _sha256(model_path), "opset": OPSET,
+        "onnx": {"file": MODEL, "sha256": ckpt.sha256(model_path), "opset": OPSET,
                  "max_abs_diff_vs_torch": parity,
                  "max_abs_diff_vs_training_preprocessing": preprocessing_diff},
         "bn_recalibration": {"images": calib_images, "from": "training split", "seed": seed},

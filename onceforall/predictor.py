@@ -15,7 +15,6 @@ metrics, sha256 of the weights). Nothing is unpickled when loading.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import sha256
 from .errors import UserError
 from .space import SearchSpace
 from .subnet_batch import BatchLike, as_batch
@@ -137,7 +137,7 @@ class AccuracyPredictor:
         save_file(tensors, str(weights))
         sidecar = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "weights_file": weights.name, "weights_sha256": _sha256(weights),
+            "weights_file": weights.name, "weights_sha256": sha256(weights),
             "space": self.space.to_dict(), "encoding_size": encoding_size(self.space),
             "hidden": list(self.hidden), "metrics": self.metrics,
         }
@@ -178,7 +178,7 @@ class AccuracyPredictor:
         if not weights.is_file():
             raise UserError("predictor weights not found", source=str(weights),
                             fix="keep the .safetensors file next to its .json sidecar")
-        digest = _sha256(weights)
+        digest = sha256(weights)
         if digest != meta.get("weights_sha256"):
             raise UserError(f"sha256 {digest[:12]}... does not match the sidecar's "
                             f"{str(meta.get('weights_sha256'))[:12]}...", source=str(weights),
@@ -194,14 +194,6 @@ class AccuracyPredictor:
                             fix="refit the predictor; the file is corrupt or from another version"
                             ) from None
         return cls(space, model.eval(), hidden, dict(meta.get("metrics", {})))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_space(saved: Any, space: SearchSpace, source: str) -> None:

@@ -8,7 +8,7 @@ are re-sorted by importance when it starts. The paper's five phases are five of 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from onceforall.data import (FASHION_MNIST_DIRS, IDX_FILES, augment, epoch_order, load_dataset,
+from onceforall.data import (FASHION_MNIST_DIRS, augment, epoch_order, load_dataset,
                              step_generator, train_batch)
 from onceforall.errors import UserError
 

@@ -98,12 +98,6 @@ class SearchSpace:
                            e=(e,) * self.num_slots)
         return self.validate_config(cfg)
 
-    def middle_configs(self) -> list["SubnetConfig"]:
-        """Uniform configs between min and max (the middle choice of every dimension)."""
-        mid = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        return [self.uniform_config(mid(self.depths), mid(self.kernels), mid(self.expands),
-                                    mid(self.resolutions))]
-
     def sample(self, rng: np.random.Generator) -> "SubnetConfig":
         """A uniformly random config, drawn from ``rng`` (a seeded generator the caller owns)."""
         return self.sample_many(rng, 1)[0]

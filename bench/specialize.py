@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine  # noqa: E402
 
-from onceforall.accuracy_data import SubnetEvaluator, collect_accuracy, load_accuracy_rows  # noqa: E402
+from onceforall.accuracy_data import (SubnetEvaluator, collect_accuracy, load_accuracy_rows,
+                                       read_rows)  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> int:
                      progress=lambda i, n, s: i % 50 == 0
                      and log(f"accuracy data {i}/{n} ({s:.2f} s/subnet)"))
     cfgs, accs = load_accuracy_rows([rows_path], space)
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    rows = read_rows(rows_path)
     if "accuracy_data" not in res or res["accuracy_data"]["n"] != len(cfgs):
         res["accuracy_data"] = {"n": len(cfgs), "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
                                 "eval_s_per_subnet": round(float(np.mean([r["eval_s"] for r in rows])), 3),

@@ -50,13 +50,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(path.read_text().splitlines()) - 1:
+            if i == len(lines) - 1:
                 break  # a row cut short by a kill: measured again
             raise UserError(f"line {i + 1} is not JSON", source=str(path),
                             fix="remove the damaged line; it will be measured again") from None

@@ -80,9 +80,7 @@ def _fixed_layers(space: SearchSpace, r) -> list[tuple[str, object, int]]:
     layers += [(f"first_block.{n}", m, p) for n, m, p in
                _mbconv(space.stem_width, space.first_block_width, space.stem_width, 3,
                        space.first_block_stride, h, False, expand=False)]
-    h_final = _ceil_div(h, space.first_block_stride)
-    for unit in space.units:
-        h_final = _ceil_div(h_final, unit.stride)
+    h_final = head_input_size(space, r)
     layers.append(("head.expand", *_conv(h_final, space.units[-1].width, space.final_expand_width, 1)))
     layers.append(("head.feature_mix", *_linear(space.final_expand_width, space.feature_width)))
     layers.append(("head.classifier", *_linear(space.feature_width, space.num_classes)))
@@ -97,6 +95,11 @@ def unit_input_sizes(space: SearchSpace, r):
         sizes.append(h)
         h = _ceil_div(h, unit.stride)
     return sizes
+
+
+def head_input_size(space: SearchSpace, r):
+    """Feature-map side entering the head, for resolution ``r`` (int or (R,) array)."""
+    return _ceil_div(unit_input_sizes(space, r)[-1], space.units[-1].stride)
 
 
 def layer_costs(space: SearchSpace, cfg: SubnetConfig) -> list[LayerCost]:

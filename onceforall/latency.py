@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .efficiency import head_input_size, unit_input_sizes
 from .errors import UserError
 from .space import SearchSpace, SubnetConfig
 from .subnet_batch import BatchLike, as_batch
@@ -146,17 +147,6 @@ class Profiler:
         return max(total - overhead, 0.0) / copies
 
 
-def _sizes(space: SearchSpace, r: int) -> tuple[int, list[int], int]:
-    """(side after stem+first block, side entering each unit, side entering the head)."""
-    ceil = lambda a, b: -(-a // b)  # noqa: E731
-    h = ceil(ceil(r, space.stem_stride), space.first_block_stride)
-    sizes = []
-    for spec in space.units:
-        sizes.append(h)
-        h = ceil(h, spec.stride)
-    return sizes[0], sizes, h
-
-
 @dataclass(frozen=True, eq=False)
 class LatencyTable:
     space: SearchSpace
@@ -240,7 +230,7 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     fixed = np.zeros(len(res))
     block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
     for ri, r in enumerate(res):
-        _, unit_sizes, h_head = _sizes(space, r)
+        unit_sizes, h_head = unit_input_sizes(space, r), head_input_size(space, r)
         front = nn.Sequential(net.stem, net.first_block)
         fixed[ri] = (measured(front, (space.in_channels, r, r))
                      + measured(net.head, (space.units[-1].width, h_head, h_head)) + overhead)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine  # noqa: E402
 
-from onceforall.accuracy_data import (SubnetEvaluator, collect_accuracy, load_accuracy_rows,
-                                       read_rows)  # noqa: E402
+from onceforall.accuracy_data import (  # noqa: E402
+    SubnetEvaluator, collect_accuracy, load_accuracy_rows, read_rows)
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint lint-deploy train bench-ps bench-specialize bench-cpu bench-reference clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,16 +24,25 @@ test: install ## run the test suite (what CI runs)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
 lint: install ## ruff over the code
-	$(BIN)/ruff check onceforall tests bench
+	$(BIN)/ruff check onceforall components pipelines tests bench
 
 lint-deploy: install ## hadolint the images, build and validate every kustomize overlay (offline)
 	bash scripts/lint_deploy.sh $(BIN)
 
-train: install ## the main job: train a supernet on Fashion-MNIST (quick schedule)
+run: install ## the main job: the whole pipeline on Fashion-MNIST (quick), models + report in runs/published
+	$(BIN)/ofa run --schedule quick --out runs/published
+
+compile: install ## compile the pipeline to pipelines/onceforall.yaml (commit it; CI checks it is fresh)
+	$(BIN)/ofa compile --out pipelines/onceforall.yaml
+
+train: install ## train a supernet alone on Fashion-MNIST (quick schedule), no specialization
 	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick
 
 bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedule (~90 min on 2 cores)
 	$(BIN)/python bench/progressive_shrinking.py
+
+bench-pipeline: install ## benchmark: local kfp run vs the same stages called in one process (quick)
+	$(BIN)/python bench/pipeline.py
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

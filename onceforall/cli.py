@@ -24,24 +24,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    from .data import load_dataset
-    from .schedule import get_schedule
-    from .space import get_space
+    from .stages import setup
 
-    space = get_space(args.space)
-    schedule = get_schedule(args.schedule)
+    space, schedule, data = setup(args.space, args.schedule, args.data, seed=args.seed,
+                                  val_size=args.val_size)
     if getattr(args, "no_ps", False):
         schedule = schedule.without_progressive_shrinking()
-    data = load_dataset(args.data, val_size=args.val_size, seed=args.seed,
-                        image_size=max(space.resolutions))
-    if data.channels != space.in_channels:
-        raise UserError(f"dataset has {data.channels} channel(s), space {space.name!r} expects "
-                        f"{space.in_channels}", field="data",
-                        fix="use a space whose in_channels matches the data")
-    if int(data.train.labels.max()) >= space.num_classes:
-        raise UserError(f"dataset has {int(data.train.labels.max()) + 1} classes, space "
-                        f"{space.name!r} has {space.num_classes}", field="data",
-                        fix="use a space whose num_classes matches the data")
     return space, schedule, data
 
 
@@ -218,6 +206,115 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the pipeline (these commands import kfp; the library never does) -------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from onceforall_pipelines.local import StageFailed, run_local
+
+    try:
+        run = run_local(space=args.space, schedule=args.schedule, data=args.data, targets=args.targets,
+                        out=args.out, pipeline_root=args.pipeline_root, seed=args.seed,
+                        predictor_subnets=args.predictor_subnets, cache=args.cache)
+    except StageFailed as exc:
+        print(f"ofa: a stage failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"ofa run: finished in {run.wall_s:.0f} s; published to {run.out}", file=sys.stderr)
+    for name, t in run.report["targets"].items():
+        print(f"  {name:<16} test acc {t['test_acc']:6.2f}%  latency {t['latency_ms']:8.3f} ms  "
+              f"{t['macs'] / 1e6:6.2f}M MACs  {t['params'] / 1e6:6.3f}M params  {t['model']}",
+              file=sys.stderr)
+    return 0
+
+
+def _options(args: argparse.Namespace):
+    from onceforall_pipelines.ofa_pipeline import Options
+
+    return Options(image=args.image or "", gpus=args.gpus, s3_secret=args.s3_secret)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from onceforall_pipelines.ofa_pipeline import compile_pipeline
+
+    print(compile_pipeline(args.out, _options(args)))
+    return 0
+
+
+def _compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", help="container image of every stage (default: the project's CPU image)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per training stage (default 0)")
+    p.add_argument("--s3-secret", default="ofa-s3-credentials",
+                   help="Kubernetes Secret with the S3 credentials ('' for none)")
+
+
+def _cluster_params(args: argparse.Namespace) -> dict:
+    """Pipeline parameters from the flags: only those given, so the pipeline's defaults apply."""
+    from .targets import load_targets, pipeline_items
+
+    params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed")
+              if getattr(args, k) is not None}
+    if args.targets:
+        params["targets"] = pipeline_items(load_targets(args.targets))
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--param {item!r} is not NAME=VALUE", field="param",
+                            fix="write e.g. --param predictor_subnets=300")
+        params[key] = value
+    return params
+
+
+def _package(args: argparse.Namespace) -> str:
+    if args.package:
+        return args.package
+    import tempfile
+
+    from onceforall_pipelines.ofa_pipeline import compile_pipeline
+
+    return str(compile_pipeline(Path(tempfile.mkdtemp(prefix="ofa-")) / "onceforall.yaml",
+                                _options(args)))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from onceforall_pipelines.cluster import submit
+
+    result = submit(args.host, _package(args), pipeline_name=args.pipeline_name,
+                    params=_cluster_params(args), experiment=args.experiment, version=args.version,
+                    run_name=args.run_name, namespace=args.namespace, token=args.token,
+                    wait=args.wait, timeout_s=args.timeout)
+    print(json.dumps(result, indent=1))
+    return 0 if result.get("state", "SUCCEEDED") == "SUCCEEDED" or not args.wait else 1
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from onceforall_pipelines.cluster import schedule
+
+    result = schedule(args.host, _package(args), pipeline_name=args.pipeline_name, cron=args.cron,
+                      params=_cluster_params(args), experiment=args.experiment, job_name=args.job_name,
+                      max_concurrency=args.max_concurrency, namespace=args.namespace, token=args.token,
+                      version=args.version)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _cluster_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="KFP endpoint, e.g. http://localhost:8080 "
+                                                 "(kubectl port-forward svc/ml-pipeline-ui 8080:80)")
+    p.add_argument("--package", help="compiled pipeline YAML (default: compile now with the options below)")
+    _compile_options(p)
+    p.add_argument("--pipeline-name", default="onceforall")
+    p.add_argument("--experiment", default="onceforall")
+    p.add_argument("--version", help="pipeline version name (default: sha256 prefix + time)")
+    p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    p.add_argument("--token", help="bearer token (default: $KF_PIPELINES_SA_TOKEN_PATH)")
+    p.add_argument("--data", help="pipeline parameter: fashion-mnist or s3://bucket/prefix")
+    p.add_argument("--space", help="pipeline parameter: search space preset")
+    p.add_argument("--schedule", help="pipeline parameter: training schedule")
+    p.add_argument("--targets", help="target spec YAML, sent as the targets parameter")
+    p.add_argument("--publish-uri", help="pipeline parameter: s3://bucket/prefix for models and report")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--param", action="append", help="any other pipeline parameter, NAME=VALUE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ofa", description=(
         "Once-for-All on Kubeflow: train one elastic supernet, specialize it for many targets."))
@@ -230,6 +327,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ps", action="store_true",
                    help="ablation: every dimension elastic from the first shrinking phase")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run the whole pipeline here (kfp local runner): train, "
+                                   "specialize for every target, publish models and a report")
+    p.add_argument("--space", default="fashion-mnist",
+                   help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
+    p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/) or s3://bucket/prefix")
+    p.add_argument("--targets", help="target spec YAML (default: the four example targets)")
+    p.add_argument("--out", default="runs/published",
+                   help="where models/<target>/, report.json and report.md go: a folder or s3://...")
+    p.add_argument("--pipeline-root", help="where stage artifacts go: a folder (default "
+                                           "runs/pipeline-root) or s3://... (uploaded at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictor-subnets", type=int, default=0,
+                   help="subnets measured for the accuracy predictor (default: the schedule's)")
+    p.add_argument("--cache", action="store_true",
+                   help="reuse stages whose inputs did not change (e.g. after adding a target)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")
+    p.add_argument("--out", default="pipelines/onceforall.yaml")
+    _compile_options(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="upload the pipeline to a Kubeflow Pipelines server and start a run")
+    _cluster_common(p)
+    p.add_argument("--run-name")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish and show its state")
+    p.add_argument("--timeout", type=float, help="seconds to wait with --wait")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="upload the pipeline and create a recurring run (retraining)")
+    _cluster_common(p)
+    p.add_argument("--cron", required=True,
+                   help="cron in UTC: 5 fields ('0 2 * * 0'), 6 with seconds first, or @daily/@every 24h")
+    p.add_argument("--max-concurrency", type=int, default=1)
+    p.add_argument("--job-name", help="name of the recurring run")
+    p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("phase", help="run one phase (a pipeline stage)")
     p.add_argument("name", help="teacher, kernel, depth-1, depth-2, width-1 or width-2")

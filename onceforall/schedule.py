@@ -52,6 +52,9 @@ class Schedule:
     val_images: int | None = None  # per-epoch validation on this many validation images
     train_images: int | None = None  # use only the first N training images (smoke runs)
     checkpoint_every_s: float = 120.0
+    # the accuracy predictor's data: subnets measured, on this many validation images (None: all)
+    predictor_subnets: int = 600
+    predictor_val_images: int | None = None
     notes: str = ""
 
     def all_phases(self) -> tuple[PhaseConfig, ...]:
@@ -101,14 +104,16 @@ def smoke() -> Schedule:
     """Seconds on 2 cores: for tests."""
     return Schedule("smoke", _teacher(1, 0.05), _shrink((1, 1, 1, 1, 1), (0.02,) * 5),
                     batch_size=64, train_images=512, val_images=200, bn_calib_images=200,
-                    bn_calib_batch=100, checkpoint_every_s=3600,
+                    bn_calib_batch=100, checkpoint_every_s=3600, predictor_subnets=24,
+                    predictor_val_images=200,
                     notes="tests only: 512 training images, one epoch per phase")
 
 
 def quick() -> Schedule:
     """The README's main command: the whole pipeline in about 10 minutes on 2 cores."""
     return Schedule("quick", _teacher(2, 0.1), _shrink((1, 1, 1, 1, 1), (0.02, 0.01, 0.02, 0.01, 0.02)),
-                    batch_size=128, train_images=20000, val_images=2000,
+                    batch_size=128, train_images=20000, val_images=2000, predictor_subnets=100,
+                    predictor_val_images=2000,
                     notes="a demo of every stage on a third of Fashion-MNIST; accuracy is not the goal")
 
 
@@ -127,7 +132,7 @@ def paper() -> Schedule:
     return Schedule("paper", _teacher(180, 2.6, 5),
                     _shrink((120, 25, 120, 25, 120), (0.96, 0.08, 0.24, 0.08, 0.24),
                             warmups=(5, 0, 5, 0, 5)),
-                    batch_size=2048, val_images=10000,
+                    batch_size=2048, val_images=10000, predictor_subnets=2000,
                     notes="OFA-MobileNetV3 recipe: 180 teacher epochs, then 120+5 / 25 / 120+5 / 25 / "
                           "120+5 epochs, lr 2.6 scaled to batch 2048")
 

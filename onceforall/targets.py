@@ -118,6 +118,8 @@ def _parse_target(raw: Any, source: str | None, where: str) -> Target:
     ints = {}
     for key, default in (("threads", 1), ("batch_size", 1)):
         v = raw.get(key, default)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # JSON through protobuf (KFP parameters) turns every number into a double
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise err(key, f"must be a positive integer, got {v!r}", "use e.g. 1 or 2")
         ints[key] = v
@@ -152,3 +154,13 @@ def _parse_target(raw: Any, source: str | None, where: str) -> Target:
     return Target(name, runtime, ints["threads"], ints["batch_size"],
                   Constraint(c["kind"], float(budget)), dict(selector),
                   tuple(dict(t) for t in tolerations), str(raw.get("description", "")))
+
+
+EXAMPLE_TARGETS = Path(__file__).parent / "resources" / "targets.yaml"
+
+
+def pipeline_items(targets: list[Target]) -> list[dict[str, Any]]:
+    """Targets as the pipeline's ``targets`` parameter: one item per ParallelFor iteration, with the
+    placement at the top level, because a loop item's fields can be read one level deep only."""
+    return [{"name": t.name, "spec": t.to_dict(), "node_selector": dict(t.node_selector),
+             "tolerations": [dict(x) for x in t.tolerations]} for t in targets]

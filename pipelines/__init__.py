@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline (the DAG), its compile-time options and cluster submission."""

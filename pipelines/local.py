@@ -1,0 +1,146 @@
+"""``ofa run``: the cluster's pipeline function, run on this machine by kfp's SubprocessRunner.
+
+Every stage runs as its own process, exactly the component code a pod runs, in this Python
+environment (``use_venv=False``: nothing is installed at run time). Inputs are checked before
+anything starts, so a typo costs seconds, not a training. kfp's own log (executor inputs, output
+listings) goes to a log file; the terminal shows which stage runs and its progress lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from onceforall import store
+
+# What reaches the terminal from kfp's log: task starts and ends, our progress lines, errors.
+SHOW = re.compile(r"Executing task|finished with status|^\s*\[[\w .:/-]+\] |Error|Traceback")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Filter(io.TextIOBase):
+    """Writes everything to ``log``; echoes the lines that matter to ``term``."""
+
+    def __init__(self, log: TextIO, term: TextIO):
+        self.log, self.term, self.buf = log, term, ""
+        self.recent: list[str] = []  # the last lines, shown when a stage fails
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            plain = ANSI.sub("", line)
+            self.recent = (self.recent + [plain])[-60:]
+            if SHOW.search(plain):
+                self.term.write(_tidy(plain) + "\n")
+                self.term.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+def _tidy(line: str) -> str:
+    line = line.strip()
+    m = re.match(r"^\d\d:\d\d:\d\d\.\d+ - \w+ - (.*)$", line)
+    return time.strftime("%H:%M:%S ") + (m.group(1) if m else "  " + line)
+
+
+@dataclass
+class LocalRun:
+    out: str
+    pipeline_root: str
+    log: Path
+    wall_s: float
+    report: dict[str, Any]
+
+
+def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> list:
+    """Every run input resolved once, here, before kfp starts anything."""
+    from onceforall.efficiency import subnet_macs, subnet_params
+    from onceforall.errors import UserError
+    from onceforall.stages import setup
+    from onceforall.targets import EXAMPLE_TARGETS, load_targets
+
+    sp, _, _ = setup(space, schedule, data)
+    parsed = load_targets(targets or EXAMPLE_TARGETS)
+    # Budgets in MACs or params are checked now; latency budgets need the target's own table.
+    smallest = {"macs": subnet_macs(sp, sp.min_config()), "params": subnet_params(sp, sp.min_config())}
+    for t in parsed:
+        low = smallest.get(t.constraint.kind)
+        if low is not None and t.constraint.budget < low:
+            raise UserError(f"the {t.constraint.kind} budget {t.constraint.budget:g} of target {t.name!r} "
+                            f"is below the smallest subnet of space {sp.name!r}, {low:g}",
+                            source=str(targets or EXAMPLE_TARGETS), field="constraint.budget",
+                            fix=f"give a budget of at least {low:g}")
+    return parsed
+
+
+def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: str = "fashion-mnist",
+              targets: str | None = None, out: str = "runs/published", pipeline_root: str | None = None,
+              seed: int = 0, predictor_subnets: int = 0, cache: bool = False,
+              term: TextIO | None = None) -> LocalRun:
+    """Run the whole pipeline here; models, cards and the report are published to ``out``."""
+    from kfp import local
+
+    from onceforall.targets import pipeline_items
+
+    from .ofa_pipeline import Options, build_pipeline
+
+    term = term or sys.stderr
+    parsed = check_inputs(space, schedule, data, targets)
+    if store.is_s3(out):
+        store.check_writable(out)
+    remote_root = pipeline_root if pipeline_root and store.is_s3(pipeline_root) else None
+    if remote_root:
+        store.check_writable(remote_root)
+    root = Path(tempfile.mkdtemp(prefix="ofa-pipeline-root-") if remote_root
+                else pipeline_root or "runs/pipeline-root").absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / f"ofa-run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+    # One target at a time: two latency measurements sharing this machine's cores would both be wrong.
+    # No retries: here a failure is not a lost node, and it should show at once.
+    pipeline = build_pipeline(Options(target_parallelism=1, s3_secret="", retries=0))
+    t0 = time.monotonic()
+    term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}; "
+               f"full log: {log_path}\n")
+    with open(log_path, "w") as log, warnings.catch_warnings():
+        # The SubprocessRunner warns when an image name lacks "python"; here no image is used.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        sink = _Filter(log, term)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   raise_on_error=True, enable_caching=cache)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
+                         publish_uri=out, seed=seed, predictor_subnets=predictor_subnets)
+        except RuntimeError as exc:
+            sink.flush()
+            tail = "\n".join("    " + line for line in sink.recent[-25:])
+            term.write(f"{tail}\n")
+            raise StageFailed(f"{exc}; the lines above are the end of its log, all of it is in "
+                              f"{log_path}") from None
+    wall = time.monotonic() - t0
+    if remote_root:
+        store.publish_dir(root, remote_root)
+        shutil.rmtree(root, ignore_errors=True)
+    from onceforall.stages import REPORT_JSON
+
+    report = json.loads(store.read_text(store.join(out, REPORT_JSON)))
+    return LocalRun(out, remote_root or str(root), log_path, round(wall, 2), report)
+
+
+class StageFailed(Exception):
+    """A stage of a local run failed (not a user error: its log says why)."""

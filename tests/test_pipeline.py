@@ -1,0 +1,144 @@
+"""The pipeline layer: components through ``.python_func``, the compiled DAG, and ``ofa run``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import dsl
+
+from onceforall.export import CARD
+from onceforall.stages import LEDGER, REPORT_JSON, REPORT_MD, SHRINK_PHASES
+from onceforall_components import build
+from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+MACS_TARGET = {"name": "phone-macs", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+               "constraint": {"kind": "macs", "budget": 4.0e6}}
+
+
+def artifact(cls, path):
+    return cls(name=Path(path).name, uri=str(path), metadata={})
+
+
+def test_components_chain_through_python_func(tmp_path):
+    """Every component body, called as KFP calls it, on the smoke schedule."""
+    c = build()
+    data, common = "synthetic:600", dict(space="fashion-mnist", schedule="smoke", seed=0)
+    teacher, m0 = artifact(dsl.Model, tmp_path / "teacher"), artifact(dsl.Metrics, tmp_path / "m0")
+    c.train_teacher.python_func(data=data, teacher=teacher, metrics=m0, **common)
+    assert m0.metadata["epochs"] == 1 and "val_acc_max" in m0.metadata and m0.metadata["wall_s"] > 0
+
+    kernel, m1 = artifact(dsl.Model, tmp_path / "kernel"), artifact(dsl.Metrics, tmp_path / "m1")
+    c.shrink.python_func(phase="kernel", data=data, init=teacher, teacher=teacher, supernet=kernel,
+                         metrics=m1, **common)
+    ledger = json.loads((tmp_path / "kernel" / LEDGER).read_text())
+    assert [r["stage"] for r in ledger] == ["teacher", "shrink-kernel"]
+
+    pred, rows, m2 = (artifact(dsl.Model, tmp_path / "pred"), artifact(dsl.Dataset, tmp_path / "rows"),
+                      artifact(dsl.Metrics, tmp_path / "m2"))
+    c.fit_accuracy_predictor.python_func(data=data, schedule="smoke", seed=0, subnets=0, supernet=kernel,
+                                         predictor=pred, accuracy_data=rows, metrics=m2)
+    assert len((tmp_path / "rows").read_text().splitlines()) == 24  # the smoke schedule's number
+    assert m2.metadata["subnets"] == 24 and -1 <= m2.metadata["kendall_tau"] <= 1
+
+    lat, m3 = artifact(dsl.Dataset, tmp_path / "lat"), artifact(dsl.Metrics, tmp_path / "m3")
+    c.profile_target.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, latency=lat,
+                                 metrics=m3)
+    assert m3.metadata["latency_table"] == 0  # a MACs budget needs no measurements
+
+    found, html, m4 = (artifact(dsl.Dataset, tmp_path / "found"), artifact(dsl.HTML, tmp_path / "p.html"),
+                       artifact(dsl.Metrics, tmp_path / "m4"))
+    c.search.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, predictor=pred, latency=lat,
+                         result=found, pareto=html, metrics=m4)
+    assert m4.metadata["predicted_macs"] <= 4.0e6 and "<img" in (tmp_path / "p.html").read_text()
+
+    model, card, m5 = (artifact(dsl.Model, tmp_path / "model"), artifact(dsl.Markdown, tmp_path / "c.md"),
+                       artifact(dsl.Metrics, tmp_path / "m5"))
+    c.export.python_func(target=MACS_TARGET, data=data, seed=0, supernet=kernel, search=found, model=model,
+                         card=card, metrics=m5)
+    assert (tmp_path / "model" / "model.onnx").is_file() and "phone-macs" in (tmp_path / "c.md").read_text()
+    assert m5.metadata["within_budget"] == 1 and m5.metadata["macs"] <= 4.0e6
+    assert not (tmp_path / "pub").exists()  # nothing is published before the report
+
+    summary, md, m6 = (artifact(dsl.Dataset, tmp_path / "summary"), artifact(dsl.Markdown, tmp_path / "r.md"),
+                       artifact(dsl.Metrics, tmp_path / "m6"))
+    c.report.python_func(run_id="run-1", publish_uri=str(tmp_path / "pub"), models=[model],
+                         report=md, summary=summary, metrics=m6)
+    published = tmp_path / "pub" / "models" / "phone-macs"
+    assert (published / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
+    assert (published / CARD).is_file()
+    doc = json.loads((tmp_path / "pub" / REPORT_JSON).read_text())
+    assert doc["run_id"] == "run-1" and set(doc["targets"]) == {"phone-macs"}
+    assert [r["stage"] for r in doc["stages"]] == ["teacher", "shrink-kernel", "fit-accuracy-predictor",
+                                                  "profile-target", "search", "export", "report"]
+    assert "phone-macs" in (tmp_path / "pub" / REPORT_MD).read_text()
+
+
+def test_compiled_pipeline_is_committed_and_fresh(tmp_path):
+    fresh = compile_pipeline(tmp_path / "p.yaml")
+    assert COMPILED.is_file(), "run `ofa compile` and commit pipelines/onceforall.yaml"
+    assert fresh.read_text() == COMPILED.read_text(), \
+        "pipelines/onceforall.yaml is stale: run `ofa compile` and commit it"
+
+
+def _spec(path):
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_dag_shape_and_cluster_settings(tmp_path):
+    spec, platform = _spec(compile_pipeline(tmp_path / "gpu.yaml", Options(gpus=1, image="reg/x:1")))
+    root = spec["root"]["dag"]["tasks"]
+    chain = ["train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES)]
+    names = {t["taskInfo"]["name"] for t in root.values()}
+    assert set(chain) | {"fit-accuracy-predictor", "report"} <= names
+    for prev, nxt in zip(chain, chain[1:]):  # phases chained
+        task = next(t for t in root.values() if t["taskInfo"]["name"] == nxt)
+        assert any(prev_key in task.get("dependentTasks", []) for prev_key, t in root.items()
+                   if t["taskInfo"]["name"] == prev)
+    loop = next(t for t in root.values() if "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("targets")
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert {t["taskInfo"]["name"] for t in body.values()} == {"profile-target", "search", "export"}
+    report = next(t for t in root.values() if t["taskInfo"]["name"] == "report")
+    assert "models" in report["inputs"]["artifacts"]  # dsl.Collected over the loop's exports
+    for task in [*root.values(), *body.values()]:
+        if "componentRef" in task and "parameterIterator" not in task:
+            assert task["retryPolicy"]["maxRetryCount"] == 2 and task["cachingOptions"]["enableCache"]
+    executors = spec["deploymentSpec"]["executors"]
+    for ex in executors.values():
+        assert ex["container"]["image"] == "reg/x:1"
+        assert ex["container"]["resources"]["resourceCpuRequest"] == "2"
+    assert executors["exec-train-teacher"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "accelerator" not in executors["exec-search"]["container"]["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-profile-target", "exec-export"):
+        assert "nodeSelectorJson" in k8s[name]["nodeSelector"]
+        assert k8s[name]["tolerations"]
+    assert {e["keyToEnv"][0]["envVar"] for e in k8s["exec-train-teacher"]["secretAsEnv"]} \
+        or k8s["exec-train-teacher"]["secretAsEnv"]
+
+
+def ofa(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "onceforall", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_ofa_run_smoke_end_to_end(tmp_path):
+    out, root = tmp_path / "published", tmp_path / "root"
+    proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
+        card = json.loads((out / "models" / name / CARD).read_text())
+        assert (out / "models" / name / "model.onnx").is_file() and card["target"]["name"] == name
+    doc = json.loads((out / REPORT_JSON).read_text())
+    assert len(doc["targets"]) == 4 and (out / REPORT_MD).is_file()
+    # the terminal shows stages and progress, not kfp's executor dumps
+    assert "Executing task" in proc.stderr and "train-teacher" in proc.stderr
+    assert "executor_input" not in proc.stderr

@@ -20,7 +20,8 @@ $(BIN)/ofa: pyproject.toml
 
 install: $(BIN)/ofa ## create .venv and install the project with its test tools
 
-test: install ## run the test suite (what CI runs)
+test: install ## run the test suite (what CI runs); installs Debian's dataset + Prometheus if it can
+	bash scripts/system_deps.sh
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
 lint: install ## ruff over the code
@@ -30,6 +31,7 @@ lint-deploy: install ## hadolint the images, build and validate every kustomize 
 	bash scripts/lint_deploy.sh $(BIN)
 
 run: install ## the main job: the whole pipeline on Fashion-MNIST (quick), models + report in runs/published
+	bash scripts/system_deps.sh
 	$(BIN)/ofa run --schedule quick --out runs/published
 
 compile: install ## compile the pipeline to pipelines/onceforall.yaml (commit it; CI checks it is fresh)

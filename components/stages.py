@@ -12,85 +12,110 @@ from typing import List
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def train_teacher(data: str, space: str, schedule: str, seed: int,
-                  teacher: Output[Model], metrics: Output[Metrics]):
+def train_teacher(data: str, space: str, schedule: str, seed: int, run_id: str, carbon: str,
+                  pushgateway: str, teacher: Output[Model], metrics: Output[Metrics]):
     """Train the full network (the teacher)."""
     from onceforall import stages
 
-    record = stages.train_teacher(teacher.path, data=data, space=space, schedule=schedule, seed=seed)
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.train_teacher(teacher.path, data=data, space=space, schedule=schedule, seed=seed,
+                                  run=run)
     stages.log_metrics(record, metrics)
 
 
-def shrink(phase: str, data: str, space: str, schedule: str, seed: int, init: Input[Model],
-           teacher: Input[Model], supernet: Output[Model], metrics: Output[Metrics]):
+def train_scratch(data: str, space: str, schedule: str, seed: int, run_id: str, carbon: str,
+                  pushgateway: str, model: Output[Model], metrics: Output[Metrics]):
+    """Train one architecture alone from scratch: the cost OFA is compared with in the report."""
+    from onceforall import stages
+
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.train_scratch(model.path, data=data, space=space, schedule=schedule, seed=seed,
+                                  run=run)
+    stages.log_metrics(record, metrics)
+
+
+def shrink(phase: str, data: str, space: str, schedule: str, seed: int, run_id: str, carbon: str,
+           pushgateway: str, init: Input[Model], teacher: Input[Model], supernet: Output[Model],
+           metrics: Output[Metrics]):
     """One progressive-shrinking phase (kernel, depth-1, depth-2, width-1 or width-2)."""
     from onceforall import stages
 
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
     record = stages.shrink(phase, supernet.path, init_dir=init.path, teacher_dir=teacher.path,
-                           data=data, space=space, schedule=schedule, seed=seed)
+                           data=data, space=space, schedule=schedule, seed=seed, run=run)
     stages.log_metrics(record, metrics)
 
 
-def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, supernet: Input[Model],
-                           predictor: Output[Model], accuracy_data: Output[Dataset],
-                           metrics: Output[Metrics]):
+def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, run_id: str, carbon: str,
+                           pushgateway: str, supernet: Input[Model], predictor: Output[Model],
+                           accuracy_data: Output[Dataset], metrics: Output[Metrics]):
     """Measure subnets on the validation split, then fit and judge the accuracy predictor."""
     import shutil
 
     from onceforall import stages
 
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
     record = stages.fit_accuracy_predictor(supernet.path, predictor.path, data=data, schedule=schedule,
-                                           n=subnets, seed=seed)
+                                           n=subnets, seed=seed, run=run)
     shutil.copyfile(f"{predictor.path}/accuracy.jsonl", accuracy_data.path)
     stages.log_metrics(record, metrics)
 
 
-def profile_target(target: dict, space: str, seed: int, latency: Output[Dataset],
-                   metrics: Output[Metrics]):
+def profile_target(target: dict, space: str, seed: int, run_id: str, carbon: str, pushgateway: str,
+                   latency: Output[Dataset], metrics: Output[Metrics]):
     """Measure the target's latency table on the node this pod runs on."""
     from onceforall import stages
 
-    record = stages.profile(target, latency.path, space=space, seed=seed)
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.profile(target, latency.path, space=space, seed=seed, run=run)
     stages.log_metrics(record, metrics)
 
 
-def search(target: dict, space: str, seed: int, predictor: Input[Model], latency: Input[Dataset],
-           result: Output[Dataset], pareto: Output[HTML], metrics: Output[Metrics]):
+def search(target: dict, space: str, seed: int, run_id: str, carbon: str, pushgateway: str,
+           predictor: Input[Model], latency: Input[Dataset], result: Output[Dataset], pareto: Output[HTML],
+           metrics: Output[Metrics]):
     """Evolutionary search for the target's best subnet; the Pareto front as HTML for the UI."""
     import shutil
 
     from onceforall import stages
 
-    record = stages.search(target, predictor.path, latency.path, result.path, space=space, seed=seed)
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.search(target, predictor.path, latency.path, result.path, space=space, seed=seed,
+                           run=run)
     shutil.copyfile(f"{result.path}/pareto.html", pareto.path)
     stages.log_metrics(record, metrics)
 
 
-def export(target: dict, data: str, seed: int, supernet: Input[Model], search: Input[Dataset],
-           model: Output[Model], card: Output[Markdown], metrics: Output[Metrics]):
+def export(target: dict, data: str, seed: int, run_id: str, carbon: str, pushgateway: str,
+           supernet: Input[Model], search: Input[Dataset], model: Output[Model], card: Output[Markdown],
+           metrics: Output[Metrics]):
     """Extract, recalibrate, verify and export the searched subnet: model.onnx + model card."""
     import json
 
     from onceforall import stages
 
-    record = stages.export(target, supernet.path, search.path, model.path, data=data, seed=seed)
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.export(target, supernet.path, search.path, model.path, data=data, seed=seed, run=run)
     text = open(f"{model.path}/model_card.json").read()
     with open(card.path, "w") as f:
         f.write(f"# Model card: {json.loads(text)['target']['name']}\n\n```json\n{text}\n```\n")
     stages.log_metrics(record, metrics)
 
 
-def report(run_id: str, publish_uri: str, models: Input[List[Model]], report: Output[Markdown],
-           summary: Output[Dataset], metrics: Output[Metrics]):
+def report(run_id: str, carbon: str, pushgateway: str, publish_uri: str, models: Input[List[Model]],
+           scratch: Input[Model], report: Output[Markdown], summary: Output[Dataset],
+           metrics: Output[Metrics]):
     """Every target's card and every stage's figures in one report; publishes models, then report."""
     import shutil
 
     from onceforall import stages
 
-    record = stages.report([m.path for m in models], summary.path, publish_uri=publish_uri,
-                           run_id=run_id)
+    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    record = stages.report([m.path for m in models], summary.path, scratch_dir=scratch.path,
+                           publish_uri=publish_uri, run=run)
     shutil.copyfile(f"{summary.path}/{stages.REPORT_MD}", report.path)
     stages.log_metrics(record, metrics)
 
 
-FUNCTIONS = (train_teacher, shrink, fit_accuracy_predictor, profile_target, search, export, report)
+FUNCTIONS = (train_teacher, train_scratch, shrink, fit_accuracy_predictor, profile_target, search, export,
+             report)

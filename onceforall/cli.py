@@ -214,11 +214,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run = run_local(space=args.space, schedule=args.schedule, data=args.data, targets=args.targets,
                         out=args.out, pipeline_root=args.pipeline_root, seed=args.seed,
-                        predictor_subnets=args.predictor_subnets, cache=args.cache)
+                        predictor_subnets=args.predictor_subnets, cache=args.cache, carbon=args.carbon,
+                        pushgateway=args.pushgateway)
     except StageFailed as exc:
         print(f"ofa: a stage failed: {exc}", file=sys.stderr)
         return 1
-    print(f"ofa run: finished in {run.wall_s:.0f} s; published to {run.out}", file=sys.stderr)
+    energy = run.report["energy"]
+    print(f"ofa run: finished in {run.wall_s:.0f} s; published to {run.out}; energy "
+          f"{energy['total_j'] / 3.6e3:.2f} Wh, {energy['emissions_g']:.2f} g CO2e"
+          f"{' (estimated)' if energy['estimate'] else ''}", file=sys.stderr)
     for name, t in run.report["targets"].items():
         print(f"  {name:<16} test acc {t['test_acc']:6.2f}%  latency {t['latency_ms']:8.3f} ms  "
               f"{t['macs'] / 1e6:6.2f}M MACs  {t['params'] / 1e6:6.3f}M params  {t['model']}",
@@ -345,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subnets measured for the accuracy predictor (default: the schedule's)")
     p.add_argument("--cache", action="store_true",
                    help="reuse stages whose inputs did not change (e.g. after adding a target)")
+    p.add_argument("--carbon", help="carbon intensity: g CO2e/kWh (default 475, or $OFA_CARBON) or an "
+                                    "ISO 3166 alpha-3 country[:region], e.g. DEU or USA:california")
+    p.add_argument("--pushgateway", default="", help="HOST:PORT of a Prometheus Pushgateway: every stage "
+                                                     "pushes its energy and figures there")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")

@@ -10,12 +10,14 @@ Stages never import kfp; ``components/`` wraps each one in a ``@dsl.component``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .data import Dataset, load_dataset, subsample
 from .errors import UserError
@@ -87,14 +89,41 @@ def _merge(*ledgers: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _finish(out_dir: Path, stage: str, t0: float, metrics: dict[str, Any], *,
-            target: str | None = None, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
-    record = {"stage": stage, "target": target, "wall_s": round(time.monotonic() - t0, 3),
-              "metrics": metrics}
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of a run shares: its id (metric labels), carbon intensity, Pushgateway."""
+
+    run_id: str = ""
+    carbon: str | None = None  # g CO2e/kWh or an ISO 3166 alpha-3 country[:region]; see energy.py
+    pushgateway: str | None = None  # HOST:PORT; default: $OFA_PUSHGATEWAY; "" and unset: no push
+
+    def __post_init__(self) -> None:
+        # kfp's local runner resolves the job-name placeholder inside a ParallelFor iteration as
+        # "<run>/for-loop-1-iteration-N"; the run is the part before the slash.
+        object.__setattr__(self, "run_id", self.run_id.split("/", 1)[0])
+
+
+@contextlib.contextmanager
+def _stage(name: str, out_dir: str | Path, run: RunContext, *, target: str | None = None,
+           inputs: Iterable[str | Path] = ()) -> Iterator[dict[str, Any]]:
+    """Meter the body's energy; then write the ledger and push the figures. The body fills
+    ``record["metrics"]``."""
+    from .energy import Meter
+    from .metrics import push_stage
+
+    record: dict[str, Any] = {"stage": name, "target": target, "run_id": run.run_id, "metrics": {}}
+    t0 = time.monotonic()
+    with Meter(run.carbon) as meter:
+        yield record
+    record["wall_s"] = round(time.monotonic() - t0, 3)
+    record["energy"] = meter.reading.to_dict()
+    push_error = push_stage(record, run.run_id, run.pushgateway)
+    if push_error:
+        record["push_error"] = push_error
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     ledger = _merge(*(read_ledger(p) for p in inputs), [record])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / LEDGER).write_text(json.dumps(ledger, indent=1))
-    return record
+    (out / LEDGER).write_text(json.dumps(ledger, indent=1))
 
 
 def _target(target: dict[str, Any] | Target) -> Target:
@@ -108,43 +137,71 @@ def _accuracy_metrics(val_accuracy: dict[str, float]) -> dict[str, float]:
 
 
 def train_teacher(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
-                  schedule: str = "quick", seed: int = 0, device: str = "auto",
-                  progress: bool = True) -> dict[str, Any]:
+                  schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
+                  run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage train-teacher: the full network, trained alone."""
-    return _train("teacher", out_dir, None, None, data, space, schedule, seed, device, progress)
+    return _train("teacher", out_dir, None, None, data, space, schedule, seed, device, progress, run)
 
 
 def shrink(phase: str, out_dir: str | Path, *, init_dir: str | Path, teacher_dir: str | Path,
            data: str = "fashion-mnist", space: str = "fashion-mnist", schedule: str = "quick",
-           seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+           seed: int = 0, device: str = "auto", progress: bool = True,
+           run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage shrink: one progressive-shrinking phase, from the previous phase's supernet."""
     if phase not in SHRINK_PHASES:
         raise UserError(f"unknown shrinking phase {phase!r}", field="phase",
                         fix=f"use one of {list(SHRINK_PHASES)}")
-    return _train(phase, out_dir, init_dir, teacher_dir, data, space, schedule, seed, device, progress)
+    return _train(phase, out_dir, init_dir, teacher_dir, data, space, schedule, seed, device, progress,
+                  run)
 
 
 def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, schedule: str,
-           seed: int, device: str, progress: bool) -> dict[str, Any]:
+           seed: int, device: str, progress: bool, run: RunContext) -> dict[str, Any]:
     from .train import run_phase
 
-    t0 = time.monotonic()
-    sp, sch, ds = setup(space, schedule, data, seed=seed)
-    kd = sch.phase(phase).kd_ratio > 0
-    result = run_phase(sp, sch, phase, ds, out_dir, init=init_dir,
-                       teacher=teacher_dir if kd else None, seed=seed, device=device,
-                       progress=progress)
-    metrics = {"epochs": result.epochs, "steps": result.steps, "train_wall_s": result.wall_s,
-               "images_per_s": result.images_per_s, **_accuracy_metrics(result.val_accuracy)}
-    return _finish(Path(out_dir), phase if phase == "teacher" else f"shrink-{phase}", t0, metrics,
-                   inputs=[init_dir] if init_dir else [])
+    name = "train-teacher" if phase == "teacher" else f"shrink-{phase}"
+    with _stage(name, out_dir, run, inputs=[init_dir] if init_dir else []) as record:
+        sp, sch, ds = setup(space, schedule, data, seed=seed)
+        kd = sch.phase(phase).kd_ratio > 0
+        result = run_phase(sp, sch, phase, ds, out_dir, init=init_dir,
+                           teacher=teacher_dir if kd else None, seed=seed, device=device,
+                           progress=progress)
+        record["metrics"] = {"epochs": result.epochs, "steps": result.steps,
+                             "train_wall_s": result.wall_s, "images_per_s": result.images_per_s,
+                             **_accuracy_metrics(result.val_accuracy)}
+    return record
+
+
+def scratch_config(space: SearchSpace) -> SubnetConfig:
+    """The architecture the from-scratch baseline trains: the space's middle subnet."""
+    from .train import reference_configs
+
+    return reference_configs(space)["mid"]
+
+
+def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
+                  schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
+                  run: RunContext = RunContext()) -> dict[str, Any]:
+    """Stage train-scratch: one architecture (the middle subnet) trained alone, from scratch, on the
+    teacher's recipe, and metered like every stage: what one more target costs without OFA."""
+    from .train import train_static
+
+    with _stage("train-scratch", out_dir, run) as record:
+        sp, sch, ds = setup(space, schedule, data, seed=seed)
+        result = train_static(sp, sch, scratch_config(sp), ds, out_dir, seed=seed, device=device,
+                              progress=progress)
+        record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
+                             "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
+        record["config"] = result["config"]
+    return record
 
 
 # -- the accuracy predictor --------------------------------------------------------------------
 
 def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
                            data: str = "fashion-mnist", schedule: str = "quick", n: int = 0,
-                           seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                           seed: int = 0, progress: bool = True,
+                           run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage fit-accuracy-predictor: measure ``n`` stratified subnets (0: the schedule's number)
     on the validation split, then fit and judge the MLP. Resumes the measurements if cut short."""
     from .accuracy_data import collect_accuracy, load_accuracy_rows
@@ -152,27 +209,29 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
     from .predictor import fit_predictor
     from .progress import Progress
 
-    t0 = time.monotonic()
     out_dir = Path(out_dir)
-    sch = get_schedule(schedule)
-    n = n or sch.predictor_subnets
-    net = load_supernet(supernet_dir)
-    ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
-    check_data(net.space, ds)
-    ds = subsample(ds, None, sch.predictor_val_images)
-    bar = Progress("fit-accuracy-predictor", n, enabled=progress)
-    rows = collect_accuracy(net, ds, out_dir / "accuracy.jsonl", n, seed=seed,
-                            progress=lambda i, total, s: bar.update(n - total + i, **{"s/subnet": s}))
-    bar.close()
-    measure_s = time.monotonic() - t0
-    cfgs, accs = load_accuracy_rows([rows], net.space)
-    predictor, fit = fit_predictor(net.space, cfgs, accs, seed=seed)
-    predictor.save(out_dir / "predictor")
-    metrics = {"subnets": len(cfgs), "val_images": len(ds.val), "measure_s": round(measure_s, 2),
-               "val_acc_lowest": float(accs.min()), "val_acc_highest": float(accs.max()),
-               **{k: fit[k] for k in ("kendall_tau", "spearman_rho", "rmse_pts", "mae_pts")
-                  if fit.get(k) is not None}}
-    return _finish(out_dir, "fit-accuracy-predictor", t0, metrics, inputs=[supernet_dir])
+    with _stage("fit-accuracy-predictor", out_dir, run, inputs=[supernet_dir]) as record:
+        t0 = time.monotonic()
+        sch = get_schedule(schedule)
+        n = n or sch.predictor_subnets
+        net = load_supernet(supernet_dir)
+        ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
+        check_data(net.space, ds)
+        ds = subsample(ds, None, sch.predictor_val_images)
+        bar = Progress("fit-accuracy-predictor", n, enabled=progress)
+        rows = collect_accuracy(net, ds, out_dir / "accuracy.jsonl", n, seed=seed,
+                                progress=lambda i, total, s: bar.update(n - total + i, **{"s/subnet": s}))
+        bar.close()
+        measure_s = time.monotonic() - t0
+        cfgs, accs = load_accuracy_rows([rows], net.space)
+        predictor, fit = fit_predictor(net.space, cfgs, accs, seed=seed)
+        predictor.save(predictor_path(out_dir))
+        record["metrics"] = {
+            "subnets": len(cfgs), "val_images": len(ds.val), "measure_s": round(measure_s, 2),
+            "val_acc_lowest": float(accs.min()), "val_acc_highest": float(accs.max()),
+            **{k: fit[k] for k in ("kendall_tau", "spearman_rho", "rmse_pts", "mae_pts")
+               if fit.get(k) is not None}}
+    return record
 
 
 def predictor_path(folder: str | Path) -> Path:
@@ -185,79 +244,99 @@ LATENCY_TABLE = "latency.json"
 
 
 def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str = "fashion-mnist",
-            validate: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+            validate: int = 0, seed: int = 0, progress: bool = True,
+            run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage profile-target: the latency table, measured here (the pod runs on the target's nodes).
 
     Targets constrained by MACs or params need no table; the stage records that and returns."""
     from .progress import Progress
     from .specialize import profile_target
 
-    t0 = time.monotonic()
     tgt = _target(target)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if tgt.constraint.kind != "latency_ms":
-        return _finish(out_dir, "profile-target", t0, {"latency_table": 0}, target=tgt.name)
-    bar = Progress(f"profile-target {tgt.name}", 1, enabled=progress)
+    with _stage("profile-target", out_dir, run, target=tgt.name) as record:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record["metrics"] = {"latency_table": 0}
+        if tgt.constraint.kind == "latency_ms":
+            bar = Progress(f"profile-target {tgt.name}", 1, enabled=progress)
 
-    def tick(i: int, total: int) -> None:
-        bar.total = total
-        bar.update(i)
+            def tick(i: int, total: int) -> None:
+                bar.total = total
+                bar.update(i)
 
-    summary = profile_target(get_space(space), tgt, out_dir / LATENCY_TABLE, validate=validate,
-                             seed=seed, progress=tick)
-    bar.close()
-    metrics = {"latency_table": 1, "build_s": summary["build_s"], "overhead_ms": summary["overhead_ms"]}
-    for key in ("mape_pct", "kendall_tau"):
-        if key in summary.get("validation", {}):
-            metrics[f"latency_{key}"] = summary["validation"][key]
-    return _finish(out_dir, "profile-target", t0, metrics, target=tgt.name)
+            summary = profile_target(get_space(space), tgt, out_dir / LATENCY_TABLE, validate=validate,
+                                     seed=seed, progress=tick)
+            bar.close()
+            record["metrics"] = {"latency_table": 1, "build_s": summary["build_s"],
+                                 "overhead_ms": summary["overhead_ms"]}
+            for key in ("mape_pct", "kendall_tau"):
+                if key in summary.get("validation", {}):
+                    record["metrics"][f"latency_{key}"] = summary["validation"][key]
+    return record
 
 
 def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_dir: str | Path,
-           out_dir: str | Path, *, space: str = "fashion-mnist", seed: int = 0) -> dict[str, Any]:
+           out_dir: str | Path, *, space: str = "fashion-mnist", seed: int = 0,
+           run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage search: evolution under the target's budget; ``search.json`` and the Pareto plot."""
     from .specialize import SEARCH_RESULT, pareto_plot, search_target
 
-    t0 = time.monotonic()
     tgt = _target(target)
     out_dir = Path(out_dir)
-    table = Path(profile_dir) / LATENCY_TABLE
-    result = search_target(get_space(space), tgt, predictor_path(predictor_dir), out_dir,
-                           latency_path=table if table.is_file() else None, seed=seed)
-    doc = json.loads((out_dir / SEARCH_RESULT).read_text())
-    pareto_plot(doc, out_dir / "pareto.png", out_dir / "pareto.html")
-    metrics = {"search_s": doc["search_s"], "predicted_acc": round(float(result.best_score), 3),
-               f"predicted_{result.metric_name}": float(result.best_metric),
-               "pareto_points": len(doc["pareto"])}
-    return _finish(out_dir, "search", t0, metrics, target=tgt.name, inputs=[predictor_dir, profile_dir])
+    with _stage("search", out_dir, run, target=tgt.name, inputs=[predictor_dir, profile_dir]) as record:
+        table = Path(profile_dir) / LATENCY_TABLE
+        result = search_target(get_space(space), tgt, predictor_path(predictor_dir), out_dir,
+                               latency_path=table if table.is_file() else None, seed=seed)
+        doc = json.loads((out_dir / SEARCH_RESULT).read_text())
+        pareto_plot(doc, out_dir / "pareto.png", out_dir / "pareto.html")
+        record["metrics"] = {"search_s": doc["search_s"], "predicted_acc": round(float(result.best_score), 3),
+                             f"predicted_{result.metric_name}": float(result.best_metric),
+                             "pareto_points": len(doc["pareto"])}
+    return record
 
 
 def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir: str | Path,
-           out_dir: str | Path, *, data: str = "fashion-mnist", seed: int = 0) -> dict[str, Any]:
-    """Stage export: ONNX + model card of the searched subnet, verified against torch."""
+           out_dir: str | Path, *, data: str = "fashion-mnist", seed: int = 0,
+           run: RunContext = RunContext()) -> dict[str, Any]:
+    """Stage export: ONNX + model card of the searched subnet, verified against torch.
+
+    The card's ``energy`` lists the stages that produced this model: the shared ones and this
+    target's profile and search (the export's own figure is in the ledger beside it)."""
     from .export import export_subnet, load_supernet
     from .specialize import SEARCH_RESULT
 
-    t0 = time.monotonic()
     tgt = _target(target)
     out_dir = Path(out_dir)
-    doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
-    space = load_supernet(supernet_dir).space
-    cfg = SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))
-    ds = open_data(data, seed=seed, image_size=max(space.resolutions))
-    check_data(space, ds)
-    card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=doc.get("best_score"),
-                         predicted_latency_ms=doc.get("predicted_latency_ms"), seed=seed,
-                         extra={"pareto": {"png": "pareto.png", "html": "pareto.html"}})
-    for name in ("pareto.png", "pareto.html"):
-        src = Path(search_dir) / name
-        if src.is_file():
-            (out_dir / name).write_bytes(src.read_bytes())
-    metrics = {"test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
-               "latency_ms": card["latency"]["measured_ms"], "macs": card["macs"],
-               "params": card["params"], "within_budget": int(_within_budget(card, tgt))}
-    return _finish(out_dir, "export", t0, metrics, target=tgt.name, inputs=[search_dir])
+    with _stage("export", out_dir, run, target=tgt.name, inputs=[search_dir]) as record:
+        doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
+        space = load_supernet(supernet_dir).space
+        cfg = SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))
+        ds = open_data(data, seed=seed, image_size=max(space.resolutions))
+        check_data(space, ds)
+        upstream = read_ledger(search_dir)
+        card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=doc.get("best_score"),
+                             predicted_latency_ms=doc.get("predicted_latency_ms"), seed=seed,
+                             extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
+                                    "energy": _energy_of(upstream, tgt.name)})
+        for name in ("pareto.png", "pareto.html"):
+            src = Path(search_dir) / name
+            if src.is_file():
+                (out_dir / name).write_bytes(src.read_bytes())
+        record["metrics"] = {"test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
+                             "latency_ms": card["latency"]["measured_ms"], "macs": card["macs"],
+                             "params": card["params"], "within_budget": int(_within_budget(card, tgt))}
+    return record
+
+
+def _energy_of(ledger: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    """Energy and CO2 of the stages behind one model: shared stages and this target's own."""
+    rows = [r for r in ledger if r.get("energy") and r.get("target") in (None, target)]
+    return {"stages": {f"{r['stage']}{'' if r.get('target') is None else ':' + r['target']}":
+                       {"energy_j": r["energy"]["total_j"], "emissions_g": r["energy"]["emissions_g"],
+                        "methods": r["energy"]["methods"]} for r in rows},
+            "total_j": round(sum(r["energy"]["total_j"] for r in rows), 3),
+            "emissions_g": round(sum(r["energy"]["emissions_g"] for r in rows), 4),
+            "note": "shared stages serve every target; their full cost is listed, not a share"}
 
 
 def _within_budget(card: dict[str, Any], target: Target) -> bool:
@@ -269,9 +348,10 @@ def _within_budget(card: dict[str, Any], target: Target) -> bool:
 
 # -- the report ------------------------------------------------------------------------------
 
-def report(export_dirs: list[str | Path], out_dir: str | Path, *, publish_uri: str = "",
-           run_id: str = "") -> dict[str, Any]:
-    """Stage report: every target's card and every stage's record in one JSON and one Markdown page.
+def report(export_dirs: list[str | Path], out_dir: str | Path, *, scratch_dir: str | Path | None = None,
+           publish_uri: str = "", run: RunContext = RunContext()) -> dict[str, Any]:
+    """Stage report: every target's card, every stage's record, energy and the savings against
+    training each target's model from scratch, in one JSON and one Markdown page.
 
     With ``publish_uri`` it publishes ``models/<target>/`` for every target (each model's card last),
     then the report (``report.json`` last). Publishing happens here, once every target has succeeded,
@@ -279,34 +359,79 @@ def report(export_dirs: list[str | Path], out_dir: str | Path, *, publish_uri: s
     from . import store
     from .export import CARD
 
-    t0 = time.monotonic()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cards = [json.loads((Path(d) / CARD).read_text()) for d in export_dirs]
-    ledger = _merge(*(read_ledger(d) for d in export_dirs))
-    shared = [r for r in ledger if r.get("target") is None]
-    per_target = [r for r in ledger if r.get("target") is not None]
-    doc = {
-        "format": "onceforall-report/1",
-        "run_id": run_id,
-        "targets": {c["target"]["name"]: _card_summary(c) for c in cards},
-        "stages": ledger,
-        "wall_s": {"shared": round(sum(r["wall_s"] for r in shared), 2),
-                   "per_target": {name: round(sum(r["wall_s"] for r in per_target
-                                                  if r["target"] == name), 2)
-                                  for name in sorted({r["target"] for r in per_target})}},
-    }
-    record = {"stage": "report", "target": None, "wall_s": round(time.monotonic() - t0, 3),
-              "metrics": {"targets": len(cards)}}
-    doc["stages"] = ledger + [record]
-    (out_dir / REPORT_JSON).write_text(json.dumps(doc, indent=1))
-    (out_dir / REPORT_MD).write_text(report_markdown(doc))
-    if publish_uri:
-        for card, folder in zip(cards, export_dirs):
-            store.publish_dir(folder, store.join(publish_uri, "models", card["target"]["name"]), last=CARD)
-        store.publish_dir(out_dir, publish_uri, last=REPORT_JSON)
-        record["published"] = publish_uri
+    inputs = [*export_dirs, *([scratch_dir] if scratch_dir else [])]
+    with _stage("report", out_dir, run, inputs=inputs) as record:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ledger = _merge(*(read_ledger(d) for d in inputs))
+        doc = {"format": "onceforall-report/1", "run_id": run.run_id,
+               "targets": {c["target"]["name"]: _card_summary(c) for c in cards},
+               "stages": ledger, "energy": energy_summary(ledger)}
+        (out_dir / REPORT_JSON).write_text(json.dumps(doc, indent=1))
+        (out_dir / REPORT_MD).write_text(report_markdown(doc))
+        record["metrics"] = {"targets": len(cards)}
+        if publish_uri:
+            for card, folder in zip(cards, export_dirs):
+                store.publish_dir(folder, store.join(publish_uri, "models", card["target"]["name"]),
+                                  last=CARD)
+            store.publish_dir(out_dir, publish_uri, last=REPORT_JSON)
+            record["published"] = publish_uri
     return record
+
+
+SHARED_STAGES = ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES), "fit-accuracy-predictor")
+PER_TARGET_STAGES = ("profile-target", "search", "export")
+
+
+def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's cost: per stage, shared vs per target, and against training each target from scratch.
+
+    OFA with N targets costs ``shared + sum(per-target)``; training each from scratch costs
+    ``N x scratch`` (the measured train-scratch stage). Assumptions are written into the result."""
+    metered = [r for r in ledger if r.get("energy")]
+    by = {(r["stage"], r.get("target")): r["energy"] for r in metered}
+    shared_j = sum(e["total_j"] for (s, t), e in by.items() if s in SHARED_STAGES)
+    shared_g = sum(e["emissions_g"] for (s, t), e in by.items() if s in SHARED_STAGES)
+    targets = sorted({t for (s, t) in by if t is not None})
+    per_target = {t: {"energy_j": round(sum(e["total_j"] for (s, tt), e in by.items() if tt == t), 3),
+                      "emissions_g": round(sum(e["emissions_g"] for (s, tt), e in by.items() if tt == t), 4)}
+                  for t in targets}
+    marginal_j = sum(v["energy_j"] for v in per_target.values()) / max(len(targets), 1)
+    methods = sorted({m for e in by.values() for m in e["methods"].values() if m != "none"})
+    out: dict[str, Any] = {
+        "stages": [{"stage": r["stage"], "target": r.get("target"), "wall_s": r["wall_s"],
+                    **{k: r["energy"][k] for k in ("cpu_j", "gpu_j", "ram_j", "total_j", "emissions_g")},
+                    "methods": r["energy"]["methods"]} for r in metered],
+        "total_j": round(sum(e["total_j"] for e in by.values()), 3),
+        "emissions_g": round(sum(e["emissions_g"] for e in by.values()), 4),
+        "shared_j": round(shared_j, 3), "shared_emissions_g": round(shared_g, 4),
+        "per_target": per_target, "marginal_j_per_target": round(marginal_j, 3),
+        "methods": methods,
+        "estimate": any(m == "model" for m in methods),
+    }
+    scratch = by.get(("train-scratch", None))
+    if scratch:
+        n = len(targets)
+        ofa_j = shared_j + sum(v["energy_j"] for v in per_target.values())
+        scratch_j = scratch["total_j"]
+        out["savings"] = {
+            "targets": n, "ofa_j": round(ofa_j, 3), "scratch_per_target_j": round(scratch_j, 3),
+            "scratch_j": round(n * scratch_j, 3),
+            "ratio": round(n * scratch_j / ofa_j, 4) if ofa_j else None,
+            "break_even_targets": (round(shared_j / (scratch_j - marginal_j), 2)
+                                   if scratch_j > marginal_j else None),
+            "assumptions": [
+                "from scratch = one model per target, each costing what the measured train-scratch "
+                "stage cost: the space's middle subnet trained alone on the teacher's recipe (same "
+                "data, epochs, batch size, learning rate), at its own resolution, without distillation",
+                "the from-scratch side gets its architectures for free (no search, no latency table) "
+                "and its export is not counted; the OFA side counts every stage of this run",
+                "ratio = N x scratch / (shared + sum of per-target stages) with N = the targets of "
+                "this run; break-even N = shared / (scratch - marginal per target)",
+                "energy figures with method 'model' are CodeCarbon estimates, not measurements",
+            ]}
+    return out
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
@@ -333,14 +458,38 @@ def report_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | {t['constraint']} | {t['budget']:g} | {t['test_acc']:.2f} | {pred_acc} | "
                      f"{t['latency_ms']:.3f} | {pred_lat} | {t['macs'] / 1e6:.2f}M | "
                      f"{t['params'] / 1e6:.3f}M | `{t['model']}` |")
+    e = doc["energy"]
+    lines += ["", "## Energy and CO2 per stage", "",
+              "| stage | target | wall (s) | CPU (J) | GPU (J) | RAM (J) | total (J) | CO2e (g) | how |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in e["stages"]:
+        how = ", ".join(f"{k} {v}" for k, v in r["methods"].items() if v != "none")
+        lines.append(f"| {r['stage']} | {r.get('target') or '(shared)'} | {r['wall_s']:.1f} | "
+                     f"{r['cpu_j']:.0f} | {r['gpu_j']:.0f} | {r['ram_j']:.0f} | {r['total_j']:.0f} | "
+                     f"{r['emissions_g']:.3f} | {how} |")
+    lines += ["", f"Run total: {e['total_j']:.0f} J ({e['total_j'] / 3.6e3:.3f} Wh), "
+                  f"{e['emissions_g']:.3f} g CO2e. Shared stages: {e['shared_j']:.0f} J; "
+                  f"one more target: {e['marginal_j_per_target']:.0f} J on average."]
+    if e["estimate"]:
+        lines.append("Figures whose method is `model` are CodeCarbon's estimates (no RAPL/NVML counters "
+                     "were readable), not measurements.")
+    s = e.get("savings")
+    if s:
+        be = "never (one more OFA target costs as much as a scratch training)" \
+            if s["break_even_targets"] is None else f"{s['break_even_targets']:.1f} targets"
+        lines += ["", "## Against training every target from scratch", "",
+                  f"- OFA, {s['targets']} targets: {s['ofa_j']:.0f} J",
+                  f"- from scratch, {s['targets']} x {s['scratch_per_target_j']:.0f} J = "
+                  f"{s['scratch_j']:.0f} J",
+                  f"- savings ratio (scratch / OFA): {s['ratio']:.2f}x; break-even at {be}", "",
+                  "Assumptions:", *(f"- {a}" for a in s["assumptions"])]
     lines += ["", "## Stages", "", "| stage | target | wall (s) | figures |", "|---|---|---:|---|"]
     for r in doc["stages"]:
         figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in r["metrics"].items())
         lines.append(f"| {r['stage']} | {r.get('target') or '(shared)'} | {r['wall_s']:.1f} | {figures} |")
-    w = doc["wall_s"]
-    lines += ["", f"Shared stages: {w['shared']:.0f} s. Per target: "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in w["per_target"].items()) + "."]
+        if r.get("push_error"):
+            lines.append(f"| | | | **metrics not pushed**: {r['push_error']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -350,3 +499,7 @@ def log_metrics(record: dict[str, Any], metrics: Any) -> None:
     for key, value in record["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))
+    energy = record.get("energy") or {}
+    for key in ("cpu_j", "gpu_j", "ram_j", "total_j", "emissions_g"):
+        if key in energy:
+            metrics.log_metric(f"energy_{key}" if key != "emissions_g" else "emissions_g", float(energy[key]))

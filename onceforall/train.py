@@ -11,6 +11,7 @@ same stream. Checkpoints are written every ``checkpoint_every_s`` and at each ep
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from . import checkpoint as ckpt
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
 from .dist import allreduce_gradients, broadcast_parameters, init_from_env, rank_checksums
 from .errors import UserError
-from .evaluate import evaluate_subnets
+from .evaluate import accuracy, evaluate_subnets
 from .progress import Progress, append_jsonl
 from .schedule import PhaseConfig, Schedule
 from .space import SearchSpace, SubnetConfig
@@ -292,3 +293,74 @@ def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_ro
                                      device=device, progress=progress))
         prev = out_root / p.name
     return results
+
+
+def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
+                 out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
+                 seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Train one architecture from scratch as a plain static network: the baseline OFA is judged by.
+
+    The teacher phase's recipe (epochs, lr, warm-up, batch size, label smoothing, SGD Nesterov, no
+    weight decay on BN and biases, the same data order and augmentation) at the config's own
+    resolution. With ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``).
+    Writes ``model.safetensors`` and ``result.json``; a finished folder is not trained again.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    done = out_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    phase = schedule.teacher
+    dev = pick_device(device)
+    data = subsample(data, schedule.train_images, schedule.val_images)
+    cfg = space.validate_config(cfg)
+    torch.manual_seed(seed * 1000 + 99)
+    model = OFASupernet(space).get_active_subnet(cfg).to(dev, memory_format=torch.channels_last).train()
+    kd_net = None
+    if teacher is not None:
+        kd_net = OFASupernet(space)
+        ckpt.load_weights(kd_net, ckpt.load_checkpoint(teacher, space=space))
+        kd_net = kd_net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+    opt = torch.optim.SGD(param_groups(model, schedule.weight_decay), lr=phase.lr,
+                          momentum=schedule.momentum, nesterov=True)
+    steps_per_epoch = len(data.train) // schedule.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
+                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    total = phase.epochs * steps_per_epoch
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+    bar = Progress(f"scratch{'-kd' if kd_net is not None else ''}", total, enabled=progress)
+    t0, loss_sum = time.monotonic(), 0.0
+    for step in range(total):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
+        x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch)
+        x, y = resize(x, cfg.r).to(dev), y.to(dev)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, phase, steps_per_epoch)
+        logits = model(x)
+        loss = criterion(logits, y)
+        if kd_net is not None:
+            with torch.no_grad():
+                soft = F.softmax(kd_net(x, space.max_config()), dim=1)
+            loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach())
+        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / (step + 1),
+                   res=cfg.r, **{"img/s": round((step + 1) * schedule.batch_size
+                                                / max(time.monotonic() - t0, 1e-9))})
+    bar.close()
+    wall = time.monotonic() - t0
+    model.eval()
+    result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
+              "images_per_s": round(total * schedule.batch_size / max(wall, 1e-9), 1),
+              "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
+              "kd": kd_net is not None, "seed": seed}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+              str(out_dir / "model.safetensors"))
+    done.write_text(json.dumps(result, indent=1))
+    return result

@@ -89,8 +89,8 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> l
 
 def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: str = "fashion-mnist",
               targets: str | None = None, out: str = "runs/published", pipeline_root: str | None = None,
-              seed: int = 0, predictor_subnets: int = 0, cache: bool = False,
-              term: TextIO | None = None) -> LocalRun:
+              seed: int = 0, predictor_subnets: int = 0, cache: bool = False, carbon: str | None = None,
+              pushgateway: str = "", term: TextIO | None = None) -> LocalRun:
     """Run the whole pipeline here; models, cards and the report are published to ``out``."""
     from kfp import local
 
@@ -99,6 +99,8 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     from .ofa_pipeline import Options, build_pipeline
 
     term = term or sys.stderr
+    from onceforall.energy import Carbon
+
     parsed = check_inputs(space, schedule, data, targets)
     if store.is_s3(out):
         store.check_writable(out)
@@ -112,7 +114,8 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
 
     # One target at a time: two latency measurements sharing this machine's cores would both be wrong.
     # No retries: here a failure is not a lost node, and it should show at once.
-    pipeline = build_pipeline(Options(target_parallelism=1, s3_secret="", retries=0))
+    pipeline = build_pipeline(Options(target_parallelism=1, s3_secret="", retries=0, pushgateway="",
+                                      run_id="name"))
     t0 = time.monotonic()
     term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}; "
                f"full log: {log_path}\n")
@@ -125,7 +128,8 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
-                         publish_uri=out, seed=seed, predictor_subnets=predictor_subnets)
+                         publish_uri=out, seed=seed, predictor_subnets=predictor_subnets,
+                         carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)
         except RuntimeError as exc:
             sink.flush()
             tail = "\n".join("    " + line for line in sink.recent[-25:])

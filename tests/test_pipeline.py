@@ -27,55 +27,68 @@ def artifact(cls, path):
 def test_components_chain_through_python_func(tmp_path):
     """Every component body, called as KFP calls it, on the smoke schedule."""
     c = build()
-    data, common = "synthetic:600", dict(space="fashion-mnist", schedule="smoke", seed=0)
+    run = dict(run_id="run-1", carbon="475", pushgateway="")
+    data, common = "synthetic:600", dict(space="fashion-mnist", schedule="smoke", seed=0, **run)
     teacher, m0 = artifact(dsl.Model, tmp_path / "teacher"), artifact(dsl.Metrics, tmp_path / "m0")
     c.train_teacher.python_func(data=data, teacher=teacher, metrics=m0, **common)
     assert m0.metadata["epochs"] == 1 and "val_acc_max" in m0.metadata and m0.metadata["wall_s"] > 0
+    assert m0.metadata["energy_total_j"] > 0 and m0.metadata["emissions_g"] > 0
+
+    scratch, ms = artifact(dsl.Model, tmp_path / "scratch"), artifact(dsl.Metrics, tmp_path / "ms")
+    c.train_scratch.python_func(data=data, model=scratch, metrics=ms, **common)
+    assert (tmp_path / "scratch" / "model.safetensors").is_file() and ms.metadata["energy_total_j"] > 0
 
     kernel, m1 = artifact(dsl.Model, tmp_path / "kernel"), artifact(dsl.Metrics, tmp_path / "m1")
     c.shrink.python_func(phase="kernel", data=data, init=teacher, teacher=teacher, supernet=kernel,
                          metrics=m1, **common)
     ledger = json.loads((tmp_path / "kernel" / LEDGER).read_text())
-    assert [r["stage"] for r in ledger] == ["teacher", "shrink-kernel"]
+    assert [r["stage"] for r in ledger] == ["train-teacher", "shrink-kernel"]
 
     pred, rows, m2 = (artifact(dsl.Model, tmp_path / "pred"), artifact(dsl.Dataset, tmp_path / "rows"),
                       artifact(dsl.Metrics, tmp_path / "m2"))
     c.fit_accuracy_predictor.python_func(data=data, schedule="smoke", seed=0, subnets=0, supernet=kernel,
-                                         predictor=pred, accuracy_data=rows, metrics=m2)
+                                         predictor=pred, accuracy_data=rows, metrics=m2, **run)
     assert len((tmp_path / "rows").read_text().splitlines()) == 24  # the smoke schedule's number
     assert m2.metadata["subnets"] == 24 and -1 <= m2.metadata["kendall_tau"] <= 1
 
     lat, m3 = artifact(dsl.Dataset, tmp_path / "lat"), artifact(dsl.Metrics, tmp_path / "m3")
     c.profile_target.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, latency=lat,
-                                 metrics=m3)
+                                 metrics=m3, **run)
     assert m3.metadata["latency_table"] == 0  # a MACs budget needs no measurements
 
     found, html, m4 = (artifact(dsl.Dataset, tmp_path / "found"), artifact(dsl.HTML, tmp_path / "p.html"),
                        artifact(dsl.Metrics, tmp_path / "m4"))
     c.search.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, predictor=pred, latency=lat,
-                         result=found, pareto=html, metrics=m4)
+                         result=found, pareto=html, metrics=m4, **run)
     assert m4.metadata["predicted_macs"] <= 4.0e6 and "<img" in (tmp_path / "p.html").read_text()
 
     model, card, m5 = (artifact(dsl.Model, tmp_path / "model"), artifact(dsl.Markdown, tmp_path / "c.md"),
                        artifact(dsl.Metrics, tmp_path / "m5"))
     c.export.python_func(target=MACS_TARGET, data=data, seed=0, supernet=kernel, search=found, model=model,
-                         card=card, metrics=m5)
+                         card=card, metrics=m5, **run)
     assert (tmp_path / "model" / "model.onnx").is_file() and "phone-macs" in (tmp_path / "c.md").read_text()
     assert m5.metadata["within_budget"] == 1 and m5.metadata["macs"] <= 4.0e6
     assert not (tmp_path / "pub").exists()  # nothing is published before the report
 
     summary, md, m6 = (artifact(dsl.Dataset, tmp_path / "summary"), artifact(dsl.Markdown, tmp_path / "r.md"),
                        artifact(dsl.Metrics, tmp_path / "m6"))
-    c.report.python_func(run_id="run-1", publish_uri=str(tmp_path / "pub"), models=[model],
-                         report=md, summary=summary, metrics=m6)
+    c.report.python_func(publish_uri=str(tmp_path / "pub"), models=[model], scratch=scratch,
+                         report=md, summary=summary, metrics=m6, **run)
     published = tmp_path / "pub" / "models" / "phone-macs"
     assert (published / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
     assert (published / CARD).is_file()
     doc = json.loads((tmp_path / "pub" / REPORT_JSON).read_text())
     assert doc["run_id"] == "run-1" and set(doc["targets"]) == {"phone-macs"}
-    assert [r["stage"] for r in doc["stages"]] == ["teacher", "shrink-kernel", "fit-accuracy-predictor",
-                                                  "profile-target", "search", "export", "report"]
-    assert "phone-macs" in (tmp_path / "pub" / REPORT_MD).read_text()
+    assert [r["stage"] for r in doc["stages"]] == ["train-teacher", "shrink-kernel", "fit-accuracy-predictor",
+                                                  "profile-target", "search", "export", "train-scratch"]
+    energy = doc["energy"]
+    assert energy["per_target"]["phone-macs"]["energy_j"] > 0 and energy["shared_j"] > 0
+    assert energy["savings"]["targets"] == 1 and energy["savings"]["scratch_per_target_j"] > 0
+    assert set(energy["methods"]) <= {"rapl", "nvml", "model"}
+    card_energy = json.loads((published / CARD).read_text())["energy"]
+    assert {"train-teacher", "shrink-kernel", "search:phone-macs"} <= set(card_energy["stages"])
+    text = (tmp_path / "pub" / REPORT_MD).read_text()
+    assert "phone-macs" in text and "Energy and CO2 per stage" in text and "savings ratio" in text
 
 
 def test_compiled_pipeline_is_committed_and_fresh(tmp_path):
@@ -130,9 +143,12 @@ def ofa(*args, env=None, timeout=900):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
-def test_ofa_run_smoke_end_to_end(tmp_path):
+def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
+    """The README's main command on the smoke schedule, with every stage pushing to a real
+    Pushgateway that a real Prometheus scrapes."""
     out, root = tmp_path / "published", tmp_path / "root"
-    proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root))
+    proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
+               "--pushgateway", prometheus_stack.pushgateway)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
         card = json.loads((out / "models" / name / CARD).read_text())
@@ -142,3 +158,24 @@ def test_ofa_run_smoke_end_to_end(tmp_path):
     # the terminal shows stages and progress, not kfp's executor dumps
     assert "Executing task" in proc.stderr and "train-teacher" in proc.stderr
     assert "executor_input" not in proc.stderr
+
+    # Prometheus has every stage's figures, labelled with the run, the stage and the target
+    run = doc["run_id"]
+    targets = ["edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"]
+    expected = {(s, "shared") for s in ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES),
+                                        "train-scratch", "fit-accuracy-predictor", "report")}
+    expected |= {(s, t) for s in ("profile-target", "search", "export") for t in targets}
+    energy = prometheus_stack.wait_for(f'ofa_stage_energy_joules{{run_id="{run}",component="total"}}',
+                                       n=len(expected))
+    assert {(r["metric"]["stage"], r["metric"]["target"]) for r in energy} == expected
+    assert all(float(r["value"][1]) > 0 and r["metric"]["method"] in ("rapl", "nvml", "model")
+               for r in energy)
+    every = len(expected)
+    for metric, n in (("ofa_stage_emissions_grams", every), ("ofa_stage_duration_seconds", every),
+                      ("ofa_train_images_per_second", 7), ("ofa_search_duration_seconds", 4),
+                      ("ofa_model_latency_seconds", 4), ("ofa_model_test_accuracy_percent", 4)):
+        assert len(prometheus_stack.query(f'{metric}{{run_id="{run}"}}')) == n, metric
+    assert {r["metric"]["subnet"] for r in prometheus_stack.query(
+        f'ofa_subnet_val_accuracy_percent{{run_id="{run}",stage="shrink-width-2"}}')} >= {"max", "min"}
+    # ... and the report has the same numbers, with the savings against training from scratch
+    assert doc["energy"]["savings"]["targets"] == 4 and "savings ratio" in (out / REPORT_MD).read_text()

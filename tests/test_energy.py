@@ -1,0 +1,112 @@
+"""Energy per stage: the meter, the carbon intensity, and the figures in a real Prometheus."""
+
+import socket
+import time
+
+import pytest
+from prometheus_client import generate_latest
+
+from onceforall import stages
+from onceforall.energy import KWH_J, Carbon, Meter
+from onceforall.errors import UserError
+from onceforall.metrics import build_registry, push_stage
+
+TARGET = {"name": "mcu-params", "runtime": "onnxruntime",
+          "constraint": {"kind": "params", "budget": 7.0e5}}
+
+
+def test_carbon_intensity_spec():
+    assert Carbon.parse("350") == Carbon("fixed", g_per_kwh=350.0)
+    assert Carbon.parse("deu") == Carbon("country", country="DEU")
+    assert Carbon.parse("USA:California") == Carbon("country", country="USA", region="california")
+    for spec in ("350", "DEU", "USA:california"):
+        assert Carbon.parse(Carbon.parse(spec).spec) == Carbon.parse(spec)
+    for bad in ("germany", "-5", "99999", "12ab"):
+        with pytest.raises(UserError, match="carbon"):
+            Carbon.parse(bad)
+
+
+def test_meter_reads_energy_and_says_how():
+    with Meter("300") as m:
+        sum(i * i for i in range(3_000_000))
+    r = m.reading
+    assert r.cpu_j > 0 and r.ram_j > 0 and r.total_j == pytest.approx(r.cpu_j + r.gpu_j + r.ram_j)
+    assert r.emissions_g == pytest.approx(r.total_j / KWH_J * 300.0)
+    assert r.methods["cpu"] in ("rapl", "model") and r.methods["gpu"] in ("nvml", "none")
+    assert r.methods["ram"] == "model" and r.carbon == {"source": "fixed", "g_per_kwh": 300.0}
+    with Meter("DEU") as m:
+        sum(range(1_000_000))
+    assert m.reading.carbon["source"] == "country" and 100 < m.reading.g_per_kwh < 1000
+
+
+def _record(**extra):
+    return {"stage": "export", "target": "t", "wall_s": 2.5,
+            "metrics": {"test_acc": 90.5, "latency_ms": 1.5, "macs": 4e6, "params": 6e5,
+                        "val_acc_max": 91.0},
+            "energy": {"cpu_j": 10.0, "gpu_j": 0.0, "ram_j": 5.0, "total_j": 15.0, "emissions_g": 0.002,
+                       "g_per_kwh": 475.0, "duration_s": 2.5,
+                       "methods": {"cpu": "model", "gpu": "none", "ram": "model"},
+                       "carbon": {"source": "fixed", "g_per_kwh": 475.0}}, **extra}
+
+
+def test_registry_names_units_and_method_labels():
+    text = generate_latest(build_registry(_record())).decode()
+    assert 'ofa_stage_energy_joules{component="cpu",method="model"} 10.0' in text
+    assert 'ofa_stage_energy_joules{component="gpu",method="none"} 0.0' in text
+    assert 'ofa_stage_energy_joules{component="total",method="model"} 15.0' in text
+    assert 'ofa_stage_emissions_grams{intensity_source="fixed"} 0.002' in text
+    assert "ofa_model_latency_seconds 0.0015" in text and "ofa_model_test_accuracy_percent 90.5" in text
+    assert 'ofa_subnet_val_accuracy_percent{subnet="max"} 91.0' in text
+    assert "ofa_stage_duration_seconds 2.5" in text
+
+
+def test_pushed_figures_reach_prometheus(prometheus_stack):
+    assert push_stage(_record(), "run-push", prometheus_stack.pushgateway) is None
+    sel = 'run_id="run-push",stage="export",target="t"'
+    got = prometheus_stack.wait_for(f'ofa_stage_energy_joules{{{sel},component="total"}}')
+    assert got and float(got[0]["value"][1]) == 15.0 and got[0]["metric"]["method"] == "model"
+    assert float(prometheus_stack.wait_for(f"ofa_model_latency_seconds{{{sel}}}")[0]["value"][1]) == 0.0015
+    # a retried stage replaces its own group instead of adding a second one
+    assert push_stage(_record(wall_s=3.5), "run-push", prometheus_stack.pushgateway) is None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        got = prometheus_stack.query(f"ofa_stage_duration_seconds{{{sel}}}")
+        if got and float(got[0]["value"][1]) == 3.5:
+            break
+        time.sleep(0.5)
+    assert len(got) == 1 and float(got[0]["value"][1]) == 3.5
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_pushgateway_down_never_fails_a_stage(tmp_path):
+    t0 = time.monotonic()
+    error = push_stage(_record(), "run-x", _closed_port(), tries=2, backoff_s=0.1)
+    assert error and "pushgateway" in error and time.monotonic() - t0 < 10
+    # a whole stage with an unreachable gateway: it finishes, and says so in its record
+    run = stages.RunContext("run-x", "475", _closed_port())
+    rec = stages.profile(TARGET, tmp_path / "p", run=run)
+    assert rec["push_error"] and rec["energy"]["total_j"] > 0
+    assert "metrics not pushed" in stages.report_markdown(
+        {"run_id": "run-x", "targets": {}, "stages": [rec],
+         "energy": stages.energy_summary([rec])})
+
+
+def test_energy_summary_savings_and_break_even():
+    def rec(stage, target, j):
+        return {"stage": stage, "target": target, "wall_s": 1.0, "metrics": {},
+                "energy": {"cpu_j": j, "gpu_j": 0.0, "ram_j": 0.0, "total_j": j, "emissions_g": j / 1e4,
+                           "methods": {"cpu": "model", "gpu": "none", "ram": "model"}}}
+    ledger = [rec("train-teacher", None, 600.0), rec("shrink-kernel", None, 400.0),
+              rec("train-scratch", None, 300.0),
+              *(rec(s, t, 25.0) for t in ("a", "b") for s in ("profile-target", "search")),
+              rec("report", None, 1.0)]
+    e = stages.energy_summary(ledger)
+    assert e["shared_j"] == 1000.0 and e["marginal_j_per_target"] == 50.0
+    s = e["savings"]
+    assert s["ofa_j"] == 1100.0 and s["scratch_j"] == 600.0 and s["ratio"] == pytest.approx(600 / 1100, 1e-3)
+    assert s["break_even_targets"] == pytest.approx(1000 / 250, 1e-3) and e["estimate"]

@@ -87,6 +87,8 @@ def fresh_clone(work: Path) -> dict:
     published = clone / "runs" / "published"
     models = sorted(p.parent.name for p in published.glob("models/*/model_card.json"))
     report = json.loads((published / "report.json").read_text())
+    # the whole report of this real run: docs/ plots its energy per stage (bench/render.py)
+    (RESULT.parent / "quick_run_report.json").write_text(json.dumps(report, indent=1))
     return {"wall_s": round(wall, 1), "pipeline_s": float(m.group(1)) if m else None,
             "install_s": round(wall - float(m.group(1)), 1) if m else None, "commit": commit.strip(),
             "models": models, "report_md": (published / "report.md").is_file(),

@@ -183,7 +183,41 @@ def pipeline(r: dict) -> list[str]:
             lines.append(f"Against {s['targets']} from-scratch trainings ({s['scratch_per_target_j']:.0f} J "
                          f"each): savings ratio {s['ratio']:.2f}x, break-even at {be} targets.")
     lines += ["", r.get("notes", "")]
+    report = RESULTS / "quick_run_report.json"
+    if report.exists() and _plot_energy(json.loads(report.read_text())):
+        lines += ["", "Energy per stage of that run, from its report (`docs/results/quick_run_report.json`; "
+                  "the same figures every stage pushed to the Pushgateway):", "",
+                  "![energy per stage](pipeline_energy.png)"]
     return lines
+
+
+def _plot_energy(report: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["energy"]["stages"]
+    labels = [r["stage"] + (f"\n{r['target']}" if r.get("target") else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    bottom = [0.0] * len(rows)
+    for comp, color in (("cpu_j", "#4c72b0"), ("ram_j", "#55a868"), ("gpu_j", "#c44e52")):
+        vals = [r[comp] for r in rows]
+        if any(vals):
+            ax.bar(range(len(rows)), vals, bottom=bottom, color=color, label=comp[:-2].upper())
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    methods = sorted({m for r in rows for m in r["methods"].values() if m != "none"})
+    ax.set_xticks(range(len(rows)), labels, rotation=70, fontsize=7)
+    ax.set_ylabel("energy (J)")
+    ax.set_title(f"energy per stage, run {report['run_id']} (method: {', '.join(methods)})", fontsize=9)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(DOCS / "pipeline_energy.png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "specialize.json": specialize,

@@ -284,7 +284,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result = submit(args.host, _package(args), pipeline_name=args.pipeline_name,
                     params=_cluster_params(args), experiment=args.experiment, version=args.version,
                     run_name=args.run_name, namespace=args.namespace, token=args.token,
-                    wait=args.wait, timeout_s=args.timeout)
+                    wait=args.wait, timeout_s=args.timeout, service_account=args.service_account or None)
     print(json.dumps(result, indent=1))
     return 0 if result.get("state", "SUCCEEDED") == "SUCCEEDED" or not args.wait else 1
 
@@ -295,7 +295,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     result = schedule(args.host, _package(args), pipeline_name=args.pipeline_name, cron=args.cron,
                       params=_cluster_params(args), experiment=args.experiment, job_name=args.job_name,
                       max_concurrency=args.max_concurrency, namespace=args.namespace, token=args.token,
-                      version=args.version)
+                      version=args.version, service_account=args.service_account or None)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -310,6 +310,8 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="pipeline version name (default: sha256 prefix + time)")
     p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
     p.add_argument("--token", help="bearer token (default: $KF_PIPELINES_SA_TOKEN_PATH)")
+    p.add_argument("--service-account", default="ofa-pipeline-runner",
+                   help="ServiceAccount of the run's pods (manifests/base/rbac.yaml; '' for the default)")
     p.add_argument("--data", help="pipeline parameter: fashion-mnist or s3://bucket/prefix")
     p.add_argument("--space", help="pipeline parameter: search space preset")
     p.add_argument("--schedule", help="pipeline parameter: training schedule")

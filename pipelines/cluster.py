@@ -60,7 +60,8 @@ _TOKEN_FIX = ("pass a token with --token (or set KF_PIPELINES_SA_TOKEN_PATH to a
 def submit(host: str, package_path: str | os.PathLike, *, pipeline_name: str, params: dict | None = None,
            experiment: str = "onceforall", version: str | None = None, run_name: str | None = None,
            namespace: str | None = None, token: str | None = None, wait: bool = False,
-           timeout_s: float | None = None, poll_s: float = 5.0, log: Callable[[str], Any] = print) -> dict:
+           timeout_s: float | None = None, poll_s: float = 5.0, service_account: str | None = None,
+           log: Callable[[str], Any] = print) -> dict:
     """Upload the pipeline (or a new version of it) and start one run of that version.
 
     Returns ``{"experiment_id", "pipeline_id", "version_id", "version_name", "run_id", "run_url"}``, plus
@@ -74,7 +75,7 @@ def submit(host: str, package_path: str | os.PathLike, *, pipeline_name: str, pa
         run_name = run_name or f"{pipeline_name} {_utc_stamp()}"
         run = _quiet(client.run_pipeline, experiment_id=ids["experiment_id"], job_name=run_name,
                                   params=prep.params, pipeline_id=ids["pipeline_id"],
-                                  version_id=ids["version_id"])
+                                  version_id=ids["version_id"], service_account=service_account)
     url = f"{prep.host}/#/runs/details/{run.run_id}"
     log(f"run '{run_name}' started: {url}")
     result = {**ids, "run_id": run.run_id, "run_url": url}
@@ -86,7 +87,8 @@ def submit(host: str, package_path: str | os.PathLike, *, pipeline_name: str, pa
 def schedule(host: str, package_path: str | os.PathLike, *, pipeline_name: str, cron: str,
              params: dict | None = None, experiment: str = "onceforall", job_name: str | None = None,
              max_concurrency: int = 1, namespace: str | None = None, token: str | None = None,
-             version: str | None = None, log: Callable[[str], Any] = print) -> dict:
+             version: str | None = None, service_account: str | None = None,
+             log: Callable[[str], Any] = print) -> dict:
     """Upload the pipeline (or a new version) and create an enabled recurring run on a cron schedule.
 
     ``cron`` goes through :func:`validate_cron` (sent in 6-field form); ``no_catchup`` is true, so a
@@ -106,7 +108,8 @@ def schedule(host: str, package_path: str | os.PathLike, *, pipeline_name: str, 
         job = client.create_recurring_run(
             experiment_id=ids["experiment_id"], job_name=job_name, cron_expression=cron6,
             max_concurrency=max_concurrency, no_catchup=True, params=prep.params,
-            pipeline_id=ids["pipeline_id"], version_id=ids["version_id"], enabled=True)
+            pipeline_id=ids["pipeline_id"], version_id=ids["version_id"], enabled=True,
+            service_account=service_account)
     url = f"{prep.host}/#/recurringrun/details/{job.recurring_run_id}"
     log(f"recurring run '{job_name}' ({cron6}, UTC) created: {url}")
     return {**ids, "recurring_run_id": job.recurring_run_id, "recurring_run_url": url, "cron": cron6}

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference bench-throughput clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,11 +53,18 @@ bench-cpu: install ## benchmark: training-step speed by memory format, threads, 
 	$(BIN)/python bench/cpu_speed.py
 
 REF_VENV := bench/_ref/venv
-bench-reference: ## search speed vs the reference `ofa` package (its own venv: torch 2.14.1)
+# The reference `ofa` package in its own venv (it needs torchvision; torch 2.14.1 runs it unchanged).
+$(REF_VENV)/.installed:
 	test -x $(REF_VENV)/bin/python || $(PY) -m venv $(REF_VENV)
 	$(REF_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ofa==0.1.0.post202307202001 \
 		numpy scipy pyyaml safetensors tqdm
+	@touch $@
+
+bench-reference: $(REF_VENV)/.installed ## search speed vs the reference `ofa` package (its own venv: torch 2.14.1)
 	$(REF_VENV)/bin/python bench/reference_search.py
+
+bench-throughput: install $(REF_VENV)/.installed ## training/extraction/BN-recalibration speed vs the reference, side by side (~6 min)
+	$(BIN)/python bench/training_speed.py
 
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) runs *.egg-info

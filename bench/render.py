@@ -118,7 +118,7 @@ def specialize(r: dict) -> list[str]:
         lines.append("")
     if r.get("search"):
         s = r["search"]
-        lines += [f"Search (population 100, 500 generations, MACs budget 6M, the fitted predictor): "
+        lines += [f"Search (population 100, 500 generations, MACs budget 6M): "
                   f"**{s['ours_s']:.2f} s**.", ""]
     ref_path = RESULTS / "reference_search.json"
     if ref_path.exists():
@@ -157,6 +157,59 @@ def cpu_speed(r: dict) -> list[str]:
         lines.append(f"| {row['model']} | {row['subnet']} | {row['threads']} | {row['layout']} | "
                      f"{rate} | {first} |")
     return lines
+
+
+def _rate(t: dict, key: str) -> str:
+    if f"{key}_img_s" not in t or t[f"{key}_img_s"] is None:
+        return f"failed: {t.get(f'{key}_error', '?')}"
+    return f"{t[f'{key}_img_s']:.1f} ({t[f'{key}_step_ms']:.0f} ms)"
+
+
+def throughput(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = ["## Training speed against the reference (issue 6)", "",
+             f"Command: `{r['command']}` (both halves in one run, one after the other, "
+             f"{_fmt_s(r['total_s'])} in all)  ", f"Machine: {_machine(r['machine'])}  ",
+             f"Reference: `{s['reference_package']}` in its own venv, torch {s['reference_torch']}, "
+             f"torchvision {s['reference_torchvision']}", "",
+             f"Images/s of one supernet training step (forward, cross-entropy with label smoothing "
+             f"{s['label_smoothing']}, backward, SGD Nesterov) on `{s['space']}` at resolution "
+             f"{s['resolution']}, batch {s['batch']}, {s['threads']} threads, {s['timed_steps']} timed steps "
+             f"after {s['warmup_steps']} warm-up (median step time in brackets); `random` is a new random "
+             f"subnet every step, the same sequence on both sides. Ours runs channels-last (its training "
+             f"path), the reference its default contiguous layout; the other layout of each is extra "
+             f"information:", "",
+             "| subnet | ours | reference | ours / reference | ours, contiguous | reference, channels-last |",
+             "|---|---|---|---|---|---|"]
+    for row, t in r["throughput"].items():
+        ratio = f"**{t['speedup']:.2f}x**" if "speedup" in t else "-"
+        lines.append(f"| {row} | {_rate(t, 'ours')} | {_rate(t, 'reference')} | {ratio} | "
+                     f"{_rate(t, 'ours_contiguous')} | {_rate(t, 'reference_channels_last')} |")
+    e, b = r["extraction_ms"], r["bn_recalibration_ms"]
+    lines += ["", "| per subnet (median) | ours | reference | ours / reference |", "|---|---|---|---|",
+              f"| extraction of a static subnet ({e['subnets']} random subnets) | {e['ours']:.1f} ms | "
+              f"{e['reference']:.1f} ms | **{e['reference'] / e['ours']:.2f}x** |",
+              f"| BN recalibration ({b['images']:,} images in batches of {b['batch']}, {b['subnets']} "
+              f"random subnets) | {_fmt_ms(b['ours'])} | {_fmt_ms(b['reference'])} | "
+              f"**{b['reference'] / b['ours']:.2f}x** |", ""]
+    ratios = {k: t["speedup"] for k, t in r["throughput"].items() if "speedup" in t}
+    slower = [f"{k} ({v:.2f}x)" for k, v in ratios.items() if v < 1]
+    if not slower:
+        lines.append("Ours is at least as fast as the reference on every row ("
+                     + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + ").")
+    else:
+        faster = [f"{k} ({v:.2f}x)" for k, v in ratios.items() if v >= 1]
+        lines.append(f"Ours is at least as fast on {', '.join(faster) or 'no row'} and slower on "
+                     f"{', '.join(slower)}.")
+    p = r.get("max_subnet_params", {})
+    if p:
+        lines.append(f"Max subnet parameters: ours {p['ours']:,}, reference {p['reference']:,}.")
+    lines += ["", r.get("notes", "")]
+    return lines
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.0f} ms"
 
 
 def pipeline(r: dict) -> list[str]:
@@ -220,8 +273,86 @@ def _plot_energy(report: dict) -> bool:
     return True
 
 
+def claim(r: dict) -> list[str]:
+    lines = ["## The claim: OFA subnets vs the same architectures from scratch (issue: the claim)", "",
+             f"Command: `{r['command']}` (resumable: a rerun skips every training already measured)  ",
+             f"Machine: {_machine(r['machine'])}", ""]
+    targets = r.get("targets", {})
+    if targets:
+        ft = r["settings"]["finetune"]
+        lines += ["Test accuracy (%) of the subnet the search picked for each example target on the "
+                  "`standard` supernet: as exported (no retraining), fine-tuned from the supernet "
+                  f"({ft['epochs']} epochs, lr {ft['lr']}), and the same architecture trained from "
+                  "scratch on the teacher's recipe (12 epochs), without and with distillation from the "
+                  "teacher. Mean ± standard deviation over seeds where there are several; `pending` = "
+                  "not measured yet.", "",
+                  "| target | MACs | OFA as exported | OFA fine-tuned | scratch | scratch + KD | "
+                  "OFA − best scratch |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+        def cell(t: dict, kind: str) -> str:
+            if f"{kind}_test_acc" not in t:
+                return "pending"
+            sd = t.get(f"{kind}_test_acc_sd")
+            return f"{t[f'{kind}_test_acc']:.2f}" + (f" ± {sd:.2f}" if sd else "") + \
+                f" ({t[f'{kind}_seeds']} seed{'s' if t[f'{kind}_seeds'] > 1 else ''})"
+        for name, t in targets.items():
+            diff = t.get("ofa_minus_best_scratch")
+            lines.append(f"| {name} | {t['macs'] / 1e6:.2f}M | {t['ofa_test_acc']:.2f} | "
+                         f"{cell(t, 'finetuned')} | {cell(t, 'scratch')} | {cell(t, 'scratch_kd')} | "
+                         f"{'pending' if diff is None else f'{diff:+.2f}'} |")
+    c = r.get("cost")
+    if c:
+        be = "never" if c["break_even_n"] is None else f"{c['break_even_n']:.1f}"
+        lines += ["", f"Cost of N targets, from measured stages ({c['source']}; energy method: "
+                  f"{', '.join(c['methods'])}, `model` = CodeCarbon's estimate):", "",
+                  f"Shared stages {c['shared_j']:.0f} J; one more target {c['per_target_marginal_j']:.0f} J; "
+                  f"one from-scratch training {c['scratch_per_target_j']:.0f} J; break-even at **{be}** "
+                  "targets.", "", "| N | OFA (J) | from scratch (J) | OFA wall | scratch wall | "
+                  "OFA CO2e (g) | scratch CO2e (g) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in c["rows"]:
+            lines.append(f"| {row['n']} | {row['ofa_j']:.0f} | {row['scratch_j']:.0f} | "
+                         f"{_fmt_s(row['ofa_wall_s'])} | {_fmt_s(row['scratch_wall_s'])} | "
+                         f"{row['ofa_g']:.2f} | {row['scratch_g']:.2f} |")
+        lines += ["", "Assumptions: " + "; ".join(c["assumptions"]) + "."]
+        if _plot_cost(c):
+            lines += ["", "![cost vs N](claim_cost.png)"]
+    t = r.get("throughput")
+    if t:
+        lines += ["", "Training-step throughput (images/s) against the reference: see the training speed "
+                  "section below (`docs/results/throughput.json`)."]
+    lines += ["", "GPU: no GPU was available to this project's benchmark runs so far; the `standard` "
+              "schedule and the throughput rows on a GPU are **pending**."]
+    return lines
+
+
+def _plot_cost(c: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ns = [row["n"] for row in c["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, [row["ofa_j"] / 3.6e3 for row in c["rows"]], "-o", label="OFA: train once, specialize N")
+    ax.plot(ns, [row["scratch_j"] / 3.6e3 for row in c["rows"]], "-s", label="N trainings from scratch")
+    if c["break_even_n"]:
+        ax.axvline(c["break_even_n"], color="grey", ls=":", label=f"break-even N = {c['break_even_n']:.1f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of targets N")
+    ax.set_ylabel("energy (Wh)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "claim_cost.png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "specialize.json": specialize,
-            "cpu_speed.json": cpu_speed, "pipeline.json": pipeline}
+            "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
+            "claim.json": claim}
 
 
 def render() -> Path:

@@ -4,7 +4,8 @@ The reference code builds one dict per candidate and rejects infeasible ones in 
 which hangs forever on a tight budget. Here the whole population is a :class:`SubnetBatch` (integer
 arrays), each generation is a handful of numpy operations plus one batched call of the score and
 constraint functions, and infeasible candidates are resampled a bounded number of times before falling
-back to a feasible parent. A population of 100 for 500 generations takes about a second.
+back to a feasible parent, and a config seen before is not scored again. A population of 100 for 500
+generations takes well under a second.
 
 Algorithm (reference ``EvolutionFinder``): start from ``population`` random feasible configs; every
 generation keep the top ``parent_ratio`` as parents and breed ``population`` children, a
@@ -92,7 +93,7 @@ class SearchResult:
     metric_name: str
     pareto: tuple[ParetoPoint, ...]  # non-dominated (metric, score) over all evaluated, by metric
     history: tuple[float, ...]  # best score found after each generation
-    evaluated: int  # candidates scored (duplicates included)
+    evaluated: int  # candidates considered (duplicates included; each distinct one is scored once)
     fallbacks: int  # children that stayed infeasible after max_resample tries and became a parent
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def mutate(space: SearchSpace, parents: SubnetBatch, prob: float,
            rng: np.random.Generator) -> SubnetBatch:
     """Redraw each gene (r; d per unit; k and e per slot) with probability ``prob``."""
     def redraw(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
-        fresh = rng.choice(np.asarray(choices), size=values.shape)
+        fresh = np.asarray(choices)[rng.integers(len(choices), size=values.shape)]
         return np.where(rng.random(values.shape) < prob, fresh, values)
 
     return SubnetBatch(redraw(parents.r, space.resolutions), redraw(parents.d, space.depths),
@@ -218,10 +219,28 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
         pick = rng.integers(len(pool), size=rows.size)
         return pool.take(pick), pool_metric[pick]
 
+    # Scores are memoised on the canonical genes (skipped blocks' latent genes do not count): as the
+    # population converges most children are configs seen before, and the predictor is the cost.
+    cache: dict[bytes, float] = {}
+    md = space.max_depth
+
+    def scored(batch: SubnetBatch) -> np.ndarray:
+        slot = np.arange(batch.k.shape[1])
+        act = (slot % md)[None, :] < batch.d[:, slot // md]
+        genes = np.concatenate([batch.r[:, None], batch.d, np.where(act, batch.k, 0),
+                                np.where(act, batch.e, 0)], axis=1).astype(np.int32)
+        keys = [row.tobytes() for row in genes]
+        new = {key: i for i, key in enumerate(keys) if key not in cache}
+        if new:
+            rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+            for key, value in zip(new, _values(score, batch.take(rows), "score")):
+                cache[key] = float(value)
+        return np.fromiter((cache[key] for key in keys), dtype=np.float64, count=len(keys))
+
     n_pop, n_par, n_mut = config.population, config.n_parents, config.n_mutations
     pop, pop_metric = feasible(lambda rows: SubnetBatch.sample(space, rng, rows.size),
                                pool_fallback, n_pop)
-    pop_score = _values(score, pop, "score")
+    pop_score = scored(pop)
     seen = [(pop, pop_metric, pop_score)]
     history: list[float] = []
     best = float(pop_score.max())
@@ -244,7 +263,7 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
 
         children = SubnetBatch.concat([mutants, crossed])  # (population,)
         child_metric = np.concatenate([mut_metric, cross_metric])
-        child_score = _values(score, children, "score")
+        child_score = scored(children)
         seen.append((children, child_metric, child_score))
         best = max(best, float(child_score.max()))
         history.append(best)

@@ -13,6 +13,8 @@ set them to the smallest choice, as :meth:`SubnetConfig.canonical` does.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -112,7 +114,8 @@ class SubnetBatch:
             raise UserError(f"configs have {self.d.shape[1]} units and {self.k.shape[1]} block slots, "
                             f"the space {space.name!r} has {len(space.units)} and {space.num_slots}",
                             field="d", fix=f"use configs of the space {space.name!r}")
-        check_choices(self.d, space.depths, "d")
+        if (choice_index(self.d, space.depths) < 0).any():
+            check_choices(self.d, space.depths, "d")
         r_idx = choice_index(self.r, space.resolutions)
         if (r_idx < 0).any():
             check_choices(self.r, space.resolutions, "r")
@@ -138,14 +141,21 @@ def as_batch(cfgs: BatchLike) -> SubnetBatch:
     return SubnetBatch.from_configs(list(cfgs))
 
 
-def choice_index(values: np.ndarray, choices: Sequence[int]) -> np.ndarray:
-    """Index of each value in ``sorted(choices)``, -1 where it is not a choice (same shape)."""
+@functools.lru_cache(maxsize=64)
+def _lut(choices: tuple[int, ...]) -> np.ndarray:
+    """value -> index in sorted(choices); -1 elsewhere, and in the sentinel slot at the end."""
     ordered = np.asarray(sorted(choices), dtype=np.int64)
     lut = np.full(int(ordered[-1]) + 2, -1, dtype=np.int64)
     lut[ordered] = np.arange(len(ordered))
+    lut.setflags(write=False)
+    return lut
+
+
+def choice_index(values: np.ndarray, choices: Sequence[int]) -> np.ndarray:
+    """Index of each value in ``sorted(choices)``, -1 where it is not a choice (same shape)."""
+    lut = _lut(tuple(choices))
     # Values outside [0, max] map to the sentinel slot at the end, which holds -1.
-    safe = np.where((values >= 0) & (values <= ordered[-1]), values, len(lut) - 1)
-    return lut[safe]
+    return lut[np.minimum(np.maximum(values, -1), len(lut) - 1)]
 
 
 def check_choices(values: np.ndarray, choices: Sequence[int], name: str) -> None:

@@ -73,6 +73,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def load_teacher(folder: str | Path, space: SearchSpace, dev: torch.device) -> OFASupernet:
+    """The teacher for distillation: its full network, frozen, in eval mode."""
+    net = OFASupernet(space)
+    ckpt.load_weights(net, ckpt.load_checkpoint(folder, space=space))
+    return net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def sgd(model: torch.nn.Module, schedule: Schedule, phase: PhaseConfig,
+        data: Dataset) -> tuple[torch.optim.SGD, int]:
+    """The recipe's optimizer (Nesterov, no decay on BN and biases) and the steps per epoch."""
+    steps_per_epoch = len(data.train) // schedule.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
+                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    opt = torch.optim.SGD(param_groups(model, schedule.weight_decay), lr=phase.lr,
+                          momentum=schedule.momentum, nesterov=True)
+    return opt, steps_per_epoch
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target_probs * F.log_softmax(logits, dim=1), dim=1).mean()
 
@@ -158,19 +177,12 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             raise UserError(f"phase {phase.name!r} distils from the teacher (kd_ratio "
                             f"{phase.kd_ratio})", field="teacher",
                             fix="pass --teacher with the teacher's output folder")
-        kd_net = OFASupernet(space)
-        ckpt.load_weights(kd_net, ckpt.load_checkpoint(teacher, space=space))
-        kd_net = kd_net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+        kd_net = load_teacher(teacher, space, dev)
 
     net = net.to(dev, memory_format=torch.channels_last).train()
     broadcast_parameters(net, info)
     params = [p for p in net.parameters()]
-    opt = torch.optim.SGD(param_groups(net, schedule.weight_decay), lr=phase.lr,
-                          momentum=schedule.momentum, nesterov=True)
-    steps_per_epoch = len(data.train) // schedule.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
-                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    opt, steps_per_epoch = sgd(net, schedule, phase, data)
     total_steps = phase.epochs * steps_per_epoch
     global_step, elapsed_before = 0, 0.0
     if resume is not None:
@@ -297,13 +309,16 @@ def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_ro
 
 def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
                  out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
+                 init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
                  seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Train one architecture from scratch as a plain static network: the baseline OFA is judged by.
+    """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
+    from ``init`` (an extracted subnet), a fine-tune.
 
     The teacher phase's recipe (epochs, lr, warm-up, batch size, label smoothing, SGD Nesterov, no
     weight decay on BN and biases, the same data order and augmentation) at the config's own
-    resolution. With ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``).
-    Writes ``model.safetensors`` and ``result.json``; a finished folder is not trained again.
+    resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer epochs, no warm-up). With
+    ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``). Writes
+    ``model.safetensors`` and ``result.json``; a finished folder is not trained again.
     """
     from safetensors.torch import save_file
 
@@ -312,22 +327,17 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     if done.is_file():
         return json.loads(done.read_text())
     phase = schedule.teacher
+    if epochs is not None or lr is not None:
+        phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
+                                    warmup_epochs=0)
     dev = pick_device(device)
     data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
     torch.manual_seed(seed * 1000 + 99)
-    model = OFASupernet(space).get_active_subnet(cfg).to(dev, memory_format=torch.channels_last).train()
-    kd_net = None
-    if teacher is not None:
-        kd_net = OFASupernet(space)
-        ckpt.load_weights(kd_net, ckpt.load_checkpoint(teacher, space=space))
-        kd_net = kd_net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
-    opt = torch.optim.SGD(param_groups(model, schedule.weight_decay), lr=phase.lr,
-                          momentum=schedule.momentum, nesterov=True)
-    steps_per_epoch = len(data.train) // schedule.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
-                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
+    model = model.to(dev, memory_format=torch.channels_last).train()
+    kd_net = load_teacher(teacher, space, dev) if teacher is not None else None
+    opt, steps_per_epoch = sgd(model, schedule, phase, data)
     total = phase.epochs * steps_per_epoch
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
     bar = Progress(f"scratch{'-kd' if kd_net is not None else ''}", total, enabled=progress)
@@ -358,7 +368,8 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
               "images_per_s": round(total * schedule.batch_size / max(wall, 1e-9), 1),
               "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
-              "kd": kd_net is not None, "seed": seed}
+              "test_acc": round(accuracy(model, data, "test", cfg.r), 3),
+              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))

@@ -181,3 +181,24 @@ def test_all_mutation_or_all_crossover(fashion, mutation_ratio):
     result = evolution_search(space, toy_score(space), table.macs, budget, np.random.default_rng(0),
                               cfg)
     assert result.best_metric <= budget and result.evaluated == 60
+
+
+def test_each_distinct_config_is_scored_once():
+    """Scores are memoised on the canonical genes: converged populations cost no predictor calls."""
+    space = toy_space()
+    costs = CostTable.build(space)
+    base = toy_score(space)
+    seen: list[bytes] = []
+
+    def score(batch: SubnetBatch) -> np.ndarray:
+        canon = batch.canonical(space)
+        genes = np.concatenate([canon.r[:, None], canon.d, canon.k, canon.e], 1)
+        seen.extend(row.tobytes() for row in genes)
+        return base(batch)
+
+    budget = float(np.median(costs.macs(SubnetBatch.sample(space, np.random.default_rng(1), 200))))
+    result = evolution_search(space, score, costs.macs, budget, np.random.default_rng(0), SMALL)
+    assert len(seen) == len(set(seen)), "a config was scored twice"
+    assert len(seen) < result.evaluated / 2  # the population converges: most children were seen
+    again = evolution_search(space, base, costs.macs, budget, np.random.default_rng(0), SMALL)
+    assert again.best == result.best and again.best_score == result.best_score

@@ -192,14 +192,14 @@ def throughput(r: dict) -> list[str]:
               f"| BN recalibration ({b['images']:,} images in batches of {b['batch']}, {b['subnets']} "
               f"random subnets) | {_fmt_ms(b['ours'])} | {_fmt_ms(b['reference'])} | "
               f"**{b['reference'] / b['ours']:.2f}x** |", ""]
-    ratios = {k: t["speedup"] for k, t in r["throughput"].items() if "speedup" in t}
+    ratios = {f"training {k}": t["speedup"] for k, t in r["throughput"].items() if "speedup" in t}
+    ratios |= {"extraction": e["reference"] / e["ours"], "BN recalibration": b["reference"] / b["ours"]}
     slower = [f"{k} ({v:.2f}x)" for k, v in ratios.items() if v < 1]
+    faster = [f"{k} ({v:.2f}x)" for k, v in ratios.items() if v >= 1]
     if not slower:
-        lines.append("Ours is at least as fast as the reference on every row ("
-                     + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + ").")
+        lines.append(f"Ours is at least as fast as the reference on every row: {', '.join(faster)}.")
     else:
-        faster = [f"{k} ({v:.2f}x)" for k, v in ratios.items() if v >= 1]
-        lines.append(f"Ours is at least as fast on {', '.join(faster) or 'no row'} and slower on "
+        lines.append(f"Ours is at least as fast on {', '.join(faster) or 'no row'}, and slower on "
                      f"{', '.join(slower)}.")
     p = r.get("max_subnet_params", {})
     if p:

@@ -340,7 +340,8 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     opt, steps_per_epoch = sgd(model, schedule, phase, data)
     total = phase.epochs * steps_per_epoch
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-    bar = Progress(f"scratch{'-kd' if kd_net is not None else ''}", total, enabled=progress)
+    bar = Progress(f"{'finetune' if init is not None else 'scratch'}{'-kd' if kd_net is not None else ''}",
+                   total, enabled=progress)
     t0, loss_sum = time.monotonic(), 0.0
     for step in range(total):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -179,6 +179,16 @@ class MBConv(nn.Module):
                                      nn.BatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM))
         self.residual = stride == 1 and in_channels == out_channels
 
+    @classmethod
+    def from_parts(cls, expand: nn.Module | None, depthwise: nn.Module, se: nn.Module | None,
+                   project: nn.Module, residual: bool) -> "MBConv":
+        """A block from ready parts, without building (and randomly initialising) its own first."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.expand, block.depthwise, block.se, block.project = expand, depthwise, se, project
+        block.residual = residual
+        return block
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.expand(x) if self.expand is not None else x
         y = self.depthwise(y)
@@ -220,21 +230,15 @@ class ElasticMBConv(nn.Module):
 
     def extract(self, kernel: int, expand: int) -> MBConv:
         h = self.hidden(expand)
-        block = MBConv(self.in_channels, self.out_channels, h, kernel, self.stride, self.act_name,
-                       self.use_se)
-        if block.expand is None:  # hidden == in_channels: still a conv here, keep it explicit
-            block.expand = nn.Sequential(nn.Conv2d(self.in_channels, h, 1, bias=False),
-                                         nn.BatchNorm2d(h, BN_EPS, BN_MOMENTUM),
-                                         activation(self.act_name))
-        block.expand[0] = self.expand_conv.extract(self.in_channels, h)
-        block.expand[1] = self.expand_bn.extract(h)
-        block.depthwise[0] = self.dw_conv.extract(h, kernel)
-        block.depthwise[1] = self.dw_bn.extract(h)
-        if self.se is not None:
-            block.se = self.se.extract(h)
-        block.project[0] = self.project_conv.extract(h, self.out_channels)
-        block.project[1] = self.project_bn.extract(self.out_channels)
-        return block
+        # The expand conv stays even when hidden == in_channels (MBConv itself would drop it).
+        return MBConv.from_parts(
+            nn.Sequential(self.expand_conv.extract(self.in_channels, h), self.expand_bn.extract(h),
+                          activation(self.act_name)),
+            nn.Sequential(self.dw_conv.extract(h, kernel), self.dw_bn.extract(h), activation(self.act_name)),
+            self.se.extract(h) if self.se is not None else None,
+            nn.Sequential(self.project_conv.extract(h, self.out_channels),
+                          self.project_bn.extract(self.out_channels)),
+            self.residual)
 
     @torch.no_grad()
     def sort_channels_(self, bands: Sequence[int] = ()) -> None:

@@ -17,6 +17,7 @@ mutation wakes a block with its own choices, as in the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -108,24 +109,35 @@ class SearchResult:
 # Operators (pure functions of a batch and the generator)
 
 
+def _gene_choices(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
+    return _gene_table(tuple(space.resolutions), tuple(space.depths), tuple(space.kernels),
+                       tuple(space.expands), len(space.units), space.num_slots)
+
+
+@functools.lru_cache(maxsize=32)
+def _gene_table(resolutions: tuple, depths: tuple, kernels: tuple, expands: tuple, units: int,
+                slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene of :meth:`SubnetBatch.genes`: its choices (G, C) padded with the last, and how many."""
+    groups = [resolutions] + [depths] * units + [kernels] * slots + [expands] * slots
+    width = max(len(g) for g in groups)
+    table = np.array([list(g) + [g[-1]] * (width - len(g)) for g in groups], dtype=np.int64)
+    return table, np.array([len(g) for g in groups], dtype=np.int64)
+
+
 def mutate(space: SearchSpace, parents: SubnetBatch, prob: float,
            rng: np.random.Generator) -> SubnetBatch:
-    """Redraw each gene (r; d per unit; k and e per slot) with probability ``prob``."""
-    def redraw(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
-        fresh = np.asarray(choices)[rng.integers(len(choices), size=values.shape)]
-        return np.where(rng.random(values.shape) < prob, fresh, values)
-
-    return SubnetBatch(redraw(parents.r, space.resolutions), redraw(parents.d, space.depths),
-                       redraw(parents.k, space.kernels), redraw(parents.e, space.expands))
+    """Redraw each gene (r; d per unit; k and e per slot) with probability ``prob``, uniformly."""
+    genes = parents.genes()  # (N, G)
+    table, counts = _gene_choices(space)
+    pick = (rng.random(genes.shape) * counts).astype(np.int64)  # (N, G) uniform choice index
+    fresh = table[np.arange(genes.shape[1]), pick]
+    return SubnetBatch.from_genes(np.where(rng.random(genes.shape) < prob, fresh, genes), len(space.units))
 
 
 def crossover(a: SubnetBatch, b: SubnetBatch, rng: np.random.Generator) -> SubnetBatch:
     """Uniform crossover: every gene from ``a`` or ``b`` with probability 1/2."""
-
-    def pick(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.where(rng.random(x.shape) < 0.5, x, y)
-
-    return SubnetBatch(pick(a.r, b.r), pick(a.d, b.d), pick(a.k, b.k), pick(a.e, b.e))
+    ga, gb = a.genes(), b.genes()
+    return SubnetBatch.from_genes(np.where(rng.random(ga.shape) < 0.5, ga, gb), a.d.shape[1])
 
 
 def pareto_indices(metric: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,11 @@
 """The pipeline's stages as plain functions: what the CLI, the KFP components and the benchmarks call.
 
 Each stage takes URIs, folders and plain values, writes its outputs into the folder it is given and
-returns a record ``{"stage", "target", "wall_s", "metrics": {...}}``. Every output folder also carries
-``stages.json``, the ledger of the stages that produced it (its inputs' ledgers plus its own record),
-so the report at the end of a run sees every stage although it only receives the exported models.
+returns a record ``{"stage", "target", "run_id", "wall_s", "energy": {...}, "metrics": {...}}``: its
+energy is metered (energy.py) and its figures pushed to a Pushgateway when one is set (metrics.py).
+Every output folder also carries ``stages.json``, the ledger of the stages that produced it (its
+inputs' ledgers plus its own record), so the report at the end of a run sees every stage although it
+only receives the exported models.
 
 Stages never import kfp; ``components/`` wraps each one in a ``@dsl.component``.
 """

@@ -14,7 +14,6 @@ set them to the smallest choice, as :meth:`SubnetConfig.canonical` does.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -69,6 +68,16 @@ class SubnetBatch:
                    rng.choice(np.asarray(space.depths), size=(n, len(space.units))),
                    rng.choice(np.asarray(space.kernels), size=(n, space.num_slots)),
                    rng.choice(np.asarray(space.expands), size=(n, space.num_slots)))
+
+    def genes(self) -> np.ndarray:
+        """(N, 1 + U + 2S) every gene in one array: r, d, k, e (see :meth:`from_genes`)."""
+        return np.concatenate([self.r[:, None], self.d, self.k, self.e], axis=1)
+
+    @classmethod
+    def from_genes(cls, genes: np.ndarray, units: int) -> "SubnetBatch":
+        slots = (genes.shape[1] - 1 - units) // 2
+        return cls(genes[:, 0], genes[:, 1:1 + units], genes[:, 1 + units:1 + units + slots],
+                   genes[:, 1 + units + slots:])
 
     @staticmethod
     def concat(batches: Sequence["SubnetBatch"]) -> "SubnetBatch":

@@ -8,6 +8,7 @@ listings) goes to a log file; the terminal shows which stage runs and its progre
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -33,7 +34,7 @@ class _Filter(io.TextIOBase):
 
     def __init__(self, log: TextIO, term: TextIO):
         self.log, self.term, self.buf = log, term, ""
-        self.recent: list[str] = []  # the last lines, shown when a stage fails
+        self.recent: collections.deque[str] = collections.deque(maxlen=60)  # shown when a stage fails
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -41,7 +42,7 @@ class _Filter(io.TextIOBase):
         *lines, self.buf = self.buf.split("\n")
         for line in lines:
             plain = ANSI.sub("", line)
-            self.recent = (self.recent + [plain])[-60:]
+            self.recent.append(plain)
             if SHOW.search(plain):
                 self.term.write(_tidy(plain) + "\n")
                 self.term.flush()
@@ -132,7 +133,7 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
                          carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)
         except RuntimeError as exc:
             sink.flush()
-            tail = "\n".join("    " + line for line in sink.recent[-25:])
+            tail = "\n".join("    " + line for line in list(sink.recent)[-25:])
             term.write(f"{tail}\n")
             raise StageFailed(f"{exc}; the lines above are the end of its log, all of it is in "
                               f"{log_path}") from None

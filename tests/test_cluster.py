@@ -241,7 +241,7 @@ def _nolog(line: str) -> None:
 def test_first_submit_creates_experiment_pipeline_and_run(kfp_server, package, capsys):
     lines = []
     out = cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 3, "label": "hi"},
-                         log=lines.append)
+                         service_account="ofa-pipeline-runner", log=lines.append)
     assert capsys.readouterr().out == ""  # kfp's own "... details:" prints are muted; only `log` speaks
     s = kfp_server
     assert s.calls("GET", f"{API}/healthz")  # one health check, no retry loop
@@ -258,6 +258,7 @@ def test_first_submit_creates_experiment_pipeline_and_run(kfp_server, package, c
                                                   "pipeline_version_id": out["version_id"]}
     assert out["version_id"] == s.versions[0]["pipeline_version_id"]
     assert body["runtime_config"]["parameters"] == {"a": 3, "label": "hi"}
+    assert body["service_account"] == "ofa-pipeline-runner"  # the least-privilege SA of manifests/
     assert "pipeline_spec" not in body  # the run refers to the uploaded version, not an inline spec
     assert body["display_name"].startswith("ofa ")
     assert out["run_id"] in s.runs and not s.calls("GET", f"{API}/runs/{out['run_id']}")  # no wait
@@ -376,9 +377,10 @@ def test_schedule_creates_enabled_recurring_run_in_6_field_cron(kfp_server, pack
     s = kfp_server
     lines = []
     out = cluster.schedule(s.url, package, pipeline_name="ofa", cron="0 2 * * *", params={"a": 5},
-                           max_concurrency=2, log=lines.append)
+                           max_concurrency=2, service_account="ofa-pipeline-runner", log=lines.append)
     (req,) = s.calls("POST", f"{API}/recurringruns")
     body = req.json
+    assert body["service_account"] == "ofa-pipeline-runner"
     assert body["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * *"}}
     assert int(body["max_concurrency"]) == 2
     assert body["no_catchup"] is True

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference bench-throughput clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference bench-throughput bench-claim clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedul
 
 bench-pipeline: install ## benchmark: local kfp run vs the same stages called in one process (quick)
 	$(BIN)/python bench/pipeline.py
+
+bench-claim: install ## benchmark: OFA subnets vs the same architectures from scratch, cost of N targets (resumable; after bench-ps, bench-specialize, bench-pipeline)
+	$(BIN)/python bench/claim.py --seeds 0 1 2
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from onceforall import checkpoint as ckpt  # noqa: E402
 from onceforall.data import calibration_images, load_dataset  # noqa: E402
+from onceforall.energy import Meter  # noqa: E402
 from onceforall.evaluate import evaluate_subnets  # noqa: E402
 from onceforall.schedule import get_schedule  # noqa: E402
 from onceforall.space import get_space  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> int:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
 
-    def record(key: str, phase_name: str, folder: Path, result) -> None:
+    def record(key: str, phase_name: str, folder: Path, result, energy: dict | None) -> None:
         done = {p["name"] for p in results[key]}
         if phase_name in done:
             return
@@ -93,7 +94,9 @@ def main() -> int:
         results[key].append({"name": phase_name, "wall_s": result.wall_s,
                              "images_per_s": result.images_per_s, "epochs": result.epochs,
                              "test_accuracy": acc, "val_accuracy": result.val_accuracy,
-                             "eval_s": round(time.monotonic() - t, 1)})
+                             "eval_s": round(time.monotonic() - t, 1),
+                             # metered like the pipeline's stages (None: the phase was trained before)
+                             "energy": energy})
         save()
         print(f"[bench] {key} {phase_name}: {result.wall_s:.0f}s test acc {acc}", flush=True)
 
@@ -102,9 +105,11 @@ def main() -> int:
     prev = None
     for phase in schedule.all_phases():
         folder = work / "ps" / phase.name
-        res = run_phase(space, schedule, phase.name, data, folder, init=prev,
-                        teacher=teacher_dir if phase.kd_ratio > 0 else None, seed=args.seed)
-        record("phases", phase.name, folder, res)
+        fresh = not (folder / "checkpoint.json").is_file()
+        with Meter() as meter:
+            res = run_phase(space, schedule, phase.name, data, folder, init=prev,
+                            teacher=teacher_dir if phase.kd_ratio > 0 else None, seed=args.seed)
+        record("phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
         prev = folder
     results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
     results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
@@ -115,9 +120,11 @@ def main() -> int:
     prev = teacher_dir
     for phase in baseline.phases:
         folder = work / "no-ps" / phase.name
-        res = run_phase(space, baseline, phase.name, data, folder, init=prev, teacher=teacher_dir,
-                        seed=args.seed)
-        record("baseline_phases", phase.name, folder, res)
+        fresh = not (folder / "checkpoint.json").is_file()
+        with Meter() as meter:
+            res = run_phase(space, baseline, phase.name, data, folder, init=prev, teacher=teacher_dir,
+                            seed=args.seed)
+        record("baseline_phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
         prev = folder
     results["baseline_no_ps"] = {"test_accuracy": results["baseline_phases"][-1]["test_accuracy"],
                                  "wall_s": round(sum(p["wall_s"] for p in results["baseline_phases"]), 1)}

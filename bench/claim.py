@@ -168,6 +168,29 @@ def cost(doc: dict) -> None:
         ]}
 
 
+def cost_standard(doc: dict) -> None:
+    """The same comparison at the `standard` scale, from what is measured at that scale: the scratch
+    trainings of the quality part (metered) and, once `make bench-ps` has metered its phases, the
+    shared training. The per-target stages do not depend on the schedule: the quick run's."""
+    runs = [r["energy_j"] for t in doc.get("targets", {}).values()
+            for r in t.get("runs", {}).get("scratch", {}).values() if r.get("energy_j")]
+    ps_path = ROOT / "docs" / "results" / "progressive_shrinking.json"
+    phases = json.loads(ps_path.read_text()).get("phases", []) if ps_path.exists() else []
+    energies = [p.get("energy") for p in phases]
+    shared = sum(e["total_j"] for e in energies) if energies and all(energies) else None
+    scratch = statistics.mean(runs) if runs else None
+    marginal = doc.get("cost", {}).get("per_target_marginal_j")
+    std = {"scratch_per_target_j": None if scratch is None else round(scratch, 1),
+           "scratch_trainings_metered": len(runs), "shared_j": shared,
+           "per_target_marginal_j": marginal,
+           "break_even_n": (round(shared / (scratch - marginal), 2)
+                            if shared and scratch and marginal and scratch > marginal else None)}
+    if shared is None:
+        std["pending"] = ("the standard supernet's training was not metered yet: rerun `make bench-ps`, "
+                          "which now meters every phase")
+    doc.setdefault("cost", {})["standard"] = std
+
+
 def throughput(doc: dict) -> None:
     path = ROOT / "docs" / "results" / "throughput.json"
     if path.exists():
@@ -193,6 +216,7 @@ def main() -> int:
     throughput(doc)
     save(doc)
     quality(doc, args.seeds, args.kinds, args.budget_min * 60)
+    cost_standard(doc)
     save(doc)
     subprocess.run([sys.executable, str(ROOT / "bench" / "render.py")], check=True)
     return 0

@@ -314,6 +314,15 @@ def claim(r: dict) -> list[str]:
                          f"{_fmt_s(row['ofa_wall_s'])} | {_fmt_s(row['scratch_wall_s'])} | "
                          f"{row['ofa_g']:.2f} | {row['scratch_g']:.2f} |")
         lines += ["", "Assumptions: " + "; ".join(c["assumptions"]) + "."]
+        std = c.get("standard")
+        if std and std.get("scratch_per_target_j"):
+            lines += ["", f"At the `standard` scale: one from-scratch training (teacher recipe, 12 epochs) "
+                      f"measured {std['scratch_per_target_j']:.0f} J (mean of "
+                      f"{std['scratch_trainings_metered']} metered trainings), against "
+                      f"{std['per_target_marginal_j']:.0f} J for one more OFA target; "
+                      + (f"shared training {std['shared_j']:.0f} J, break-even at "
+                         f"{std['break_even_n']:.1f} targets." if std.get("shared_j")
+                         else f"shared training: pending ({std['pending']})")]
         if _plot_cost(c):
             lines += ["", "![cost vs N](claim_cost.png)"]
     t = r.get("throughput")

@@ -43,6 +43,14 @@ TARGETS = WORK / "specialize" / "targets"
 FINETUNE = {"epochs": 2, "lr": 0.01}
 KINDS = ("finetuned", "scratch", "scratch_kd")
 NS = (1, 4, 10, 40)
+# Why the measured gap is what it is (rendered under the quality table; keep it true to the numbers).
+WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8 epochs of progressive "
+       "shrinking over five phases, against the paper's 180 + ~400; its max subnet (91.51%) is below "
+       "the teacher alone (91.89%), so the shared weights have not caught up with what each small "
+       "architecture reaches when it has the whole 12-epoch recipe to itself. On Fashion-MNIST the "
+       "small static networks reach about 92.4% alone. A 2-epoch fine-tune recovers 0.27-0.52 points of "
+       "the gap. Closing it needs a longer shrinking schedule (issue 2's open accuracy targets are the "
+       "same shortfall).")
 
 
 def load() -> dict:
@@ -209,7 +217,9 @@ def main() -> int:
                     help="stop starting new trainings after this many minutes (rerun to continue)")
     args = ap.parse_args()
     doc = load()
-    doc.update({"machine": machine(), "command": "python bench/claim.py " + " ".join(sys.argv[1:]),
+    doc.update({"machine": machine(), "command": "python bench/claim.py [--seeds ...] [--kinds ...] "
+                "[--budget-min M] (make bench-claim)",
+                "why": WHY,
                 "settings": {"finetune": FINETUNE, "scratch": "teacher phase of the standard schedule",
                              "supernet": str(SUPERNET.relative_to(ROOT))}})
     cost(doc)

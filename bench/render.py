@@ -300,6 +300,13 @@ def claim(r: dict) -> list[str]:
             lines.append(f"| {name} | {t['macs'] / 1e6:.2f}M | {t['ofa_test_acc']:.2f} | "
                          f"{cell(t, 'finetuned')} | {cell(t, 'scratch')} | {cell(t, 'scratch_kd')} | "
                          f"{'pending' if diff is None else f'{diff:+.2f}'} |")
+    gaps = [t["ofa_minus_best_scratch"] for t in targets.values() if "ofa_minus_best_scratch" in t]
+    if gaps:
+        if max(gaps) < 0:
+            lines += ["", "**OFA falls short**: from scratch beats the exported OFA subnet at every "
+                      f"measured target, by {-max(gaps):.2f} to {-min(gaps):.2f} points. " + r.get("why", "")]
+        elif min(gaps) >= 0:
+            lines += ["", "OFA matches or beats from-scratch training at every measured target."]
     c = r.get("cost")
     if c:
         be = "never" if c["break_even_n"] is None else f"{c['break_even_n']:.1f}"

@@ -14,6 +14,16 @@ RESULTS = DOCS / "results"
 SUBNETS = ("max", "mid", "shallow-wide", "deep-narrow", "min")
 
 
+def _pyplot():
+    """matplotlib (a dependency of the project) without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
@@ -61,13 +71,7 @@ def progressive_shrinking(r: dict) -> list[str]:
 
 
 def _plot_ps(r: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = _pyplot()
     phases = r.get("phases", [])
     if not phases:
         return False
@@ -245,13 +249,7 @@ def pipeline(r: dict) -> list[str]:
 
 
 def _plot_energy(report: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = _pyplot()
     rows = report["energy"]["stages"]
     labels = [r["stage"] + (f"\n{r['target']}" if r.get("target") else "") for r in rows]
     fig, ax = plt.subplots(figsize=(11, 4.2))
@@ -342,13 +340,7 @@ def claim(r: dict) -> list[str]:
 
 
 def _plot_cost(c: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = _pyplot()
     ns = [row["n"] for row in c["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, [row["ofa_j"] / 3.6e3 for row in c["rows"]], "-o", label="OFA: train once, specialize N")

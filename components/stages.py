@@ -17,7 +17,7 @@ def train_teacher(data: str, space: str, schedule: str, seed: int, run_id: str, 
     """Train the full network (the teacher)."""
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.train_teacher(teacher.path, data=data, space=space, schedule=schedule, seed=seed,
                                   run=run)
     stages.log_metrics(record, metrics)
@@ -28,7 +28,7 @@ def train_scratch(data: str, space: str, schedule: str, seed: int, run_id: str, 
     """Train one architecture alone from scratch: the cost OFA is compared with in the report."""
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.train_scratch(model.path, data=data, space=space, schedule=schedule, seed=seed,
                                   run=run)
     stages.log_metrics(record, metrics)
@@ -40,7 +40,7 @@ def shrink(phase: str, data: str, space: str, schedule: str, seed: int, run_id: 
     """One progressive-shrinking phase (kernel, depth-1, depth-2, width-1 or width-2)."""
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.shrink(phase, supernet.path, init_dir=init.path, teacher_dir=teacher.path,
                            data=data, space=space, schedule=schedule, seed=seed, run=run)
     stages.log_metrics(record, metrics)
@@ -54,7 +54,7 @@ def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, ru
 
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.fit_accuracy_predictor(supernet.path, predictor.path, data=data, schedule=schedule,
                                            n=subnets, seed=seed, run=run)
     shutil.copyfile(f"{predictor.path}/accuracy.jsonl", accuracy_data.path)
@@ -66,7 +66,7 @@ def profile_target(target: dict, space: str, seed: int, run_id: str, carbon: str
     """Measure the target's latency table on the node this pod runs on."""
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.profile(target, latency.path, space=space, seed=seed, run=run)
     stages.log_metrics(record, metrics)
 
@@ -79,7 +79,7 @@ def search(target: dict, space: str, seed: int, run_id: str, carbon: str, pushga
 
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.search(target, predictor.path, latency.path, result.path, space=space, seed=seed,
                            run=run)
     shutil.copyfile(f"{result.path}/pareto.html", pareto.path)
@@ -94,7 +94,7 @@ def export(target: dict, data: str, seed: int, run_id: str, carbon: str, pushgat
 
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.export(target, supernet.path, search.path, model.path, data=data, seed=seed, run=run)
     text = open(f"{model.path}/model_card.json").read()
     with open(card.path, "w") as f:
@@ -110,7 +110,7 @@ def report(run_id: str, carbon: str, pushgateway: str, publish_uri: str, models:
 
     from onceforall import stages
 
-    run = stages.RunContext(run_id, carbon or None, pushgateway or None)
+    run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.report([m.path for m in models], summary.path, scratch_dir=scratch.path,
                            publish_uri=publish_uri, run=run)
     shutil.copyfile(f"{summary.path}/{stages.REPORT_MD}", report.path)

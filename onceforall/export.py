@@ -83,10 +83,14 @@ def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASu
 def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, target: Target,
                   out_dir: str | Path, *, predicted_accuracy: float | None = None,
                   predicted_latency_ms: float | None = None, seed: int = 0,
-                  calib_images: int = 2000, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model)."""
+                  calib_images: int = 2000, extra: dict[str, Any] | None = None,
+                  net: OFASupernet | None = None) -> dict[str, Any]:
+    """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model).
+
+    ``net``: the supernet of ``supernet_dir`` when the caller has loaded it already.
+    """
     t0 = time.monotonic()
-    net = load_supernet(supernet_dir)
+    net = net or load_supernet(supernet_dir)
     space = net.space
     cfg = space.validate_config(cfg)
     subnet = net.get_active_subnet(cfg)

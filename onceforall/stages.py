@@ -311,13 +311,14 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
     out_dir = Path(out_dir)
     with _stage("export", out_dir, run, target=tgt.name, inputs=[search_dir]) as record:
         doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
-        space = load_supernet(supernet_dir).space
+        net = load_supernet(supernet_dir)
+        space = net.space
         cfg = SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))
         ds = open_data(data, seed=seed, image_size=max(space.resolutions))
         check_data(space, ds)
         upstream = read_ledger(search_dir)
         card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=doc.get("best_score"),
-                             predicted_latency_ms=doc.get("predicted_latency_ms"), seed=seed,
+                             predicted_latency_ms=doc.get("predicted_latency_ms"), seed=seed, net=net,
                              extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
                                     "energy": _energy_of(upstream, tgt.name)})
         for name in ("pareto.png", "pareto.html"):

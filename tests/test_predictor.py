@@ -62,8 +62,22 @@ def test_fit_reaches_rank_correlation(fitted):
     assert metrics["kendall_tau"] > 0.8
     assert metrics["spearman_rho"] > 0.9
     assert metrics["rmse"] < 1.0 and metrics["mae"] <= metrics["rmse"]
-    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 400
-    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
+    assert metrics["n_fit"] + metrics["n_test"] == 400 and metrics["n_test"] == 40
+    assert len(metrics["best_epochs"]) == metrics["members"] == 5
+    assert all(1 <= e <= metrics["epochs_run"] for e in metrics["best_epochs"])
+    assert metrics["val_rmse"] < 1.0
+
+
+def test_ensemble_is_the_mean_of_members(fitted):
+    space, predictor, _ = fitted
+    x = encode(space, SubnetBatch.sample(space, np.random.default_rng(8), 50))
+    import torch
+
+    with torch.inference_mode():
+        each = predictor.model.member_outputs(torch.from_numpy(x)).numpy()  # (M, N)
+    assert each.shape == (5, 50)
+    assert np.allclose(predictor.predict(x), each.mean(0), atol=1e-4)
+    assert each.std(0).mean() > 0  # the members differ: different folds and inits
 
 
 def test_predict_accepts_configs_batches_and_encodings(fitted):
@@ -93,7 +107,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
     assert weights.suffix == ".safetensors" and sidecar.suffix == ".json"
     meta = json.loads(sidecar.read_text())
     assert meta["space"] == space.to_dict() and meta["encoding_size"] == encoding_size(space)
-    assert meta["hidden"] == [400, 400, 400] and meta["metrics"] == metrics
+    assert meta["hidden"] == [128, 128] and meta["members"] == 5 and meta["metrics"] == metrics
     batch = SubnetBatch.sample(space, np.random.default_rng(5), 100)
     for path in (weights, sidecar):
         loaded = AccuracyPredictor.load(path, space)
@@ -134,3 +148,15 @@ def test_fit_rejects_bad_accuracies(acc, match):
     batch = SubnetBatch.sample(space, np.random.default_rng(6), len(acc))
     with pytest.raises(UserError, match=match):
         fit_predictor(space, batch, acc, seed=0, epochs=1)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"members": 1}, "members"),
+    ({"members": 40}, "members"),
+    ({"test_fraction": 0.0}, "test_fraction"),
+])
+def test_fit_rejects_bad_settings(kwargs, field):
+    space = fashion_mnist_space()
+    batch = SubnetBatch.sample(space, np.random.default_rng(6), 60)
+    with pytest.raises(UserError, match=field):
+        fit_predictor(space, batch, np.full(60, 90.0), seed=0, epochs=1, **kwargs)

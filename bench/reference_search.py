@@ -4,7 +4,9 @@ The reference is MIT Han lab's PyPI package `ofa` (mit-han-lab/once-for-all), ru
 own MLP accuracy predictor (randomly initialised, 3x400, on CPU) and the same settings: population
 100, 500 generations, parent ratio 0.25, mutation ratio 0.5, mutation probability 0.1, a MACs
 constraint on the fashion-mnist space (both sides compute MACs with this project's exact cost table).
-Ours runs in the same process, same machine, same predictor shape (random init).
+Ours runs in the same process, same machine, twice: with this project's predictor (a 5-member ensemble
+of 2x128 MLPs, random init) and with the reference's 3x400 MLP shape, so the search code itself is
+compared too. Each side: median of 3 runs.
 
 It needs its own venv (the package imports torchvision):
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,11 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onceforall.efficiency import CostTable  # noqa: E402
-from onceforall.predictor import AccuracyPredictor, PredictorMLP, encoding_size  # noqa: E402
+from onceforall.predictor import HIDDEN, MEMBERS, AccuracyPredictor, PredictorMLP, encoding_size  # noqa: E402
 from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
 from onceforall.space import SubnetConfig, get_space  # noqa: E402
 
 BUDGET_MACS = 6e6
+REPEATS = 3
 
 
 def main() -> int:
@@ -62,21 +66,32 @@ def main() -> int:
     finder = EvolutionFinder(MacsModel(), ref_predictor, arch_mutate_prob=0.1, resolution_mutate_prob=0.1,
                              population_size=100, max_time_budget=500, parent_ratio=0.25,
                              mutation_ratio=0.5)
-    t = time.perf_counter()
-    with torch.no_grad():
-        _, best = finder.run_evolution_search(BUDGET_MACS, verbose=False)
-    reference_s = time.perf_counter() - t
+    def median_s(run) -> tuple[float, object]:
+        times, out = [], None
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), out
 
-    torch.manual_seed(0)
-    mlp = PredictorMLP(encoding_size(space))
-    ours_predictor = AccuracyPredictor(space, mlp.eval(), (400, 400, 400), {})
-    t = time.perf_counter()
-    result = evolution_search(space, ours_predictor.predict, costs.macs, BUDGET_MACS,
-                              np.random.default_rng(0), EvolutionConfig())
-    ours_s = time.perf_counter() - t
+    with torch.no_grad():
+        reference_s, (_, best) = median_s(lambda: finder.run_evolution_search(BUDGET_MACS, verbose=False))
+
+    def ours(hidden: tuple[int, ...], members: int) -> tuple[float, object]:
+        torch.manual_seed(0)
+        predictor = AccuracyPredictor(space, PredictorMLP(encoding_size(space), hidden, members).eval(),
+                                      hidden, {})
+        return median_s(lambda: evolution_search(space, predictor.predict, costs.macs, BUDGET_MACS,
+                                                 np.random.default_rng(0), EvolutionConfig()))
+
+    ours_s, result = ours(HIDDEN, MEMBERS)  # the product's predictor
+    same_s, _ = ours((400, 400, 400), 1)  # the reference's MLP shape
 
     out = {"ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
-           "speedup": round(reference_s / ours_s, 1), "budget_macs": BUDGET_MACS,
+           "speedup": round(reference_s / ours_s, 1),
+           "ours_predictor": f"{MEMBERS} x MLP {'x'.join(map(str, HIDDEN))} (this project's default)",
+           "ours_reference_mlp_s": round(same_s, 3), "speedup_reference_mlp": round(reference_s / same_s, 1),
+           "statistic": f"median of {REPEATS} runs per side", "budget_macs": BUDGET_MACS,
            "reference_package": "ofa==0.1.0.post202307202001", "torch": torch.__version__,
            "reference_best_macs": best[2], "ours_best_macs": result.best_metric,
            "command": "bench/_ref/venv/bin/python bench/reference_search.py"}

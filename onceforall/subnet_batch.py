@@ -45,6 +45,15 @@ class SubnetBatch:
         if self.k.shape != self.e.shape:
             raise ValueError(f"SubnetBatch k {self.k.shape} and e {self.e.shape} differ in shape")
 
+    @classmethod
+    def _of(cls, r: np.ndarray, d: np.ndarray, k: np.ndarray, e: np.ndarray) -> "SubnetBatch":
+        """A batch from arrays already int64 and consistent (row ops of valid batches): skips the
+        checks of ``__init__``, which would otherwise be a good part of the search's inner loop."""
+        batch = object.__new__(cls)
+        for name, arr in (("r", r), ("d", d), ("k", k), ("e", e)):
+            object.__setattr__(batch, name, arr)
+        return batch
+
     def __len__(self) -> int:
         return int(self.r.shape[0])
 
@@ -75,33 +84,33 @@ class SubnetBatch:
 
     @classmethod
     def from_genes(cls, genes: np.ndarray, units: int) -> "SubnetBatch":
+        genes = np.asarray(genes, dtype=np.int64)
         slots = (genes.shape[1] - 1 - units) // 2
-        return cls(genes[:, 0], genes[:, 1:1 + units], genes[:, 1 + units:1 + units + slots],
-                   genes[:, 1 + units + slots:])
+        return cls._of(genes[:, 0], genes[:, 1:1 + units], genes[:, 1 + units:1 + units + slots],
+                       genes[:, 1 + units + slots:])
 
     @staticmethod
     def concat(batches: Sequence["SubnetBatch"]) -> "SubnetBatch":
-        return SubnetBatch(np.concatenate([b.r for b in batches]),
-                           np.concatenate([b.d for b in batches]),
-                           np.concatenate([b.k for b in batches]),
-                           np.concatenate([b.e for b in batches]))
+        return SubnetBatch._of(np.concatenate([b.r for b in batches]),
+                               np.concatenate([b.d for b in batches]),
+                               np.concatenate([b.k for b in batches]),
+                               np.concatenate([b.e for b in batches]))
 
     # -- row operations -----------------------------------------------------------------------
     def take(self, idx: np.ndarray) -> "SubnetBatch":
-        return SubnetBatch(self.r[idx], self.d[idx], self.k[idx], self.e[idx])
+        return SubnetBatch._of(self.r[idx], self.d[idx], self.k[idx], self.e[idx])
 
     def put(self, idx: np.ndarray, rows: "SubnetBatch") -> "SubnetBatch":
         """A copy with rows ``idx`` (ints or a boolean mask) replaced by ``rows``."""
         r, d, k, e = self.r.copy(), self.d.copy(), self.k.copy(), self.e.copy()
         r[idx], d[idx], k[idx], e[idx] = rows.r, rows.d, rows.k, rows.e
-        return SubnetBatch(r, d, k, e)
+        return SubnetBatch._of(r, d, k, e)
 
     # -- meaning ------------------------------------------------------------------------------
     def active(self, space: SearchSpace) -> np.ndarray:
         """(N, S) bool: slot ``s`` is active when ``s % max_depth < d[unit(s)]``."""
-        md = space.max_depth
-        slot = np.arange(self.k.shape[1])
-        return (slot % md)[None, :] < self.d[:, slot // md]
+        position, unit = _slot_layout(self.k.shape[1], space.max_depth)
+        return position < self.d[:, unit]
 
     def canonical(self, space: SearchSpace) -> "SubnetBatch":
         act = self.active(space)
@@ -117,26 +126,30 @@ class SubnetBatch:
         """Choice indices into the sorted choices ``(r (N,), k (N,S), e (N,S), active (N,S))``.
 
         Raises :class:`UserError` when a shape does not fit the space or an active entry is not one
-        of the space's choices. Skipped slots may hold anything; their index is 0 there.
+        of the space's choices. Skipped slots may hold anything; their index is a valid one (0 where
+        the value is not a choice), so it can be gathered with and masked by ``active``.
         """
         if self.d.shape[1] != len(space.units) or self.k.shape[1] != space.num_slots:
             raise UserError(f"configs have {self.d.shape[1]} units and {self.k.shape[1]} block slots, "
                             f"the space {space.name!r} has {len(space.units)} and {space.num_slots}",
                             field="d", fix=f"use configs of the space {space.name!r}")
-        if (choice_index(self.d, space.depths) < 0).any():
+        if choice_index(self.d, space.depths).min(initial=0) < 0:
             check_choices(self.d, space.depths, "d")
         r_idx = choice_index(self.r, space.resolutions)
-        if (r_idx < 0).any():
+        if r_idx.min(initial=0) < 0:
             check_choices(self.r, space.resolutions, "r")
         act = self.active(space)
-        k_idx = choice_index(self.k, space.kernels)
-        e_idx = choice_index(self.e, space.expands)
-        for name, idx, values, allowed in (("k", k_idx, self.k, space.kernels),
-                                           ("e", e_idx, self.e, space.expands)):
-            bad = act & (idx < 0)
-            if bad.any():
-                check_choices(values[bad], allowed, name)
-        return r_idx, np.where(act, k_idx, 0), np.where(act, e_idx, 0), act
+        out = []
+        # The search only ever holds valid choices, so the masked check runs only when one is not.
+        for name, values, allowed in (("k", self.k, space.kernels), ("e", self.e, space.expands)):
+            idx = choice_index(values, allowed)
+            if idx.min(initial=0) < 0:
+                bad = act & (idx < 0)
+                if bad.any():
+                    check_choices(values[bad], allowed, name)
+                idx = np.maximum(idx, 0)
+            out.append(idx)
+        return r_idx, out[0], out[1], act
 
 
 BatchLike = Union[SubnetBatch, SubnetConfig, Sequence[SubnetConfig]]
@@ -151,9 +164,18 @@ def as_batch(cfgs: BatchLike) -> SubnetBatch:
 
 
 @functools.lru_cache(maxsize=64)
+def _slot_layout(slots: int, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1, S) position of each slot in its unit, (S,) its unit."""
+    slot = np.arange(slots)
+    return (slot % max_depth)[None, :], slot // max_depth
+
+
+@functools.lru_cache(maxsize=64)
 def _lut(choices: tuple[int, ...]) -> np.ndarray:
     """value -> index in sorted(choices); -1 elsewhere, and in the sentinel slot at the end."""
     ordered = np.asarray(sorted(choices), dtype=np.int64)
+    if ordered[0] < 1:
+        raise ValueError(f"choices must be positive integers, got {sorted(choices)}")
     lut = np.full(int(ordered[-1]) + 2, -1, dtype=np.int64)
     lut[ordered] = np.arange(len(ordered))
     lut.setflags(write=False)
@@ -163,8 +185,9 @@ def _lut(choices: tuple[int, ...]) -> np.ndarray:
 def choice_index(values: np.ndarray, choices: Sequence[int]) -> np.ndarray:
     """Index of each value in ``sorted(choices)``, -1 where it is not a choice (same shape)."""
     lut = _lut(tuple(choices))
-    # Values outside [0, max] map to the sentinel slot at the end, which holds -1.
-    return lut[np.minimum(np.maximum(values, -1), len(lut) - 1)]
+    # Values above the largest choice clip to the sentinel slot at the end, which holds -1; values
+    # below 0 clip to slot 0, which holds -1 too, as choices are positive (SearchSpace checks).
+    return lut.take(values, mode="clip")
 
 
 def check_choices(values: np.ndarray, choices: Sequence[int], name: str) -> None:

@@ -23,14 +23,38 @@ def activation(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "hswish": nn.Hardswish}[name](inplace=True)
 
 
-def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, n: int) -> nn.BatchNorm2d:
-    with torch.no_grad():
-        dst.weight.copy_(src.weight[:n])
-        dst.bias.copy_(src.bias[:n])
-        dst.running_mean.copy_(src.running_mean[:n])
-        dst.running_var.copy_(src.running_var[:n])
-        dst.num_batches_tracked.copy_(src.num_batches_tracked)
-    return dst
+# Extraction builds static modules on the meta device (no memory, no random init) and then gives them
+# copies of the supernet's slices: a subnet is extracted for every measured subnet and every export,
+# and initialising weights only to overwrite them was a third of the time.
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy with its own memory (a slice of the supernet's weights must not alias them)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """A bias-free static conv holding a copy of ``weight`` (out, in/groups, k, k)."""
+    out_c, in_per_group, k, _ = weight.shape
+    conv = nn.Conv2d(in_per_group * groups, out_c, k, stride, k // 2, groups=groups, bias=False,
+                     device="meta")
+    conv.weight = nn.Parameter(_own(weight))
+    return conv
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer.weight, layer.bias = nn.Parameter(_own(weight)), nn.Parameter(_own(bias))
+    return layer
+
+
+def _copy_bn(src: nn.BatchNorm2d, n: int) -> nn.BatchNorm2d:
+    """A static BN over the first ``n`` channels of ``src``: parameters and running statistics."""
+    bn = nn.BatchNorm2d(n, eps=src.eps, momentum=src.momentum, device="meta")
+    bn.weight, bn.bias = nn.Parameter(_own(src.weight[:n])), nn.Parameter(_own(src.bias[:n]))
+    bn.running_mean, bn.running_var = _own(src.running_mean[:n]), _own(src.running_var[:n])
+    bn.num_batches_tracked = _own(src.num_batches_tracked)
+    return bn
 
 
 class ElasticBatchNorm2d(nn.BatchNorm2d):
@@ -45,7 +69,7 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
                             self.bias[:c], self.training, self.momentum, self.eps)
 
     def extract(self, c: int) -> nn.BatchNorm2d:
-        return _copy_bn(nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum), self, c)
+        return _copy_bn(self, c)
 
     def permute_(self, idx: torch.Tensor) -> None:
         with torch.no_grad():
@@ -65,10 +89,7 @@ class ElasticPointwiseConv(nn.Module):
         return F.conv2d(x, self.weight[:out_channels, : x.shape[1]])
 
     def extract(self, in_channels: int, out_channels: int) -> nn.Conv2d:
-        conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight[:out_channels, :in_channels])
-        return conv
+        return _conv(self.weight[:out_channels, :in_channels])
 
 
 class ElasticDepthwiseConv(nn.Module):
@@ -106,20 +127,18 @@ class ElasticDepthwiseConv(nn.Module):
         return F.conv2d(x, self.active_weight(c, kernel), None, self.stride, kernel // 2, 1, c)
 
     def extract(self, channels: int, kernel: int) -> nn.Conv2d:
-        conv = nn.Conv2d(channels, channels, kernel, self.stride, kernel // 2, groups=channels,
-                         bias=False)
         with torch.no_grad():
-            conv.weight.copy_(self.active_weight(channels, kernel))
-        return conv
+            return _conv(self.active_weight(channels, kernel), self.stride, groups=channels)
 
 
 class SqueezeExcite(nn.Module):
     """Static squeeze-excite: channel gates from pooled features (ReLU, then hard sigmoid)."""
 
-    def __init__(self, channels: int, mid: int):
+    def __init__(self, channels: int, mid: int, reduce: nn.Linear | None = None,
+                 expand: nn.Linear | None = None):
         super().__init__()
-        self.reduce = nn.Linear(channels, mid)
-        self.expand = nn.Linear(mid, channels)
+        self.reduce = reduce if reduce is not None else nn.Linear(channels, mid)
+        self.expand = expand if expand is not None else nn.Linear(mid, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3))  # (B, C)
@@ -152,13 +171,8 @@ class ElasticSqueezeExcite(nn.Module):
 
     def extract(self, c: int) -> SqueezeExcite:
         m = self.mid_channels(c)
-        se = SqueezeExcite(c, m)
-        with torch.no_grad():
-            se.reduce.weight.copy_(self.reduce.weight[:m, :c])
-            se.reduce.bias.copy_(self.reduce.bias[:m])
-            se.expand.weight.copy_(self.expand.weight[:c, :m])
-            se.expand.bias.copy_(self.expand.bias[:c])
-        return se
+        return SqueezeExcite(c, m, _linear(self.reduce.weight[:m, :c], self.reduce.bias[:m]),
+                             _linear(self.expand.weight[:c, :m], self.expand.bias[:c]))
 
 
 class MBConv(nn.Module):

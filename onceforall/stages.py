@@ -231,7 +231,9 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
         record["metrics"] = {
             "subnets": len(cfgs), "val_images": len(ds.val), "measure_s": round(measure_s, 2),
             "val_acc_lowest": float(accs.min()), "val_acc_highest": float(accs.max()),
-            **{k: fit[k] for k in ("kendall_tau", "spearman_rho", "rmse_pts", "mae_pts")
+            **{name: fit[k] for name, k in (("kendall_tau", "kendall_tau"),
+                                            ("spearman_rho", "spearman_rho"),
+                                            ("rmse_pts", "rmse"), ("mae_pts", "mae"))
                if fit.get(k) is not None}}
     return record
 

@@ -50,6 +50,7 @@ def test_components_chain_through_python_func(tmp_path):
                                          predictor=pred, accuracy_data=rows, metrics=m2, **run)
     assert len((tmp_path / "rows").read_text().splitlines()) == 24  # the smoke schedule's number
     assert m2.metadata["subnets"] == 24 and -1 <= m2.metadata["kendall_tau"] <= 1
+    assert 0 <= m2.metadata["mae_pts"] <= m2.metadata["rmse_pts"]  # named as the gauges are
 
     lat, m3 = artifact(dsl.Dataset, tmp_path / "lat"), artifact(dsl.Metrics, tmp_path / "m3")
     c.profile_target.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, latency=lat,

@@ -78,29 +78,58 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-class Replicas(nn.Module):
-    """``copies`` independent copies of a module applied to one input, outputs summed.
+def _copies(module: nn.Module, copies: int) -> nn.ModuleList:
+    """``copies`` deep copies, each with slightly different weights so no optimizer can merge them."""
+    reps = []
+    for i in range(copies):
+        m = copy.deepcopy(module)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1e-3 * (i + 1))
+        reps.append(m)
+    return nn.ModuleList(reps)
 
-    Timing K copies in one call amortises the runtime's per-call overhead over K ops, so a block
-    of a few microseconds is not lost in the noise of the call itself. Each copy gets slightly
-    different weights, so no graph optimizer can merge them.
-    """
+
+class Chain(nn.Module):
+    """``copies`` copies of a shape-preserving module run one after another, as a unit's later
+    blocks run in a network: each copy reads what the previous one wrote."""
 
     def __init__(self, module: nn.Module, copies: int):
         super().__init__()
-        reps = []
-        for i in range(copies):
-            m = copy.deepcopy(module)
-            with torch.no_grad():
-                for p in m.parameters():
-                    p.add_(1e-3 * (i + 1))
-            reps.append(m)
-        self.reps = nn.ModuleList(reps)
+        self.reps = _copies(module, copies)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.reps:
+            x = m(x)
+        return x
+
+
+class Replicas(nn.Module):
+    """``copies`` copies of a module applied to one input, outputs summed (for modules that change
+    the shape, which cannot be chained); :class:`Adds` measures the sum to take it out again."""
+
+    def __init__(self, module: nn.Module, copies: int):
+        super().__init__()
+        self.reps = _copies(module, copies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.reps[0](x)
         for m in self.reps[1:]:
             out = out + m(x)
+        return out
+
+
+class Adds(nn.Module):
+    """The ``n`` elementwise additions that :class:`Replicas` of ``n + 1`` copies adds."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for _ in range(self.n):
+            out = out + x
         return out
 
 
@@ -141,10 +170,23 @@ class Profiler:
         return min(self.measure(nn.ReLU(), (1, 4, 4)) for _ in range(tries))
 
     def measure_op(self, module: nn.Module, shape: tuple[int, ...], overhead: float,
-                   copies: int = 8) -> float:
-        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
+                   copies: int = 8, adds: dict[tuple[int, ...], float] | None = None) -> float:
+        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies.
+
+        Timing K copies in one call amortises the runtime's per-call overhead over K ops, so a block
+        of a few microseconds is not lost in the noise of the call itself. A shape-preserving module
+        is timed as a :class:`Chain`, as it runs in a network; any other as :class:`Replicas`, less
+        the time of the additions that sum them (measured once per output shape, cached in ``adds``).
+        """
+        with torch.inference_mode():
+            out_shape = tuple(module.eval()(torch.zeros(1, *shape)).shape[1:])
+        if out_shape == tuple(shape):
+            return max(self.measure(Chain(module, copies), shape) - overhead, 0.0) / copies
+        adds = {} if adds is None else adds
+        if out_shape not in adds:
+            adds[out_shape] = max(self.measure(Adds(copies - 1), out_shape) - overhead, 0.0)
         total = self.measure(Replicas(module, copies), shape)
-        return max(total - overhead, 0.0) / copies
+        return max(total - overhead - adds[out_shape], 0.0) / copies
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,12 +258,13 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
+    adds: dict[tuple[int, ...], float] = {}
     n_variants = len(res) * (2 + len(space.units) * min(2, space.max_depth) * len(ks) * len(es))
     done = 0
 
     def measured(module: nn.Module, shape: tuple[int, ...]) -> float:
         nonlocal done
-        ms = profiler.measure_op(module, shape, overhead, copies)
+        ms = profiler.measure_op(module, shape, overhead, copies, adds)
         done += 1
         if progress:
             progress(done, n_variants)
@@ -251,6 +294,12 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
                         fixed, block, device, round(time.monotonic() - t0, 2))
 
 
+def measure_config(profiler: Profiler, net: OFASupernet, cfg: SubnetConfig) -> float:
+    """End-to-end milliseconds of one call of subnet ``cfg``, extracted from ``net`` (its weights do
+    not matter for latency, so a randomly initialised supernet serves)."""
+    return profiler.measure(net.get_active_subnet(cfg).eval(), (net.space.in_channels, cfg.r, cfg.r))
+
+
 def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50, seed: int = 0,
                            net: OFASupernet | None = None) -> dict[str, Any]:
     """Measure ``n`` random whole subnets end to end; MAPE and Kendall tau of the table's sums."""
@@ -260,8 +309,7 @@ def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50,
     net = net or OFASupernet(space).eval()
     cfgs = space.sample_many(np.random.default_rng(seed), n)
     predicted = table.predict(cfgs)
-    measured = np.array([profiler.measure(net.get_active_subnet(c).eval(),
-                                          (space.in_channels, c.r, c.r)) for c in cfgs])
+    measured = np.array([measure_config(profiler, net, c) for c in cfgs])
     ape = np.abs(predicted - measured) / measured
     tau = kendalltau(predicted, measured).statistic
     return {"n": n, "mape_pct": round(float(100 * ape.mean()), 3),

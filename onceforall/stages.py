@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .errors import UserError
 from .schedule import Schedule, get_schedule
 from .space import SearchSpace, SubnetConfig, get_space
 from .targets import Target
+
+log = logging.getLogger(__name__)
 
 LEDGER = "stages.json"
 SHRINK_PHASES = ("kernel", "depth-1", "depth-2", "width-1", "width-2")
@@ -296,6 +299,14 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
         record["metrics"] = {"search_s": doc["search_s"], "predicted_acc": round(float(result.best_score), 3),
                              f"predicted_{result.metric_name}": float(result.best_metric),
                              "pareto_points": len(doc["pareto"])}
+        if "verification" in doc:
+            v = doc["verification"]
+            record["metrics"].update({"measured_latency_ms": v["measured_latency_ms"],
+                                      "search_rounds": len(v["rounds"]), "verified": v["verified"]})
+            if not v["verified"]:
+                log.warning("%s: the searched subnet measures %.4g ms, over the %.4g ms budget, after "
+                            "%d searches; its latency table is too optimistic for this hardware",
+                            tgt.name, v["measured_latency_ms"], tgt.constraint.budget, len(v["rounds"]))
     return record
 
 

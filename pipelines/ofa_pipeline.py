@@ -123,6 +123,9 @@ def build_pipeline(options: Options = Options()):
             found = configure(c.search(target=target.spec, space=space, seed=seed,
                                        predictor=fit.outputs["predictor"],
                                        latency=prof.outputs["latency"], **run), "search")
+            # A latency search measures its pick on the target's hardware before it settles.
+            k8s.add_node_selector_json(found, target.node_selector)
+            k8s.add_toleration_json(found, target.tolerations)
             exp = configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
                                      search=found.outputs["result"], **run), "export")
             # The card's measured latency is taken on the target's hardware too.

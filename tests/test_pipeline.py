@@ -130,7 +130,7 @@ def test_dag_shape_and_cluster_settings(tmp_path):
     assert executors["exec-train-teacher"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     assert "accelerator" not in executors["exec-search"]["container"]["resources"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-profile-target", "exec-export"):
+    for name in ("exec-profile-target", "exec-search", "exec-export"):  # measure on the target
         assert "nodeSelectorJson" in k8s[name]["nodeSelector"]
         assert k8s[name]["tolerations"]
     assert {e["keyToEnv"][0]["envVar"] for e in k8s["exec-train-teacher"]["secretAsEnv"]} \

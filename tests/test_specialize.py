@@ -149,3 +149,36 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     rep = reproduce(tmp_path / "m" / "model_card.json", idx_dir, repeats=20)
     assert rep["sha256_ok"] and rep["acc_diff"] <= 0.1 and rep["within_budget"]
+
+
+def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tmp_path):
+    """A table that predicts a quarter of the true latency: the first pick (the largest subnets look
+    affordable) measures over budget, so the
+    search runs again under a budget scaled by how far the table was off, and says so."""
+    import dataclasses as dc
+
+    rng = np.random.default_rng(1)
+    cfgs = SMALL.sample_many(rng, 100)
+    acc = np.array([80 + sum(c.e) / 10 + c.r / 10 + rng.normal(0, 0.05) for c in cfgs])
+    predictor, _ = fit_predictor(SMALL, cfgs, acc, seed=0, epochs=20)
+    predictor.save(tmp_path / "predictor")
+    optimistic = dc.replace(table, block_ms=table.block_ms / 4, fixed_ms=table.fixed_ms / 4)
+    optimistic.save(tmp_path / "lat.json")
+    sizes = [table.predict_one(c) for c in (SMALL.min_config(), SMALL.max_config())]
+    budget = round(float(np.mean(sizes)), 4)  # between the smallest and largest subnet
+    from onceforall.search import EvolutionConfig
+
+    search_target(SMALL, _target("latency_ms", budget), tmp_path / "predictor.safetensors",
+                  tmp_path / "s", latency_path=tmp_path / "lat.json", verify_rounds=3,
+                  config=EvolutionConfig(population=20, generations=10))
+    v = json.loads((tmp_path / "s" / "search.json").read_text())["verification"]
+    first = v["rounds"][0]
+    assert first["measured_ms"] > budget and first["predicted_ms"] <= budget  # the table misled it
+    assert 2 <= len(v["rounds"]) <= 3
+    assert v["rounds"][1]["search_budget_ms"] < first["search_budget_ms"]
+    assert v["verified"] == (v["rounds"][-1]["measured_ms"] <= budget)
+
+    search_target(SMALL, _target("latency_ms", budget), tmp_path / "predictor.safetensors",
+                  tmp_path / "s0", latency_path=tmp_path / "lat.json", verify_rounds=0,
+                  config=EvolutionConfig(population=20, generations=10))
+    assert "verification" not in json.loads((tmp_path / "s0" / "search.json").read_text())

@@ -101,7 +101,8 @@ def specialize(r: dict) -> list[str]:
              f"Machine: {_machine(r.get('machine', {}))}  ", f"Supernet: `{r.get('supernet')}`", ""]
     if "accuracy_data" in r:
         a = r["accuracy_data"]
-        lines += [f"Accuracy data: {a['n']} stratified subnets, BN recalibrated, validation accuracy "
+        sets = f" ({a['sets']} stratified sets)" if a.get("sets", 1) > 1 else ""
+        lines += [f"Accuracy data: {a['n']} stratified subnets{sets}, BN recalibrated, validation accuracy "
                   f"on {a['val_images']} images; {a['eval_s_per_subnet']:.2f} s per subnet "
                   f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "
                   f"{a['val_acc_max']:.2f}%.", ""]
@@ -127,10 +128,15 @@ def specialize(r: dict) -> list[str]:
     ref_path = RESULTS / "reference_search.json"
     if ref_path.exists():
         ref = json.loads(ref_path.read_text())
-        lines += [f"Side by side in one run (`{ref['command']}`, torch {ref['torch']}, both predictors "
-                  f"randomly initialised, same settings): ours **{ref['ours_s']:.2f} s**, reference "
-                  f"`{ref['reference_package']}` EvolutionFinder **{ref['reference_s']:.1f} s** "
-                  f"(**{ref['speedup']:.1f}x**).", ""]
+        lines += [f"Side by side in one run (`{ref['command']}`, torch {ref['torch']}, predictors "
+                  f"randomly initialised, same settings, {ref.get('statistic', 'one run per side')}): "
+                  f"reference `{ref['reference_package']}` EvolutionFinder with its 3x400 MLP "
+                  f"**{ref['reference_s']:.2f} s**; ours with "
+                  f"{ref.get('ours_predictor', 'the same MLP shape')} **{ref['ours_s']:.3f} s** "
+                  f"(**{ref['speedup']:.1f}x**)"
+                  + (f"; ours with the reference's 3x400 MLP **{ref['ours_reference_mlp_s']:.3f} s** "
+                     f"(**{ref['speedup_reference_mlp']:.1f}x**: the search code alone)"
+                     if "ours_reference_mlp_s" in ref else "") + ".", ""]
     else:
         lines += ["Reference search speed: pending (`make bench-reference`).", ""]
     if r.get("targets"):

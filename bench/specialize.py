@@ -49,7 +49,10 @@ def main() -> int:
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                     help="IDX folder for the independent card reproduction")
     ap.add_argument("--targets", default=str(ROOT / "examples/targets.yaml"))
-    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--n", type=int, default=600, help="subnets per stratified set")
+    ap.add_argument("--sets", type=int, default=2,
+                    help="stratified sets of --n subnets (sampling seeds seed, seed+1, ...), measured "
+                         "the same way; a later set extends the earlier ones")
     ap.add_argument("--work", default=str(ROOT / "bench/_work/specialize"))
     ap.add_argument("--out", default=str(ROOT / "docs/results/specialize.json"))
     ap.add_argument("--seed", type=int, default=0)
@@ -59,7 +62,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
     res.update({"machine": machine(), "supernet": args.supernet,
-                "command": f"python bench/specialize.py --supernet {args.supernet} --n {args.n}"})
+                "command": f"python bench/specialize.py --supernet {args.supernet} --n {args.n} "
+                           f"--sets {args.sets}"})
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1))
@@ -72,15 +76,18 @@ def main() -> int:
     data = load_dataset(args.data, seed=args.seed)
 
     # 1. accuracy data
-    rows_path = work / "accuracy.jsonl"
+    rows_paths = [work / ("accuracy.jsonl" if s == 0 else f"accuracy_set{s}.jsonl")
+                  for s in range(args.sets)]
     t0 = time.monotonic()
-    collect_accuracy(net, data, rows_path, args.n, seed=args.seed,
-                     progress=lambda i, n, s: i % 50 == 0
-                     and log(f"accuracy data {i}/{n} ({s:.2f} s/subnet)"))
-    cfgs, accs = load_accuracy_rows([rows_path], space)
-    rows = read_rows(rows_path)
+    for s, rows_path in enumerate(rows_paths):
+        collect_accuracy(net, data, rows_path, args.n, seed=args.seed, sample_seed=args.seed + s,
+                         progress=lambda i, n, sec, s=s: i % 50 == 0
+                         and log(f"accuracy data set {s}: {i}/{n} ({sec:.2f} s/subnet)"))
+    cfgs, accs = load_accuracy_rows(rows_paths, space)
+    rows = [r for p in rows_paths for r in read_rows(p)]
     if "accuracy_data" not in res or res["accuracy_data"]["n"] != len(cfgs):
-        res["accuracy_data"] = {"n": len(cfgs), "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
+        res["accuracy_data"] = {"n": len(cfgs), "sets": args.sets,
+                                "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
                                 "eval_s_per_subnet": round(float(np.mean([r["eval_s"] for r in rows])), 3),
                                 "this_run_wall_s": round(time.monotonic() - t0, 1),
                                 "val_acc_min": float(accs.min()), "val_acc_max": float(accs.max()),
@@ -92,8 +99,9 @@ def main() -> int:
     predictor.save(work / "predictor")
     res["predictor"] = {"kendall_tau": metrics["kendall_tau"], "rmse_pts": metrics["rmse"],
                         "mae_pts": metrics["mae"], "spearman_rho": metrics["spearman_rho"],
-                        "n_train": metrics["n_train"], "n_val": metrics["n_val"],
-                        "n_test": metrics["n_test"]}
+                        "model": f"{metrics['members']} x MLP "
+                                 f"{'x'.join(map(str, predictor.hidden))}, cross-fitted",
+                        "n_fit": metrics["n_fit"], "n_test": metrics["n_test"]}
     log(f"predictor {res['predictor']}")
     save()
 

@@ -96,9 +96,13 @@ class SubnetEvaluator:
 
 
 def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: int, *,
-                     seed: int = 0, chunk: int = 0, num_chunks: int = 1,
+                     seed: int = 0, chunk: int = 0, num_chunks: int = 1, sample_seed: int | None = None,
                      progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """Measure this chunk's share of ``stratified_configs(space, n, seed)`` into ``out_path``."""
+    """Measure this chunk's share of ``stratified_configs(space, n, sample_seed)`` into ``out_path``.
+
+    ``seed`` fixes the measurement (the BN calibration images); ``sample_seed`` (default ``seed``)
+    the subnets, so a second stratified set can extend a first one measured the same way.
+    """
     if not 0 <= chunk < num_chunks:
         raise UserError(f"chunk {chunk} is not in [0, {num_chunks})", field="chunk",
                         fix="number chunks 0 .. num_chunks-1")
@@ -106,7 +110,8 @@ def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: i
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(r["config"], sort_keys=True) for r in read_rows(out_path)}
-    todo = [c for c in stratified_configs(space, n, seed)[chunk::num_chunks]
+    sample_seed = seed if sample_seed is None else sample_seed
+    todo = [c for c in stratified_configs(space, n, sample_seed)[chunk::num_chunks]
             if json.dumps(c.to_dict(), sort_keys=True) not in done]
     costs = CostTable.build(space)
     evaluate = SubnetEvaluator(net, data, seed=seed)

@@ -2,9 +2,11 @@
 
 Every distinct block variant of the space (unit, first-or-later block, resolution, kernel, expand)
 and the fixed parts (stem + first block, head) are exported and timed on the target runtime with the
-target's threads and batch size, with warm-up and repeats (median). The fixed per-call overhead of
-the runtime (measured on a one-op graph) is taken out of every op and added back once, so that the
-sum of the table is an estimate of one end-to-end call. Predicting a subnet is a sum of table
+target's threads and batch size, with warm-up and repeats (median), several copies per graph (a
+unit's later blocks chained, as they run in a network; shape-changing parts side by side, less the
+additions that join them). The fixed per-call overhead of the runtime (measured on a one-op graph)
+is taken out of every op and added back once, so that the sum of the table is an estimate of one
+end-to-end call. Predicting a subnet is a sum of table
 entries; a batch of configs is a few numpy gathers, fast enough for the search's inner loop.
 """
 

@@ -184,7 +184,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .specialize import search_target
 
     result = search_target(get_space(args.space), _target(args), args.predictor, args.out,
-                           latency_path=args.latency, seed=args.seed)
+                           latency_path=args.latency, seed=args.seed,
+                           verify_rounds=args.verify_rounds)
     print(json.dumps({"best": result.best.to_dict(), "predicted_accuracy": result.best_score,
                       result.metric_name: result.best_metric}, indent=1))
     return 0
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--predictor", required=True, help="predictor .safetensors or .json")
             p.add_argument("--latency", help="latency table JSON (latency_ms targets)")
             p.add_argument("--out", required=True, help="folder for search.json")
+            p.add_argument("--verify-rounds", type=int, default=3,
+                           help="latency budgets: measure the pick here and search again while it is "
+                                "over budget, up to this many searches (0: trust the table; run on "
+                                "the target's hardware otherwise)")
         else:
             p.add_argument("--supernet", required=True)
             p.add_argument("--search", required=True, help="search.json of this target")

@@ -113,8 +113,8 @@ def specialize(r: dict) -> list[str]:
                   f"| {p['model']} | {p['kendall_tau']:.3f} | {p['rmse_pts']:.3f} | {p['mae_pts']:.3f} | "
                   f"{p['spearman_rho']:.3f} | {p['n_fit']}/{p['n_test']} |", ""]
     if r.get("latency"):
-        lines += ["| latency table (onnxruntime; batch 1 unless named) | MAPE | Kendall tau | max APE | subnets | "
-                  "measured range (ms) | build |", "|---|---|---|---|---|---|---|"]
+        lines += ["| latency table (onnxruntime; batch 1 unless named) | MAPE | Kendall tau | max APE | "
+                  "subnets | measured range (ms) | build |", "|---|---|---|---|---|---|---|"]
         for k, v in r["latency"].items():
             lo, hi = v["measured_ms_range"]
             lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "

@@ -2,22 +2,25 @@
 
 Every distinct block variant of the space (unit, first-or-later block, resolution, kernel, expand)
 and the fixed parts (stem + first block, head) are exported and timed on the target runtime with the
-target's threads and batch size, with warm-up and repeats (median), several copies per graph (a
-unit's later blocks chained, as they run in a network; shape-changing parts side by side, less the
-additions that join them). The fixed per-call overhead of the runtime (measured on a one-op graph)
-is taken out of every op and added back once, so that the sum of the table is an estimate of one
-end-to-end call. Predicting a subnet is a sum of table
-entries; a batch of configs is a few numpy gathers, fast enough for the search's inner loop.
+target's threads and batch size, with warm-up and repeats (median). The fixed per-call overhead of
+the runtime (measured on a one-op graph) is taken out of every op and added back once, so that the
+sum of the table is an estimate of one end-to-end call.
+
+A whole network runs its ops back to back, and on a CPU that is not the sum of ops timed apart:
+measured here, the sums came out 6-22% high depending on threads and batch size, consistently for
+every subnet. So the build also measures a few random whole subnets on the same runtime and keeps
+one calibration factor, the median of measured / summed; a prediction is the calibrated sum of table
+entries. A batch of configs is a few numpy gathers, fast enough for the search's inner loop.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,39 +83,24 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def _copies(module: nn.Module, copies: int) -> nn.ModuleList:
-    """``copies`` deep copies, each with slightly different weights so no optimizer can merge them."""
-    reps = []
-    for i in range(copies):
-        m = copy.deepcopy(module)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(1e-3 * (i + 1))
-        reps.append(m)
-    return nn.ModuleList(reps)
-
-
-class Chain(nn.Module):
-    """``copies`` copies of a shape-preserving module run one after another, as a unit's later
-    blocks run in a network: each copy reads what the previous one wrote."""
-
-    def __init__(self, module: nn.Module, copies: int):
-        super().__init__()
-        self.reps = _copies(module, copies)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.reps:
-            x = m(x)
-        return x
-
-
 class Replicas(nn.Module):
-    """``copies`` copies of a module applied to one input, outputs summed (for modules that change
-    the shape, which cannot be chained); :class:`Adds` measures the sum to take it out again."""
+    """``copies`` independent copies of a module applied to one input, outputs summed.
+
+    Timing K copies in one call amortises the runtime's per-call overhead over K ops, so a block
+    of a few microseconds is not lost in the noise of the call itself. Each copy gets slightly
+    different weights, so no graph optimizer can merge them.
+    """
 
     def __init__(self, module: nn.Module, copies: int):
         super().__init__()
-        self.reps = _copies(module, copies)
+        reps = []
+        for i in range(copies):
+            m = copy.deepcopy(module)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(1e-3 * (i + 1))
+            reps.append(m)
+        self.reps = nn.ModuleList(reps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.reps[0](x)
@@ -121,21 +109,7 @@ class Replicas(nn.Module):
         return out
 
 
-class Adds(nn.Module):
-    """The ``n`` elementwise additions that :class:`Replicas` of ``n + 1`` copies adds."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for _ in range(self.n):
-            out = out + x
-        return out
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Profiler:
     """Times modules on one runtime with fixed threads and batch size."""
 
@@ -172,26 +146,13 @@ class Profiler:
         return min(self.measure(nn.ReLU(), (1, 4, 4)) for _ in range(tries))
 
     def measure_op(self, module: nn.Module, shape: tuple[int, ...], overhead: float,
-                   copies: int = 8, adds: dict[tuple[int, ...], float] | None = None) -> float:
-        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies.
-
-        Timing K copies in one call amortises the runtime's per-call overhead over K ops, so a block
-        of a few microseconds is not lost in the noise of the call itself. A shape-preserving module
-        is timed as a :class:`Chain`, as it runs in a network; any other as :class:`Replicas`, less
-        the time of the additions that sum them (measured once per output shape, cached in ``adds``).
-        """
-        with torch.inference_mode():
-            out_shape = tuple(module.eval()(torch.zeros(1, *shape)).shape[1:])
-        if out_shape == tuple(shape):
-            return max(self.measure(Chain(module, copies), shape) - overhead, 0.0) / copies
-        adds = {} if adds is None else adds
-        if out_shape not in adds:
-            adds[out_shape] = max(self.measure(Adds(copies - 1), out_shape) - overhead, 0.0)
+                   copies: int = 8) -> float:
+        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
         total = self.measure(Replicas(module, copies), shape)
-        return max(total - overhead - adds[out_shape], 0.0) / copies
+        return max(total - overhead, 0.0) / copies
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LatencyTable:
     space: SearchSpace
     runtime: str
@@ -202,9 +163,15 @@ class LatencyTable:
     block_ms: np.ndarray  # (S, R, K, E) one block at each slot/resolution/kernel/expand
     device: str = ""
     build_s: float = 0.0
+    scale: float = 1.0  # measured whole subnets / summed table entries (median), see build
+    calibration_n: int = 0
 
     def predict(self, cfgs: BatchLike) -> np.ndarray:
         """(N,) predicted milliseconds per call (a batch of ``batch_size``)."""
+        return self.scale * self.summed(cfgs)
+
+    def summed(self, cfgs: BatchLike) -> np.ndarray:
+        """(N,) the uncalibrated sum of table entries."""
         r_idx, k_idx, e_idx, act = as_batch(cfgs).indices(self.space)
         slots = np.arange(self.space.num_slots)[None, :]
         per_slot = self.block_ms[slots, r_idx[:, None], k_idx, e_idx]  # (N, S)
@@ -218,7 +185,8 @@ class LatencyTable:
         return {"format": FORMAT, "space": self.space.to_dict(), "runtime": self.runtime,
                 "threads": self.threads, "batch_size": self.batch_size,
                 "overhead_ms": self.overhead_ms, "fixed_ms": self.fixed_ms.tolist(),
-                "block_ms": self.block_ms.tolist(), "device": self.device, "build_s": self.build_s}
+                "block_ms": self.block_ms.tolist(), "device": self.device, "build_s": self.build_s,
+                "scale": self.scale, "calibration_n": self.calibration_n}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -248,28 +216,32 @@ class LatencyTable:
                             source=str(path), field="block_ms", fix="re-run the profile stage")
         return cls(space, raw["runtime"], raw["threads"], raw["batch_size"], raw["overhead_ms"],
                    np.asarray(raw["fixed_ms"], dtype=np.float64), block, raw.get("device", ""),
-                   raw.get("build_s", 0.0))
+                   raw.get("build_s", 0.0), float(raw.get("scale", 1.0)), int(raw.get("calibration_n", 0)))
+
+
+CALIBRATION_SEED = 2_147_483_647  # the calibration subnets: not the validation's (seeded 0, 1, ...)
 
 
 def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str = "",
-                        copies: int = 8,
+                        copies: int = 8, calibrate: int = 20,
                         progress: Callable[[int, int], None] | None = None) -> LatencyTable:
-    """Measure every distinct variant once and lay the numbers out per block slot."""
+    """Measure every distinct variant once and lay the numbers out per block slot; then measure
+    ``calibrate`` random whole subnets (0: none) for the table's calibration factor."""
     t0 = time.monotonic()
     torch.manual_seed(0)
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
-    adds: dict[tuple[int, ...], float] = {}
     n_variants = len(res) * (2 + len(space.units) * min(2, space.max_depth) * len(ks) * len(es))
+    n_steps = n_variants + max(calibrate, 0)
     done = 0
 
     def measured(module: nn.Module, shape: tuple[int, ...]) -> float:
         nonlocal done
-        ms = profiler.measure_op(module, shape, overhead, copies, adds)
+        ms = profiler.measure_op(module, shape, overhead, copies)
         done += 1
         if progress:
-            progress(done, n_variants)
+            progress(done, n_steps)
         return ms
 
     fixed = np.zeros(len(res))
@@ -292,8 +264,20 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
                             block[u * space.max_depth, ri, ki, ei] = ms
                         else:  # every later block of the unit has the same shapes
                             block[u * space.max_depth + 1:(u + 1) * space.max_depth, ri, ki, ei] = ms
-    return LatencyTable(space, profiler.runtime, profiler.threads, profiler.batch_size, overhead,
-                        fixed, block, device, round(time.monotonic() - t0, 2))
+    table = LatencyTable(space, profiler.runtime, profiler.threads, profiler.batch_size, overhead,
+                         fixed, block, device)
+    scale = 1.0
+    if calibrate > 0:
+        cfgs = space.sample_many(np.random.default_rng(CALIBRATION_SEED), calibrate)
+        measured = []
+        for c in cfgs:
+            measured.append(measure_config(profiler, net, c))
+            done += 1
+            if progress:
+                progress(done, n_steps)
+        scale = float(np.median(np.array(measured) / table.summed(cfgs)))
+    return dataclasses.replace(table, scale=scale, calibration_n=max(calibrate, 0),
+                               build_s=round(time.monotonic() - t0, 2))
 
 
 def measure_config(profiler: Profiler, net: OFASupernet, cfg: SubnetConfig) -> float:

@@ -51,9 +51,12 @@ def test_latency_table_covers_every_slot_and_roundtrips(table, tmp_path):
     cfg = SMALL.uniform_config(2, 5, 6, 20)
     slots = [u * 4 + i for u in range(2) for i in range(2)]
     expected = table.fixed_ms[1] + sum(table.block_ms[s, 1, 1, 1] for s in slots)
-    assert table.predict([cfg])[0] == pytest.approx(expected)
+    assert table.summed([cfg])[0] == pytest.approx(expected)
+    # ... times the calibration factor, the median of measured/summed over 20 whole subnets.
+    assert table.calibration_n == 20 and 0.2 < table.scale < 5
+    assert table.predict([cfg])[0] == pytest.approx(table.scale * expected)
     loaded = LatencyTable.load(table.save(tmp_path / "lut.json"), SMALL)
-    assert np.allclose(loaded.predict(cfgs), pred)
+    assert np.allclose(loaded.predict(cfgs), pred) and loaded.scale == table.scale
     with pytest.raises(UserError) as info:
         LatencyTable.load(tmp_path / "lut.json", get_space("fashion-mnist"))
     assert info.value.field == "space"

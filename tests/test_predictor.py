@@ -76,7 +76,7 @@ def test_ensemble_is_the_mean_of_members(fitted):
     with torch.inference_mode():
         each = predictor.model.member_outputs(torch.from_numpy(x)).numpy()  # (M, N)
     assert each.shape == (5, 50)
-    assert np.allclose(predictor.predict(x), each.mean(0), atol=1e-4)
+    assert np.allclose(predictor.predict(x), each.mean(0), atol=1e-4)  # numpy inference == torch
     assert each.std(0).mean() > 0  # the members differ: different folds and inits
 
 

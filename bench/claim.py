@@ -40,6 +40,7 @@ WORK = ROOT / "bench" / "_work"
 SUPERNET = WORK / "standard" / "ps" / "width-2"
 TEACHER = WORK / "standard" / "ps" / "teacher"
 TARGETS = WORK / "specialize" / "targets"
+CARDS = WORK / "claim" / "cards"  # the snapshot of the searched subnets the claim measures
 FINETUNE = {"epochs": 2, "lr": 0.01}
 KINDS = ("finetuned", "scratch", "scratch_kd")
 NS = (1, 4, 10, 40)
@@ -63,9 +64,19 @@ def save(doc: dict) -> None:
 
 
 def searched() -> dict[str, dict]:
-    """Target name -> its model card from the standard specialization run."""
-    cards = {p.parent.parent.name: json.loads(p.read_text())
-             for p in sorted(TARGETS.glob("*/model/model_card.json"))}
+    """Target name -> the model card of the subnet the claim measures.
+
+    The claim measures the subnets of one specialization run: the first time it sees a target it
+    snapshots that target's card into bench/_work/claim/cards/, and from then on it reads the
+    snapshot, so a later `make bench-specialize` (which may pick other subnets) never mixes results
+    of different architectures into one row.
+    """
+    CARDS.mkdir(parents=True, exist_ok=True)
+    for card in sorted(TARGETS.glob("*/model/model_card.json")):
+        snapshot = CARDS / f"{card.parent.parent.name}.json"
+        if not snapshot.exists():
+            snapshot.write_text(card.read_text())
+    cards = {p.stem: json.loads(p.read_text()) for p in sorted(CARDS.glob("*.json"))}
     if not cards or not (SUPERNET / "checkpoint.json").is_file():
         raise SystemExit("needs the standard supernet and its searched subnets: run `make bench-ps` and "
                          "`make bench-specialize` first")
@@ -221,7 +232,9 @@ def main() -> int:
                 "[--budget-min M] (make bench-claim)",
                 "why": WHY,
                 "settings": {"finetune": FINETUNE, "scratch": "teacher phase of the standard schedule",
-                             "supernet": str(SUPERNET.relative_to(ROOT))}})
+                             "supernet": str(SUPERNET.relative_to(ROOT)),
+                             "subnets": str(CARDS.relative_to(ROOT)) + " (snapshot of the "
+                             "specialization run they were first taken from)"}})
     cost(doc)
     throughput(doc)
     save(doc)

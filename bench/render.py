@@ -293,7 +293,9 @@ def claim(r: dict) -> list[str]:
                   f"({ft['epochs']} epochs, lr {ft['lr']}), and the same architecture trained from "
                   "scratch on the teacher's recipe (12 epochs), without and with distillation from the "
                   "teacher. Mean ± standard deviation over seeds where there are several; `pending` = "
-                  "not measured yet.", "",
+                  "not measured yet. The subnets are a snapshot "
+                  f"(`{r['settings'].get('subnets', 'the specialization run')}`), so a later "
+                  "specialization run that picks other subnets does not mix into these rows.", "",
                   "| target | MACs | OFA as exported | OFA fine-tuned | scratch | scratch + KD | "
                   "OFA − best scratch |", "|---|---:|---:|---:|---:|---:|---:|"]
 

@@ -102,6 +102,9 @@ def specialize(r: dict) -> list[str]:
     if "accuracy_data" in r:
         a = r["accuracy_data"]
         sets = f" ({a['sets']} stratified sets)" if a.get("sets", 1) > 1 else ""
+        if len(a.get("eval_s_per_subnet_by_set", [])) > 1:
+            by_set = ", ".join(f"{v:.2f}" for v in a["eval_s_per_subnet_by_set"])
+            sets += f" (s per subnet by set: {by_set})"
         lines += [f"Accuracy data: {a['n']} stratified subnets{sets}, BN recalibrated, validation accuracy "
                   f"on {a['val_images']} images; {a['eval_s_per_subnet']:.2f} s per subnet "
                   f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "

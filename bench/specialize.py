@@ -89,6 +89,9 @@ def main() -> int:
         res["accuracy_data"] = {"n": len(cfgs), "sets": args.sets,
                                 "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
                                 "eval_s_per_subnet": round(float(np.mean([r["eval_s"] for r in rows])), 3),
+                                "eval_s_per_subnet_by_set": [
+                                    round(float(np.mean([r["eval_s"] for r in read_rows(p)])), 3)
+                                    for p in rows_paths],
                                 "this_run_wall_s": round(time.monotonic() - t0, 1),
                                 "val_acc_min": float(accs.min()), "val_acc_max": float(accs.max()),
                                 "val_images": len(data.val)}

@@ -125,7 +125,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     ort_acc = _ort_accuracy(sess, data)
 
     shape = (space.in_channels, data.image_size, data.image_size)
-    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=200)
+    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=50,
+                        blocks=4)
     latency_ms = profiler.measure(deploy, shape)
 
     card = {
@@ -153,8 +154,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     "predicted_ms": None if predicted_latency_ms is None
                     else round(float(predicted_latency_ms), 5),
                     "runtime": target.runtime, "threads": target.threads,
-                    "batch_size": target.batch_size, "statistic": "median of 200 calls after 20 "
-                    "warm-up calls", "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                    "batch_size": target.batch_size, "statistic": profiler.statistic,
+                    "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),
         "params": subnet_params(space, cfg),

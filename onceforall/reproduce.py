@@ -59,12 +59,15 @@ def reproduce(card_path: str | Path, data_dir: str | Path, *, repeats: int = 200
     batch = x[:card["latency"]["batch_size"]]
     for _ in range(20):
         sess.run(None, {"input": batch})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter_ns()
-        sess.run(None, {"input": batch})
-        times.append((time.perf_counter_ns() - t) / 1e6)
-    latency = statistics.median(times)
+    medians = []  # the card's statistic: the smallest of 4 medians of repeats/4 calls
+    for _ in range(4):
+        times = []
+        for _ in range(max(repeats // 4, 1)):
+            t = time.perf_counter_ns()
+            sess.run(None, {"input": batch})
+            times.append((time.perf_counter_ns() - t) / 1e6)
+        medians.append(statistics.median(times))
+    latency = min(medians)
     budget = card["target"]["constraint"]
     out = {"target": card["target"]["name"], "sha256_ok": sha == card["onnx"]["sha256"],
            "test_acc": round(acc, 3), "card_test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],

@@ -318,7 +318,7 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
     The card's ``energy`` lists the stages that produced this model: the shared ones and this
     target's profile and search (the export's own figure is in the ledger beside it)."""
     from .export import export_subnet, load_supernet
-    from .specialize import SEARCH_RESULT
+    from .specialize import SEARCH_RESULT, select_on_validation
 
     tgt = _target(target)
     out_dir = Path(out_dir)
@@ -326,14 +326,18 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
         net = load_supernet(supernet_dir)
         space = net.space
-        cfg = SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))
+        SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))  # fits?
         ds = open_data(data, seed=seed, image_size=max(space.resolutions))
         check_data(space, ds)
+        cfg, selection = select_on_validation(net, ds, doc, seed=seed)
+        pick = selection.get("shortlist", [{}])[selection["picked"]]
         upstream = read_ledger(search_dir)
-        card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=doc.get("best_score"),
-                             predicted_latency_ms=doc.get("predicted_latency_ms"), seed=seed, net=net,
+        card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir,
+                             predicted_accuracy=pick.get("predicted_acc", doc.get("best_score")),
+                             predicted_latency_ms=pick.get("latency_ms", doc.get("predicted_latency_ms")),
+                             seed=seed, net=net,
                              extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
-                                    "energy": _energy_of(upstream, tgt.name)})
+                                    "selection": selection, "energy": _energy_of(upstream, tgt.name)})
         for name in ("pareto.png", "pareto.html"):
             src = Path(search_dir) / name
             if src.is_file():

@@ -139,6 +139,18 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     assert len(uniform_configs(SMALL)) == 3 * 2 * 2 * 2
 
     data = load_dataset(str(idx_dir), val_size=60)
+    # The pick: the best validation accuracy among the search's best-scoring Pareto points.
+    from onceforall.export import load_supernet
+    from onceforall.specialize import select_on_validation
+
+    net = load_supernet(supernet_dir)
+    picked, sel = select_on_validation(net, data, doc, k=4)
+    rows = sel["shortlist"]
+    assert 1 <= len(rows) <= 4 and all(r["macs"] <= 600_000 for r in rows)
+    assert rows[sel["picked"]]["val_acc"] == max(r["val_acc"] for r in rows)
+    assert picked.to_dict() == rows[sel["picked"]]["config"]
+    assert [r["predicted_acc"] for r in rows] == sorted((r["predicted_acc"] for r in rows), reverse=True)
+    assert select_on_validation(net, data, doc, k=1)[0] == result.best
     card = export_subnet(supernet_dir, result.best, data, target, tmp_path / "m",
                          predicted_accuracy=result.best_score, calib_images=100)
     assert card["onnx"]["max_abs_diff_vs_torch"] <= 1e-4

@@ -27,7 +27,7 @@ SMALL = dataclasses.replace(
     get_space("fashion-mnist"), name="small", stem_width=8, first_block_width=8,
     units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
     kernels=(3, 5), expands=(3, 6), resolutions=(16, 20), final_expand_width=64, feature_width=64)
-FAST = Profiler("onnxruntime", threads=1, batch_size=1, warmup=2, repeats=5)
+FAST = Profiler("onnxruntime", threads=1, batch_size=1, warmup=2, repeats=5, blocks=1)
 
 
 def _target(kind, budget, name="t"):

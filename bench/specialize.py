@@ -35,7 +35,8 @@ from onceforall.accuracy_data import (  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
-from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table  # noqa: E402
+from onceforall.latency import (  # noqa: E402
+    LatencyTable, Profiler, build_latency_table, measure_config, validate_latency_table)
 from onceforall.predictor import fit_predictor  # noqa: E402
 from onceforall.reproduce import reproduce  # noqa: E402
 from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
@@ -115,9 +116,14 @@ def main() -> int:
 
     def validated(table: LatencyTable, prof: Profiler) -> dict:
         v = validate_latency_table(table, prof, n=50, seed=args.seed, net=net)
+        # The floor under any table's error: the same subnet measured again and again (5 x 5).
+        again = [[measure_config(prof, net, c) for _ in range(5)]
+                 for c in space.sample_many(np.random.default_rng(args.seed + 7), 5)]
         return {"mape_pct": v["mape_pct"], "kendall_tau": v["kendall_tau"], "max_ape_pct": v["max_ape_pct"],
                 "n": v["n"], "build_s": table.build_s, "overhead_ms": table.overhead_ms,
-                "measured_ms_range": [min(v["measured_ms"]), max(v["measured_ms"])]}
+                "scale": round(table.scale, 4),
+                "measured_ms_range": [min(v["measured_ms"]), max(v["measured_ms"])],
+                "repeat_cv_pct": round(float(np.mean([100 * np.std(a) / np.mean(a) for a in again])), 2)}
 
     tables = {}
     for threads in (1, 2):

@@ -326,7 +326,8 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
         net = load_supernet(supernet_dir)
         space = net.space
-        SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))  # fits?
+        # A search.json of another space fails here, naming the file, before any work.
+        SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))
         ds = open_data(data, seed=seed, image_size=max(space.resolutions))
         check_data(space, ds)
         cfg, selection = select_on_validation(net, ds, doc, seed=seed)

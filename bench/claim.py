@@ -48,7 +48,8 @@ NS = (1, 4, 10, 40)
 WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8 epochs of progressive "
        "shrinking over five phases, against the paper's 180 + ~400; its max subnet (91.51%) is below "
        "the teacher alone (91.89%), so the shared weights have not caught up with what each small "
-       "architecture reaches when it has the whole 12-epoch recipe to itself. On Fashion-MNIST the "
+       "architecture reaches when it has the whole 12-epoch recipe to itself (and at its own resolution: "
+       "the supernet trains every batch at one of 20, 24 or 28 pixels). On Fashion-MNIST the "
        "small static networks reach about 92.4% alone. A 2-epoch fine-tune recovers 0.27-0.52 points of "
        "the gap. Closing it needs a longer shrinking schedule (issue 2's open accuracy targets are the "
        "same shortfall).")

@@ -159,10 +159,11 @@ class Profiler:
     def overhead(self, tries: int = 5) -> float:
         """The cost of one call of a graph that does almost nothing.
 
-        The smallest of a few medians: a spike from another process during one of them would
+        The smallest of ``tries`` times as many medians as a measurement takes, from one session
+        (time_calls takes the minimum): a spike from another process during one of them would
         otherwise be subtracted from every op of the table.
         """
-        return min(self.measure(nn.ReLU(), (1, 4, 4)) for _ in range(tries))
+        return dataclasses.replace(self, blocks=self.blocks * tries).measure(nn.ReLU(), (1, 4, 4))
 
     def measure_op(self, module: nn.Module, shape: tuple[int, ...], overhead: float,
                    copies: int = 8) -> float:

@@ -176,10 +176,10 @@ def main() -> int:
                                latency_path=latency_path, seed=args.seed)
         doc = json.loads((tdir / "search.json").read_text())
         picked, selection = select_on_validation(net, data, doc, seed=args.seed)
-        pick = selection.get("shortlist", [{}])[selection["picked"]]
+        pick = selection["shortlist"][selection["picked"]]
         card = export_subnet(args.supernet, picked, data, target, tdir / "model",
-                             predicted_accuracy=pick.get("predicted_acc", result.best_score),
-                             predicted_latency_ms=pick.get("latency_ms", doc.get("predicted_latency_ms")),
+                             predicted_accuracy=pick["predicted_acc"],
+                             predicted_latency_ms=pick.get("latency_ms"),
                              seed=args.seed, net=net, extra={"selection": selection})
         # Best uniform subnet under the same budget, chosen on validation, judged on test.
         constraint = constraint_fn(space, target, LatencyTable.load(latency_path, space)
@@ -204,8 +204,7 @@ def main() -> int:
             "constraint": target.constraint.kind, "budget": target.constraint.budget,
             "searched_test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
             "searched_val_acc": round(s_val, 3),
-            "predicted_acc": round(pick.get("predicted_acc", result.best_score), 3),
-            "searched_metric": pick.get(doc["metric_name"], result.best_metric),
+            "predicted_acc": pick["predicted_acc"], "searched_metric": pick[doc["metric_name"]],
             "searched_config": picked.to_dict(),
             "search_best_config": result.best.to_dict(), "shortlist_pick": selection["picked"],
             "best_uniform_test_acc": None if u_test is None else round(u_test, 3),

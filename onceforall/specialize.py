@@ -128,15 +128,18 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
     points near the top of the front differ by less than that; a few real evaluations settle it.
 
     ``net`` is the supernet, ``data`` a dataset with a validation split; ``k`` <= 1 keeps the
-    search's best. Returns the config and a record of the shortlist for the model card.
+    search's best. Returns the config and a record for the model card: ``shortlist`` (each row's
+    config, predicted accuracy and constrained metric) and ``picked``, the index of the pick.
     """
     from .accuracy_data import SubnetEvaluator
 
     space = net.space
-    points = sorted(search["pareto"], key=lambda p: -p["score"])[:max(k, 1)]
     if k <= 1:
-        best = SubnetConfig.from_dict(search["best"], space)
-        return best, {"rule": "the search's best (no shortlist)", "picked": 0}
+        row = {"config": search["best"], "predicted_acc": round(search["best_score"], 3),
+               search["metric_name"]: search["best_metric"]}
+        return (SubnetConfig.from_dict(search["best"], space),
+                {"rule": "the search's best (no shortlist)", "picked": 0, "shortlist": [row]})
+    points = sorted(search["pareto"], key=lambda p: -p["score"])[:k]
     evaluate = SubnetEvaluator(net, data, split="val", seed=seed)
     rows = [{"config": p["config"], "predicted_acc": round(p["score"], 3),
              search["metric_name"]: p["metric"],

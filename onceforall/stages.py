@@ -331,12 +331,10 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         ds = open_data(data, seed=seed, image_size=max(space.resolutions))
         check_data(space, ds)
         cfg, selection = select_on_validation(net, ds, doc, seed=seed)
-        pick = selection.get("shortlist", [{}])[selection["picked"]]
+        pick = selection["shortlist"][selection["picked"]]
         upstream = read_ledger(search_dir)
-        card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir,
-                             predicted_accuracy=pick.get("predicted_acc", doc.get("best_score")),
-                             predicted_latency_ms=pick.get("latency_ms", doc.get("predicted_latency_ms")),
-                             seed=seed, net=net,
+        card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=pick["predicted_acc"],
+                             predicted_latency_ms=pick.get("latency_ms"), seed=seed, net=net,
                              extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
                                     "selection": selection, "energy": _energy_of(upstream, tgt.name)})
         for name in ("pareto.png", "pareto.html"):

@@ -65,6 +65,16 @@ def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int) -> float:
     return 0.5 * phase.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def step_configs(phase: PhaseConfig, phase_space: SearchSpace,
+                 rng: np.random.Generator) -> list[SubnetConfig]:
+    """The subnets one step trains: random ones, or with the sandwich rule the phase's largest and
+    smallest first (drawn from ``rng`` either way, so that the stream does not depend on it)."""
+    cfgs = phase_space.sample_many(rng, phase.subnets_per_step)
+    if phase.sandwich:
+        cfgs[:2] = [phase_space.max_config(), phase_space.min_config()]
+    return cfgs
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on batch-norm parameters and biases (the paper's recipe)."""
     decay, no_decay = [], []
@@ -192,6 +202,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         ckpt.set_rng_state(resume.meta["rng"])
     start_step = global_step
 
+    teacher_res = max(space.resolutions)
     calib = calibration_images(data, schedule.bn_calib_images, seed)
     refs = reference_configs(space)
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
@@ -226,18 +237,18 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                            world=info.world)
         rng = np.random.default_rng([seed, phase_index, global_step])
         resolution = int(rng.choice(phase_space.resolutions))
-        x = resize(x, resolution).to(dev)
+        x_full = x.to(dev)
+        x = resize(x_full, resolution)
         y = y.to(dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(global_step, phase, steps_per_epoch)
 
         soft = None
         if kd_net is not None:
-            with torch.no_grad():
-                soft = F.softmax(kd_net(x, space.max_config()), dim=1)
+            with torch.no_grad():  # the teacher sees the images at the largest resolution
+                soft = F.softmax(kd_net(resize(x_full, teacher_res), space.max_config()), dim=1)
         step_loss = 0.0
-        for _ in range(phase.subnets_per_step):
-            cfg = phase_space.sample(rng)
+        for cfg in step_configs(phase, phase_space, rng):
             logits = net(x, cfg)
             loss = criterion(logits, y)
             if soft is not None:

@@ -13,7 +13,7 @@ from onceforall import checkpoint as ckpt
 from onceforall.errors import UserError
 from onceforall.schedule import SCHEDULES, get_schedule, smoke
 from onceforall.space import get_space
-from onceforall.train import lr_at, run_phase, train_supernet
+from onceforall.train import lr_at, run_phase, step_configs, train_supernet
 
 SPACE = get_space("fashion-mnist")
 
@@ -35,6 +35,33 @@ def test_schedules_are_the_papers_phase_order(name):
     assert spaces[2].depths == (2, 3, 4) and spaces[3].expands == (4, 6)
     assert spaces[4] == SPACE
     assert s.teacher.kd_ratio == 0 and all(p.kd_ratio > 0 for p in s.phases)
+
+
+def test_teacher_is_the_full_network_at_the_largest_resolution_except_in_paper():
+    assert get_schedule("standard").teacher.space(SPACE).resolutions == (28,)
+    assert get_schedule("paper").teacher.space(SPACE).resolutions == SPACE.resolutions
+
+
+def test_sandwich_trains_the_phases_largest_and_smallest_subnets_each_step():
+    import numpy as np
+
+    width1, width2 = get_schedule("standard").phases[3:]
+    assert width1.sandwich and width2.sandwich
+    sub = width1.space(SPACE)
+    for step in range(3):
+        cfgs = step_configs(width1, sub, np.random.default_rng(step))
+        assert cfgs[0] == sub.max_config() and cfgs[1] == sub.min_config()
+        assert len(cfgs) == width1.subnets_per_step and min(sub.expands) == 4
+    # without it, the same generator gives random ones, and the stream advances the same either way
+    plain = dataclasses.replace(width1, sandwich=False)
+    a, b = np.random.default_rng(0), np.random.default_rng(0)
+    step_configs(plain, sub, a), step_configs(width1, sub, b)
+    assert a.integers(1 << 30) == b.integers(1 << 30)
+    # the baseline keeps the sampling of each phase
+    assert [p.sandwich for p in get_schedule("standard").without_progressive_shrinking().phases] == \
+        [False, False, False, True, True]
+    with pytest.raises(UserError, match="subnets_per_step"):
+        dataclasses.replace(width1, subnets_per_step=2)
 
 
 def test_lr_warmup_then_cosine():

@@ -44,7 +44,8 @@ CARDS = WORK / "claim" / "cards"  # the snapshot of the searched subnets the cla
 FINETUNE = {"epochs": 2, "lr": 0.01}
 KINDS = ("finetuned", "scratch", "scratch_kd")
 NS = (1, 4, 10, 40)
-# Why the measured gap is what it is (rendered under the quality table; keep it true to the numbers).
+# Why the measured gap is what it is (rendered under the quality table; keep it true to the numbers
+# of the supernet in settings.trained_on).
 WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8 epochs of progressive "
        "shrinking over five phases, against the paper's 180 + ~400; its max subnet (91.51%) is below "
        "the teacher alone (91.89%), so the shared weights have not caught up with what each small "
@@ -53,6 +54,30 @@ WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8
        "small static networks reach about 92.4% alone. A 2-epoch fine-tune recovers 0.27-0.52 points of "
        "the gap. Closing it needs a longer shrinking schedule (issue 2's open accuracy targets are the "
        "same shortfall).")
+
+
+def trained_on() -> dict:
+    """What the claim's rows are measured on: the sha256 of the supernet's and the teacher's weights,
+    and the teacher's recipe as its checkpoint records it (the scratch runs use that recipe)."""
+    meta = {name: json.loads((d / "checkpoint.json").read_text())
+            for name, d in (("supernet", SUPERNET), ("teacher", TEACHER))}
+    recipe = meta["teacher"]["schedule"]["teacher"]
+    return {"supernet_sha256": meta["supernet"]["files"]["weights.safetensors"],
+            "teacher_sha256": meta["teacher"]["files"]["weights.safetensors"],
+            "teacher_recipe": {k: recipe[k] for k in ("epochs", "lr", "warmup_epochs")}
+            | {"resolutions": recipe.get("n_resolutions") or "all"}}
+
+
+def check_same_supernet(doc: dict) -> None:
+    """A resumed claim must not mix rows measured on two different supernets."""
+    now = trained_on()
+    then = doc.setdefault("settings", {}).get("trained_on")
+    if then and (then["supernet_sha256"], then["teacher_sha256"]) != (now["supernet_sha256"],
+                                                                     now["teacher_sha256"]):
+        raise SystemExit(f"{RESULT.relative_to(ROOT)} was measured on another standard supernet "
+                         f"(sha256 {then['supernet_sha256'][:12]}, now {now['supernet_sha256'][:12]}): "
+                         f"move it and bench/_work/claim aside to measure the new one from the start")
+    doc["settings"]["trained_on"] = then or now
 
 
 def load() -> dict:
@@ -229,10 +254,12 @@ def main() -> int:
                     help="stop starting new trainings after this many minutes (rerun to continue)")
     args = ap.parse_args()
     doc = load()
+    check_same_supernet(doc)
     doc.update({"machine": machine(), "command": "python bench/claim.py [--seeds ...] [--kinds ...] "
                 "[--budget-min M] (make bench-claim)",
                 "why": WHY,
-                "settings": {"finetune": FINETUNE, "scratch": "teacher phase of the standard schedule",
+                "settings": {**doc["settings"], "finetune": FINETUNE,
+                             "scratch": "teacher phase of the standard schedule",
                              "supernet": str(SUPERNET.relative_to(ROOT)),
                              "subnets": str(CARDS.relative_to(ROOT)) + " (snapshot of the "
                              "specialization run they were first taken from)"}})

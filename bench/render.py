@@ -288,6 +288,14 @@ def _plot_energy(report: dict) -> bool:
     return True
 
 
+def _recipe(r: dict) -> str:
+    t = r.get("settings", {}).get("trained_on", {})
+    if not t:
+        return "its epochs"
+    return (f"{t['teacher_recipe']['epochs']} epochs; the supernet's weights sha256 "
+            f"`{t['supernet_sha256'][:12]}`")
+
+
 def claim(r: dict) -> list[str]:
     lines = ["## The claim: OFA subnets vs the same architectures from scratch (issue: the claim)", "",
              f"Command: `{r['command']}` (resumable: a rerun skips every training already measured)  ",
@@ -298,7 +306,7 @@ def claim(r: dict) -> list[str]:
         lines += ["Test accuracy (%) of the subnet the search picked for each example target on the "
                   "`standard` supernet: as exported (no retraining), fine-tuned from the supernet "
                   f"({ft['epochs']} epochs, lr {ft['lr']}), and the same architecture trained from "
-                  "scratch on the teacher's recipe (12 epochs), without and with distillation from the "
+                  f"scratch on the teacher's recipe ({_recipe(r)}), without and with distillation from the "
                   "teacher. Mean ± standard deviation over seeds where there are several; `pending` = "
                   "not measured yet. The subnets are a snapshot "
                   f"(`{r['settings'].get('subnets', 'the specialization run')}`), so a later "
@@ -340,7 +348,8 @@ def claim(r: dict) -> list[str]:
         lines += ["", "Assumptions: " + "; ".join(c["assumptions"]) + "."]
         std = c.get("standard")
         if std and std.get("scratch_per_target_j"):
-            lines += ["", f"At the `standard` scale: one from-scratch training (teacher recipe, 12 epochs) "
+            lines += ["", "At the `standard` scale: one from-scratch training "
+                      f"(teacher recipe, {_recipe(r)}) "
                       f"measured {std['scratch_per_target_j']:.0f} J (mean of "
                       f"{std['scratch_trainings_metered']} metered trainings), against "
                       f"{std['per_target_marginal_j']:.0f} J for one more OFA target; "

@@ -32,6 +32,7 @@ from progressive_shrinking import machine  # noqa: E402
 
 from onceforall.accuracy_data import (  # noqa: E402
     SubnetEvaluator, collect_accuracy, load_accuracy_rows, read_rows)
+from onceforall.checkpoint import read_meta  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
@@ -64,7 +65,16 @@ def main() -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
-    res.update({"machine": machine(), "supernet": args.supernet,
+    # Resumable, but never across supernets: the rows, predictor and cards belong to one.
+    sha = read_meta(args.supernet)["files"]["weights.safetensors"]
+    marker = work / "supernet_sha256"
+    for where, then in ((out, res.get("supernet_sha256")),
+                        (work, marker.read_text().strip() if marker.exists() else None)):
+        if then not in (None, sha):
+            raise SystemExit(f"{where} holds results of another supernet (sha256 {then[:12]}, now "
+                             f"{sha[:12]}): move {out} and {work} aside to measure this one")
+    marker.write_text(sha)
+    res.update({"machine": machine(), "supernet": args.supernet, "supernet_sha256": sha,
                 "command": f"python bench/specialize.py --supernet {args.supernet} --n {args.n} "
                            f"--sets {args.sets}"})
 

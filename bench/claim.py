@@ -7,10 +7,12 @@ Quality: for every example target, the subnet the search picked on the `standard
 `make bench-specialize`) is
   * taken as exported (no retraining): `ofa_test_acc`, from its model card;
   * fine-tuned briefly from its supernet weights: the paper's "OFA #25" (25 of 180 epochs) scaled to
-    this schedule: 2 of the teacher's 12 epochs, lr 0.01, no warm-up: `finetuned_test_acc`;
-  * trained from scratch on the teacher's recipe (12 epochs, lr 0.1, warm-up 1, the same data,
-    augmentation and batch), without and with distillation from the standard teacher:
-    `scratch_test_acc`, `scratch_kd_test_acc`.
+    this schedule: 2 epochs, lr 0.01, no warm-up: `finetuned_test_acc`;
+  * trained from scratch on the teacher's recipe (its epochs, lr and warm-up, the same data,
+    augmentation and batch, at the subnet's own resolution), without and with distillation from the
+    standard teacher: `scratch_test_acc`, `scratch_kd_test_acc`.
+The supernet and teacher are fingerprinted (settings.trained_on: their weights' sha256 and the
+teacher's recipe); a rerun on another supernet stops rather than mix rows.
 Every training is metered (energy, CO2, wall time) and recorded in docs/results/claim.json as soon as
 it finishes; a rerun skips what is measured (each training's folder under bench/_work/claim/ holds its
 result), so the suite runs in pieces. Several seeds: mean and spread.
@@ -220,9 +222,10 @@ def cost_standard(doc: dict) -> None:
     runs = [r["energy_j"] for t in doc.get("targets", {}).values()
             for r in t.get("runs", {}).get("scratch", {}).values() if r.get("energy_j")]
     ps_path = ROOT / "docs" / "results" / "progressive_shrinking.json"
-    phases = json.loads(ps_path.read_text()).get("phases", []) if ps_path.exists() else []
-    energies = [p.get("energy") for p in phases]
-    shared = sum(e["total_j"] for e in energies) if energies and all(energies) else None
+    ps = json.loads(ps_path.read_text()) if ps_path.exists() else {}
+    energies = [p.get("energy") for p in ps.get("phases", [])]
+    same = ps.get("supernet_sha256") == doc.get("settings", {}).get("trained_on", {}).get("supernet_sha256")
+    shared = sum(e["total_j"] for e in energies) if same and energies and all(energies) else None
     scratch = statistics.mean(runs) if runs else None
     marginal = doc.get("cost", {}).get("per_target_marginal_j")
     std = {"scratch_per_target_j": None if scratch is None else round(scratch, 1),
@@ -231,8 +234,10 @@ def cost_standard(doc: dict) -> None:
            "break_even_n": (round(shared / (scratch - marginal), 2)
                             if shared and scratch and marginal and scratch > marginal else None)}
     if shared is None:
-        std["pending"] = ("the standard supernet's training was not metered yet: rerun `make bench-ps`, "
-                          "which now meters every phase")
+        std["pending"] = ("the training of the supernet these rows measure was not metered (`make "
+                          "bench-ps` meters every phase, but it has retrained the supernet since: "
+                          "rerun the claim on it)" if not same else
+                          "the standard supernet's training was not metered yet: rerun `make bench-ps`")
     doc.setdefault("cost", {})["standard"] = std
 
 

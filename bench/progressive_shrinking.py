@@ -112,6 +112,7 @@ def main() -> int:
         record("phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
         prev = folder
     results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
+    results["supernet_sha256"] = ckpt.read_meta(prev)["files"]["weights.safetensors"]
     results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
     save()
 

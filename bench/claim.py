@@ -25,6 +25,7 @@ stages once, per-target stages N times) against N from-scratch trainings, N = 1,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -121,6 +122,11 @@ def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
 
     out = WORK / "claim" / name / f"{kind}-s{seed}"
     net = load_supernet(SUPERNET)
+    # The teacher's recipe as its checkpoint records it, not as the code's schedule says today.
+    schedule = get_schedule("standard")
+    recipe = json.loads((TEACHER / "checkpoint.json").read_text())["schedule"]["teacher"]
+    schedule = dataclasses.replace(schedule, teacher=dataclasses.replace(
+        schedule.teacher, **{k: recipe[k] for k in ("epochs", "lr", "warmup_epochs")}))
     cfg = SubnetConfig.from_dict(card["subnet"], net.space, name)
     kwargs: dict = {"seed": seed}
     if kind == "finetuned":
@@ -129,7 +135,7 @@ def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
         kwargs.update(teacher=TEACHER)
     fresh = not (out / "result.json").is_file()
     with Meter() as meter:
-        result = train_static(net.space, get_schedule("standard"), cfg, data, out, **kwargs)
+        result = train_static(net.space, schedule, cfg, data, out, **kwargs)
     if fresh:
         result["energy"] = meter.reading.to_dict()
         (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -257,11 +263,16 @@ def main() -> int:
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--budget-min", type=float, default=float("inf"),
                     help="stop starting new trainings after this many minutes (rerun to continue)")
+    ap.add_argument("--standard", type=Path, default=WORK / "standard",
+                    help="the standard run's folder (ps/teacher, ps/width-2) the claim measures")
     args = ap.parse_args()
+    global SUPERNET, TEACHER
+    std = args.standard.resolve()
+    SUPERNET, TEACHER = std / "ps" / "width-2", std / "ps" / "teacher"
     doc = load()
     check_same_supernet(doc)
     doc.update({"machine": machine(), "command": "python bench/claim.py [--seeds ...] [--kinds ...] "
-                "[--budget-min M] (make bench-claim)",
+                "[--budget-min M] [--standard DIR] (make bench-claim)",
                 "why": WHY,
                 "settings": {**doc["settings"], "finetune": FINETUNE,
                              "scratch": "teacher phase of the standard schedule",

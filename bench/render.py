@@ -98,7 +98,8 @@ def _plot_ps(r: dict) -> bool:
 def specialize(r: dict) -> list[str]:
     lines = ["## Specialization per target (issue: predictor, latency, search, export)", "",
              f"Command: `{r.get('command', 'python bench/specialize.py')}`  ",
-             f"Machine: {_machine(r.get('machine', {}))}  ", f"Supernet: `{r.get('supernet')}`", ""]
+             f"Machine: {_machine(r.get('machine', {}))}  ", f"Supernet: `{r.get('supernet')}`"
+             + (f" (weights sha256 `{r['supernet_sha256'][:12]}`)" if r.get("supernet_sha256") else ""), ""]
     if "accuracy_data" in r:
         a = r["accuracy_data"]
         sets = f" ({a['sets']} stratified sets)" if a.get("sets", 1) > 1 else ""

@@ -50,6 +50,17 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def summary(schedule) -> str:
+    """The schedule in one line: epochs per phase, the teacher's resolutions, the sandwich phases."""
+    t = schedule.teacher
+    res = ("all resolutions" if t.n_resolutions is None else "the largest resolution"
+           if t.n_resolutions == 1 else f"the largest {t.n_resolutions} resolutions")
+    sandwich = [p.name for p in schedule.phases if p.sandwich]
+    return (f"teacher {t.epochs} epochs at {res}; " + ", ".join(f"{p.name} {p.epochs}"
+                                                               for p in schedule.phases)
+            + " epochs" + (f"; sandwich in {', '.join(sandwich)}" if sandwich else ""))
+
+
 def test_accuracy(folder: Path, space, data, calib) -> dict[str, float]:
     net = OFASupernet(space)
     ckpt.load_weights(net, ckpt.load_checkpoint(folder, space=space))
@@ -78,7 +89,7 @@ def main() -> int:
         results = {}
     results.update({"schedule": schedule.name, "space": space.name, "dataset": data.describe(),
                     "machine": machine(), "command": "python bench/progressive_shrinking.py "
-                    f"--schedule {schedule.name}"})
+                    f"--schedule {schedule.name}", "schedule_summary": summary(schedule)})
     results.setdefault("phases", [])
     results.setdefault("baseline_phases", [])
 

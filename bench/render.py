@@ -65,6 +65,18 @@ def progressive_shrinking(r: dict) -> list[str]:
     if r.get("checks"):
         lines += ["", "Acceptance: " + ", ".join(f"{k}: **{'yes' if v else 'NO'}**"
                                                  for k, v in r["checks"].items())]
+    if r.get("previous_runs"):
+        lines += ["", "Earlier runs of this benchmark (other schedules; final test accuracy, %):", "",
+                  "| run | teacher max | " + " | ".join(SUBNETS) + " | baseline min |",
+                  "|---|---|" + "---|" * len(SUBNETS) + "---|"]
+        for p in r["previous_runs"] + [{"run": f"this run ({r.get('schedule_summary', '')})",
+                                        "teacher_max": r["phases"][0]["test_accuracy"]["max"],
+                                        "final": r["final"]["test_accuracy"],
+                                        "baseline_min": r.get("baseline_no_ps", {})
+                                        .get("test_accuracy", {}).get("min")}]:
+            base = "pending" if p.get("baseline_min") is None else f"{p['baseline_min']:.2f}"
+            lines.append(f"| {p['run']} | {p['teacher_max']:.2f} | "
+                         + " | ".join(f"{p['final'][s]:.2f}" for s in SUBNETS) + f" | {base} |")
     if _plot_ps(r):
         lines += ["", "![accuracy per phase](progressive_shrinking.png)"]
     return lines

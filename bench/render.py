@@ -65,6 +65,7 @@ def progressive_shrinking(r: dict) -> list[str]:
     if r.get("checks"):
         lines += ["", "Acceptance: " + ", ".join(f"{k}: **{'yes' if v else 'NO'}**"
                                                  for k, v in r["checks"].items())]
+    lines += [f"\n{n}" for n in r.get("notes", [])]
     if r.get("previous_runs"):
         lines += ["", "Earlier runs of this benchmark (other schedules; final test accuracy, %):", "",
                   "| run | teacher max | " + " | ".join(SUBNETS) + " | baseline min |",

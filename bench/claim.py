@@ -124,9 +124,10 @@ def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
     net = load_supernet(SUPERNET)
     # The teacher's recipe as its checkpoint records it, not as the code's schedule says today.
     schedule = get_schedule("standard")
-    recipe = json.loads((TEACHER / "checkpoint.json").read_text())["schedule"]["teacher"]
+    recipe = trained_on()["teacher_recipe"]
     schedule = dataclasses.replace(schedule, teacher=dataclasses.replace(
-        schedule.teacher, **{k: recipe[k] for k in ("epochs", "lr", "warmup_epochs")}))
+        schedule.teacher, epochs=recipe["epochs"], lr=recipe["lr"],
+        warmup_epochs=recipe["warmup_epochs"]))
     cfg = SubnetConfig.from_dict(card["subnet"], net.space, name)
     kwargs: dict = {"seed": seed}
     if kind == "finetuned":

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from progressive_shrinking import machine  # noqa: E402
+from progressive_shrinking import machine, weights_sha256  # noqa: E402
 
 RESULT = ROOT / "docs" / "results" / "claim.json"
 WORK = ROOT / "bench" / "_work"
@@ -62,11 +62,10 @@ WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8
 def trained_on() -> dict:
     """What the claim's rows are measured on: the sha256 of the supernet's and the teacher's weights,
     and the teacher's recipe as its checkpoint records it (the scratch runs use that recipe)."""
-    meta = {name: json.loads((d / "checkpoint.json").read_text())
-            for name, d in (("supernet", SUPERNET), ("teacher", TEACHER))}
-    recipe = meta["teacher"]["schedule"]["teacher"]
-    return {"supernet_sha256": meta["supernet"]["files"]["weights.safetensors"],
-            "teacher_sha256": meta["teacher"]["files"]["weights.safetensors"],
+    from onceforall.checkpoint import read_meta
+
+    recipe = read_meta(TEACHER)["schedule"]["teacher"]
+    return {"supernet_sha256": weights_sha256(SUPERNET), "teacher_sha256": weights_sha256(TEACHER),
             "teacher_recipe": {k: recipe[k] for k in ("epochs", "lr", "warmup_epochs")}
             | {"resolutions": recipe.get("n_resolutions") or "all"}}
 

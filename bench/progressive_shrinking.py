@@ -50,6 +50,11 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """The fingerprint of a checkpoint: its weights' sha256, as its checkpoint.json records it."""
+    return ckpt.read_meta(folder)["files"]["weights.safetensors"]
+
+
 def summary(schedule) -> str:
     """The schedule in one line: epochs per phase, the teacher's resolutions, the sandwich phases."""
     t = schedule.teacher
@@ -123,7 +128,7 @@ def main() -> int:
         record("phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
         prev = folder
     results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
-    results["supernet_sha256"] = ckpt.read_meta(prev)["files"]["weights.safetensors"]
+    results["supernet_sha256"] = weights_sha256(prev)
     results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
     save()
 

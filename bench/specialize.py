@@ -28,11 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from progressive_shrinking import machine  # noqa: E402
+from progressive_shrinking import machine, weights_sha256  # noqa: E402
 
 from onceforall.accuracy_data import (  # noqa: E402
     SubnetEvaluator, collect_accuracy, load_accuracy_rows, read_rows)
-from onceforall.checkpoint import read_meta  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
@@ -66,7 +65,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
     # Resumable, but never across supernets: the rows, predictor and cards belong to one.
-    sha = read_meta(args.supernet)["files"]["weights.safetensors"]
+    sha = weights_sha256(args.supernet)
     marker = work / "supernet_sha256"
     for where, then in ((out, res.get("supernet_sha256")),
                         (work, marker.read_text().strip() if marker.exists() else None)):

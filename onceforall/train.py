@@ -65,11 +65,14 @@ def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int) -> float:
     return 0.5 * phase.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def step_configs(phase: PhaseConfig, phase_space: SearchSpace,
-                 rng: np.random.Generator) -> list[SubnetConfig]:
-    """The subnets one step trains: random ones, or with the sandwich rule the phase's largest and
-    smallest first (drawn from ``rng`` either way, so that the stream does not depend on it)."""
-    cfgs = phase_space.sample_many(rng, phase.subnets_per_step)
+def step_configs(phase: PhaseConfig, phase_space: SearchSpace, rng: np.random.Generator,
+                 resolution: int) -> list[SubnetConfig]:
+    """The subnets one step trains, each with the resolution it sees: random ones at the batch's
+    ``resolution``, or with the sandwich rule the phase's largest subnet at its largest resolution and
+    its smallest at its smallest first, as BigNAS and AttentiveNAS train them (drawn from ``rng``
+    either way, so that the stream does not depend on it)."""
+    cfgs = [dataclasses.replace(c, r=resolution)
+            for c in phase_space.sample_many(rng, phase.subnets_per_step)]
     if phase.sandwich:
         cfgs[:2] = [phase_space.max_config(), phase_space.min_config()]
     return cfgs
@@ -237,9 +240,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                            world=info.world)
         rng = np.random.default_rng([seed, phase_index, global_step])
         resolution = int(rng.choice(phase_space.resolutions))
-        x_full = x.to(dev)
-        x = resize(x_full, resolution)
-        y = y.to(dev)
+        x_full, y = x.to(dev), y.to(dev)
+        inputs: dict[int, torch.Tensor] = {}  # the batch at each resolution this step needs
         for group in opt.param_groups:
             group["lr"] = lr_at(global_step, phase, steps_per_epoch)
 
@@ -248,8 +250,10 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             with torch.no_grad():  # the teacher sees the images at the largest resolution
                 soft = F.softmax(kd_net(resize(x_full, teacher_res), space.max_config()), dim=1)
         step_loss = 0.0
-        for cfg in step_configs(phase, phase_space, rng):
-            logits = net(x, cfg)
+        for cfg in step_configs(phase, phase_space, rng, resolution):
+            if cfg.r not in inputs:
+                inputs[cfg.r] = resize(x_full, cfg.r)
+            logits = net(inputs[cfg.r], cfg)
             loss = criterion(logits, y)
             if soft is not None:
                 loss = loss + phase.kd_ratio * soft_cross_entropy(logits, soft)

@@ -49,13 +49,16 @@ def test_sandwich_trains_the_phases_largest_and_smallest_subnets_each_step():
     assert width1.sandwich and width2.sandwich
     sub = width1.space(SPACE)
     for step in range(3):
-        cfgs = step_configs(width1, sub, np.random.default_rng(step))
+        cfgs = step_configs(width1, sub, np.random.default_rng(step), 24)
         assert cfgs[0] == sub.max_config() and cfgs[1] == sub.min_config()
         assert len(cfgs) == width1.subnets_per_step and min(sub.expands) == 4
+        # the ends at their own resolutions (28 and 20 px), the random ones at the batch's
+        assert [c.r for c in cfgs] == [28, 20] + [24] * (len(cfgs) - 2)
     # without it, the same generator gives random ones, and the stream advances the same either way
     plain = dataclasses.replace(width1, sandwich=False)
     a, b = np.random.default_rng(0), np.random.default_rng(0)
-    step_configs(plain, sub, a), step_configs(width1, sub, b)
+    assert {c.r for c in step_configs(plain, sub, a, 20)} == {20}
+    step_configs(width1, sub, b, 20)
     assert a.integers(1 << 30) == b.integers(1 << 30)
     # the baseline keeps the sampling of each phase
     assert [p.sandwich for p in get_schedule("standard").without_progressive_shrinking().phases] == \

@@ -63,7 +63,8 @@ def summary(schedule) -> str:
     sandwich = [p.name for p in schedule.phases if p.sandwich]
     return (f"teacher {t.epochs} epochs at {res}; " + ", ".join(f"{p.name} {p.epochs}"
                                                                for p in schedule.phases)
-            + " epochs" + (f"; sandwich in {', '.join(sandwich)}" if sandwich else ""))
+            + " epochs" + (f"; sandwich in {', '.join(sandwich)} (largest subnet at the largest "
+                           "resolution, smallest at the smallest)" if sandwich else ""))
 
 
 def test_accuracy(folder: Path, space, data, calib) -> dict[str, float]:

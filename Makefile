@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-cpu bench-reference bench-throughput bench-claim clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-pipeline bench-specialize bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench-claim: install ## benchmark: OFA subnets vs the same architectures from sc
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py
+
+bench-noise: install ## benchmark: how far noise in the measured accuracies caps the predictor's tau (after bench-specialize)
+	$(BIN)/python bench/predictor_noise.py
 
 bench-cpu: install ## benchmark: training-step speed by memory format, threads, torch.compile
 	$(BIN)/python bench/cpu_speed.py

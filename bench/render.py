@@ -129,6 +129,18 @@ def specialize(r: dict) -> list[str]:
                   "fit/test subnets |", "|---|---|---|---|---|---|",
                   f"| {p['model']} | {p['kendall_tau']:.3f} | {p['rmse_pts']:.3f} | {p['mae_pts']:.3f} | "
                   f"{p['spearman_rho']:.3f} | {p['n_fit']}/{p['n_test']} |", ""]
+    noise_path = RESULTS / "predictor_noise.json"
+    if noise_path.exists():
+        n = json.loads(noise_path.read_text())
+        if n.get("supernet_sha256") == r.get("supernet_sha256"):
+            lines += [f"Label noise (`{n['command']}`, the {n['n_subnets']} held-out subnets, their "
+                      f"{n['val_images']} validation images bootstrapped): a perfect predictor would "
+                      f"reach tau **{n['ceiling_tau']:.3f}** against these labels; with every "
+                      f"validation image's mirror image averaged in, **{n['ceiling_tau_with_mirror']:.3f}**. "
+                      f"This predictor (fitted on the plain labels) ranks the held-out subnets at "
+                      f"tau {n['predictor_tau']:.3f} against the plain labels and "
+                      f"{n['predictor_tau_vs_mirror_averaged']:.3f} against the mirror-averaged ones "
+                      f"(accuracy sd {n['accuracy_sd_pts']:.2f} points).", ""]
     if r.get("latency"):
         lines += ["| latency table (onnxruntime; batch 1 unless named) | MAPE | Kendall tau | max APE | "
                   "subnets | measured range (ms) | same subnet re-measured: CV | build |",

@@ -27,24 +27,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from progressive_shrinking import weights_sha256  # noqa: E402
 
 from onceforall.accuracy_data import SubnetEvaluator, load_accuracy_rows  # noqa: E402
-from onceforall.bn import recalibrate_bn  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
 from onceforall.export import load_supernet  # noqa: E402
 from onceforall.predictor import AccuracyPredictor, split_indices  # noqa: E402
 
 WORK = ROOT / "bench/_work/specialize"
 OUT = ROOT / "docs/results/predictor_noise.json"
-
-
-def correctness(ev: SubnetEvaluator, net, cfg, mirror: bool) -> torch.Tensor:
-    """(images,) whether the BN-recalibrated subnet classifies each validation image right."""
-    sub = net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
-    recalibrate_bn(sub, ev.calib[cfg.r], cfg.r)
-    sub.eval()
-    x = ev.eval_x[cfg.r].flip(-1) if mirror else ev.eval_x[cfg.r]
-    with torch.inference_mode():
-        pred = torch.cat([sub(x[s:s + 1000]).argmax(1) for s in range(0, len(x), 1000)])
-    return pred == ev.labels
 
 
 def main() -> int:
@@ -60,8 +48,8 @@ def main() -> int:
     pred = AccuracyPredictor.load(WORK / "predictor.safetensors", space).predict([cfgs[i] for i in test])
     ev = SubnetEvaluator(net, load_dataset("fashion-mnist", seed=0), split="val", seed=0)
     t0 = time.monotonic()
-    plain = torch.stack([correctness(ev, net, cfgs[i], False) for i in test]).double().numpy()
-    mirror = torch.stack([correctness(ev, net, cfgs[i], True) for i in test]).double().numpy()
+    plain = torch.stack([ev.correct(cfgs[i]) for i in test]).double().numpy()  # (subnets, images)
+    mirror = torch.stack([ev.correct(cfgs[i], mirror=True) for i in test]).double().numpy()
     acc, acc2 = 100 * plain.mean(1), 100 * (plain + mirror).mean(1) / 2
     if not np.allclose(acc, y[test], atol=0.05):
         raise SystemExit("re-measured accuracies differ from the accuracy data: not the same run")

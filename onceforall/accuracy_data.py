@@ -81,18 +81,19 @@ class SubnetEvaluator:
         self.eval_x = {r: resize(x, r) for r in self.space.resolutions}
 
     @torch.inference_mode()
-    def _accuracy(self, model: torch.nn.Module, r: int) -> float:
-        x = self.eval_x[r]
-        correct = 0
-        for s in range(0, len(x), self.batch_size):
-            correct += int((model(x[s:s + self.batch_size]).argmax(1)
-                            == self.labels[s:s + self.batch_size]).sum())
-        return 100.0 * correct / len(x)
-
-    def __call__(self, cfg: SubnetConfig) -> float:
+    def correct(self, cfg: SubnetConfig, *, mirror: bool = False) -> torch.Tensor:
+        """(images,) bool: which images subnet ``cfg`` classifies right, BN recalibrated; with
+        ``mirror``, on every image flipped left-right (bench/predictor_noise.py uses both)."""
         subnet = self.net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
         recalibrate_bn(subnet, self.calib[cfg.r], cfg.r)
-        return self._accuracy(subnet.eval(), cfg.r)
+        subnet.eval()
+        x = self.eval_x[cfg.r].flip(-1) if mirror else self.eval_x[cfg.r]
+        return torch.cat([subnet(x[s:s + self.batch_size]).argmax(1)
+                          for s in range(0, len(x), self.batch_size)]) == self.labels
+
+    def __call__(self, cfg: SubnetConfig) -> float:
+        right = self.correct(cfg)
+        return 100.0 * int(right.sum()) / len(right)
 
 
 def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: int, *,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from onceforall import checkpoint as ckpt
-from onceforall.accuracy_data import collect_accuracy, read_rows, stratified_configs
+from onceforall.accuracy_data import SubnetEvaluator, collect_accuracy, read_rows, stratified_configs
 from onceforall.data import load_dataset
 from onceforall.errors import UserError
 from onceforall.export import export_subnet, resize_matrix
@@ -112,6 +112,22 @@ def test_collect_accuracy_in_chunks_and_resume(supernet_dir, idx_dir, tmp_path):
     collect_accuracy(net, data, out, 6, chunk=1, num_chunks=2)
     rows = read_rows(out)
     assert len(rows) == 6 and all(0 <= r["val_acc"] <= 100 and r["macs"] > 0 for r in rows)
+
+
+def test_evaluator_scores_each_image_and_its_mirror(supernet_dir, idx_dir):
+    data = load_dataset(str(idx_dir), val_size=60)
+    net = OFASupernet(SMALL)
+    ckpt.load_weights(net, ckpt.load_checkpoint(supernet_dir))
+    ev = SubnetEvaluator(net, data, split="val", calib_images=40)
+    cfg = SMALL.sample_many(np.random.default_rng(0), 1)[0]
+    right, mirrored = ev.correct(cfg), ev.correct(cfg, mirror=True)
+    assert right.shape == mirrored.shape == (60,) and right.dtype == torch.bool
+    assert ev(cfg) == pytest.approx(100.0 * right.double().mean().item())
+    # the mirror view is the same images flipped: the same subnet answers differently on some
+    flipped = dataclasses.replace(data, val=dataclasses.replace(
+        data.val, images=data.val.images.flip(-1)))
+    assert torch.equal(SubnetEvaluator(net, flipped, split="val", calib_images=40).correct(cfg), mirrored)
+    assert not torch.equal(right, mirrored)
 
 
 def test_resize_matrix_is_torchs_antialiased_resize():

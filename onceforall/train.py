@@ -240,19 +240,21 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                            world=info.world)
         rng = np.random.default_rng([seed, phase_index, global_step])
         resolution = int(rng.choice(phase_space.resolutions))
-        x_full, y = x.to(dev), y.to(dev)
-        inputs: dict[int, torch.Tensor] = {}  # the batch at each resolution this step needs
+        cfgs = step_configs(phase, phase_space, rng, resolution)
+        x, y = x.to(dev), y.to(dev)
+        # the batch at each resolution this step needs, resized once (the teacher's is often the
+        # sandwich's largest subnet's too)
+        needed = {c.r for c in cfgs} | ({teacher_res} if kd_net is not None else set())
+        inputs = {r: resize(x, r) for r in needed}
         for group in opt.param_groups:
             group["lr"] = lr_at(global_step, phase, steps_per_epoch)
 
         soft = None
         if kd_net is not None:
             with torch.no_grad():  # the teacher sees the images at the largest resolution
-                soft = F.softmax(kd_net(resize(x_full, teacher_res), space.max_config()), dim=1)
+                soft = F.softmax(kd_net(inputs[teacher_res], space.max_config()), dim=1)
         step_loss = 0.0
-        for cfg in step_configs(phase, phase_space, rng, resolution):
-            if cfg.r not in inputs:
-                inputs[cfg.r] = resize(x_full, cfg.r)
+        for cfg in cfgs:
             logits = net(inputs[cfg.r], cfg)
             loss = criterion(logits, y)
             if soft is not None:

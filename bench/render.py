@@ -119,8 +119,9 @@ def specialize(r: dict) -> list[str]:
         if len(a.get("eval_s_per_subnet_by_set", [])) > 1:
             by_set = ", ".join(f"{v:.2f}" for v in a["eval_s_per_subnet_by_set"])
             sets += f" (s per subnet by set: {by_set})"
+        views = " and their mirror images (both views averaged)" if a.get("views") == 2 else ""
         lines += [f"Accuracy data: {a['n']} stratified subnets{sets}, BN recalibrated, validation accuracy "
-                  f"on {a['val_images']} images; {a['eval_s_per_subnet']:.2f} s per subnet "
+                  f"on {a['val_images']} images{views}; {a['eval_s_per_subnet']:.2f} s per subnet "
                   f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "
                   f"{a['val_acc_max']:.2f}%.", ""]
     if "predictor" in r:
@@ -128,7 +129,12 @@ def specialize(r: dict) -> list[str]:
         lines += ["| predictor (held-out subnets) | Kendall tau | RMSE (pts) | MAE (pts) | Spearman | "
                   "fit/test subnets |", "|---|---|---|---|---|---|",
                   f"| {p['model']} | {p['kendall_tau']:.3f} | {p['rmse_pts']:.3f} | {p['mae_pts']:.3f} | "
-                  f"{p['spearman_rho']:.3f} | {p['n_fit']}/{p['n_test']} |", ""]
+                  f"{p['spearman_rho']:.3f} | {p['n_fit']}/{p['n_test']} |"]
+        if p.get("vs_plain_labels"):
+            v = p["vs_plain_labels"]
+            lines.append(f"| the same, judged on the images alone (one view) | {v['kendall_tau']:.3f} | "
+                         f"{v['rmse']:.3f} | {v['mae']:.3f} | {v['spearman_rho']:.3f} | |")
+        lines.append("")
     noise_path = RESULTS / "predictor_noise.json"
     if noise_path.exists():
         n = json.loads(noise_path.read_text())
@@ -137,8 +143,9 @@ def specialize(r: dict) -> list[str]:
                       f"{n['val_images']} validation images bootstrapped): a perfect predictor would "
                       f"reach tau **{n['ceiling_tau']:.3f}** against these labels; with every "
                       f"validation image's mirror image averaged in, **{n['ceiling_tau_with_mirror']:.3f}**. "
-                      f"This predictor (fitted on the plain labels) ranks the held-out subnets at "
-                      f"tau {n['predictor_tau']:.3f} against the plain labels and "
+                      f"This predictor (fitted on the {n.get('labels', 'plain labels')}) ranks the held-out "
+                      f"subnets at tau {n.get('predictor_tau_vs_plain', n.get('predictor_tau')):.3f} "
+                      f"against the plain labels and "
                       f"{n['predictor_tau_vs_mirror_averaged']:.3f} against the mirror-averaged ones "
                       f"(accuracy sd {n['accuracy_sd_pts']:.2f} points).", ""]
     if r.get("latency"):

@@ -141,7 +141,7 @@ def cmd_accuracy_data(args: argparse.Namespace) -> int:
         bar.update(i, **{"s/subnet": seconds})
 
     collect_accuracy(net, data, args.out, args.n, seed=args.seed, chunk=args.chunk,
-                     num_chunks=args.num_chunks, progress=progress)
+                     num_chunks=args.num_chunks, mirror=args.mirror, progress=progress)
     bar.close()
     return 0
 
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON lines file (appended; reruns resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="score each validation image and its mirror image, and average (less noise "
+                        "in the predictor's labels; the default)")
     p.set_defaults(func=cmd_accuracy_data)
 
     p = sub.add_parser("fit-predictor", help="fit the accuracy predictor on measured subnets")

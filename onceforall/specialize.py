@@ -121,11 +121,12 @@ SHORTLIST = 8
 
 
 def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int = SHORTLIST,
-                         seed: int = 0) -> tuple[SubnetConfig, dict[str, Any]]:
+                         seed: int = 0, mirror: bool = True) -> tuple[SubnetConfig, dict[str, Any]]:
     """The subnet to export: of the search's ``k`` best-scoring Pareto points (all within budget),
-    the one with the highest measured validation accuracy (BN recalibrated, as the predictor's data
-    was measured). The predictor ranks subnets to within its error (RMSE ~0.2 points), and the
-    points near the top of the front differ by less than that; a few real evaluations settle it.
+    the one with the highest measured validation accuracy (BN recalibrated and, with ``mirror``,
+    over each image and its mirror image, as the predictor's data is measured). The predictor
+    ranks subnets to within its error (RMSE ~0.2 points), and the points near the top of the front
+    differ by less than that; a few real evaluations settle it.
 
     ``net`` is the supernet, ``data`` a dataset with a validation split; ``k`` <= 1 keeps the
     search's best. Returns the config and a record for the model card: ``shortlist`` (each row's
@@ -140,15 +141,16 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
         return (SubnetConfig.from_dict(search["best"], space),
                 {"rule": "the search's best (no shortlist)", "picked": 0, "shortlist": [row]})
     points = sorted(search["pareto"], key=lambda p: -p["score"])[:k]
-    evaluate = SubnetEvaluator(net, data, split="val", seed=seed)
+    evaluate = SubnetEvaluator(net, data, split="val", seed=seed, mirror=mirror)
     rows = [{"config": p["config"], "predicted_acc": round(p["score"], 3),
              search["metric_name"]: p["metric"],
              "val_acc": round(evaluate(SubnetConfig.from_dict(p["config"], space)), 3)}
             for p in points]
     picked = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], rows[i]["predicted_acc"]))
+    views = " (each image and its mirror image)" if mirror else ""
     return (SubnetConfig.from_dict(rows[picked]["config"], space),
-            {"rule": f"highest validation accuracy among the search's {len(rows)} best-scoring "
-                     "Pareto points", "picked": picked, "shortlist": rows})
+            {"rule": f"highest validation accuracy{views} among the search's {len(rows)} "
+                     "best-scoring Pareto points", "picked": picked, "shortlist": rows})
 
 
 def uniform_configs(space: SearchSpace) -> list[SubnetConfig]:

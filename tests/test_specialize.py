@@ -18,7 +18,7 @@ from onceforall.export import export_subnet, resize_matrix
 from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table
 from onceforall.predictor import fit_predictor
 from onceforall.reproduce import reproduce
-from onceforall.space import UnitSpec, get_space
+from onceforall.space import SubnetConfig, UnitSpec, get_space
 from onceforall.specialize import pareto_plot, search_target, uniform_configs
 from onceforall.supernet import OFASupernet
 from onceforall.targets import parse_targets
@@ -111,23 +111,37 @@ def test_collect_accuracy_in_chunks_and_resume(supernet_dir, idx_dir, tmp_path):
     collect_accuracy(net, data, out, 6, chunk=0, num_chunks=2)  # nothing left to do
     collect_accuracy(net, data, out, 6, chunk=1, num_chunks=2)
     rows = read_rows(out)
-    assert len(rows) == 6 and all(0 <= r["val_acc"] <= 100 and r["macs"] > 0 for r in rows)
+    assert len(rows) == 6 and all(0 <= r["val_acc"] <= 100 and r["macs"] > 0 and r["views"] == 2
+                                  for r in rows)
+    # the label averages both views; the plain view alone is kept beside it
+    ev = SubnetEvaluator(net, data, split="val", mirror=True)
+    cfg = SubnetConfig.from_dict(rows[0]["config"], SMALL)
+    right = ev.correct(cfg)
+    assert rows[0]["val_acc"] == pytest.approx(100 * right.double().mean().item(), abs=1e-3)
+    assert rows[0]["val_acc_plain"] == pytest.approx(100 * right[0].double().mean().item(), abs=1e-3)
+    # one file holds one kind of label
+    with pytest.raises(UserError, match="mirror"):
+        collect_accuracy(net, data, out, 8, mirror=False)
 
 
 def test_evaluator_scores_each_image_and_its_mirror(supernet_dir, idx_dir):
     data = load_dataset(str(idx_dir), val_size=60)
     net = OFASupernet(SMALL)
     ckpt.load_weights(net, ckpt.load_checkpoint(supernet_dir))
-    ev = SubnetEvaluator(net, data, split="val", calib_images=40)
     cfg = SMALL.sample_many(np.random.default_rng(0), 1)[0]
-    right, mirrored = ev.correct(cfg), ev.correct(cfg, mirror=True)
-    assert right.shape == mirrored.shape == (60,) and right.dtype == torch.bool
-    assert ev(cfg) == pytest.approx(100.0 * right.double().mean().item())
+    plain = SubnetEvaluator(net, data, split="val", calib_images=40)
+    both = SubnetEvaluator(net, data, split="val", calib_images=40, mirror=True)
+    right, views = plain.correct(cfg), both.correct(cfg)
+    assert right.shape == (1, 60) and views.shape == (2, 60) and views.dtype == torch.bool
+    assert torch.equal(views[0], right[0])
+    assert plain(cfg) == pytest.approx(100.0 * right.double().mean().item())
+    assert both(cfg) == pytest.approx(100.0 * views.double().mean().item())
     # the mirror view is the same images flipped: the same subnet answers differently on some
     flipped = dataclasses.replace(data, val=dataclasses.replace(
         data.val, images=data.val.images.flip(-1)))
-    assert torch.equal(SubnetEvaluator(net, flipped, split="val", calib_images=40).correct(cfg), mirrored)
-    assert not torch.equal(right, mirrored)
+    assert torch.equal(SubnetEvaluator(net, flipped, split="val", calib_images=40).correct(cfg)[0],
+                       views[1])
+    assert not torch.equal(views[0], views[1])
 
 
 def test_resize_matrix_is_torchs_antialiased_resize():

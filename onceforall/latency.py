@@ -2,7 +2,9 @@
 
 Every distinct block variant of the space (unit, first-or-later block, resolution, kernel, expand)
 and the fixed parts (stem + first block, head) are exported and timed on the target runtime with the
-target's threads and batch size, with warm-up and repeats (median). The fixed per-call overhead of
+target's threads and batch size, with warm-up and repeats (median), in interleaved rounds (every
+model once per round, the smallest median kept) so that a slow moment of a shared host costs a
+round, not a table entry. The fixed per-call overhead of
 the runtime (measured on a one-op graph) is taken out of every op and added back once, so that the
 sum of the table is an estimate of one end-to-end call.
 
@@ -22,7 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,23 +73,54 @@ def ort_session(model: bytes | str | Path, threads: int):
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, blocks: int = 1) -> float:
+WARMUP_S = 0.2
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, blocks: int = 1,
+               warmup_s: float = WARMUP_S) -> float:
     """Wall time of ``fn()`` in milliseconds: the smallest of ``blocks`` medians of ``repeats`` calls.
 
+    Warm-up is at least ``warmup`` calls and ``warmup_s`` seconds of calls back to back. On these
+    2-core VMs a core that sat idle (during an export, say) runs a 2-thread runtime up to 40% slow
+    for a while after it wakes; a fixed 10-20 calls of a 0.3 ms model did not cover that, and the
+    same subnets measured twice differed by 11-39% (MAPE, 12 subnets) against 1-5% after 0.1 s.
     One median shrugs off single spikes; the smallest of a few also shrugs off a second or two of
     another process on a 2-core machine, which slows every call of a 2-thread run while it lasts.
     """
-    for _ in range(warmup):
-        fn()
-    medians = []
-    for _ in range(max(blocks, 1)):
-        samples = []
-        for _ in range(repeats):
-            t = time.perf_counter_ns()
+    return float(time_many([fn], warmup=warmup, repeats=repeats, rounds=blocks, warmup_s=warmup_s)[0])
+
+
+def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, rounds: int,
+              warmup_s: float = WARMUP_S, settle: int = 2) -> np.ndarray:
+    """(len(fns),) milliseconds per call of each: the smallest of ``rounds`` medians of ``repeats``
+    calls, the rounds interleaved (every fn once per round, ``settle`` calls before its median).
+
+    Interleaving spreads each fn's measurement over the whole run, so a slow second of the host
+    costs one round of a few fns instead of every round of one: measured on 2 cores at 2 threads,
+    12 subnets timed one after another differed by 11-14% (MAPE) from one pass to the next,
+    interleaved in 3 rounds by 1-4%. Warm-up as in time_calls: every fn ``warmup`` times, then all
+    of them in turn until ``warmup_s`` seconds have passed.
+    """
+    fns = list(fns)
+    t_end = time.perf_counter() + warmup_s
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-            samples.append((time.perf_counter_ns() - t) / 1e6)
-        medians.append(statistics.median(samples))
-    return min(medians)
+    while time.perf_counter() < t_end:
+        for fn in fns:
+            fn()
+    best = np.full(len(fns), np.inf)
+    for _ in range(max(rounds, 1)):
+        for i, fn in enumerate(fns):
+            for _ in range(settle):
+                fn()
+            samples = []
+            for _ in range(repeats):
+                t = time.perf_counter_ns()
+                fn()
+                samples.append((time.perf_counter_ns() - t) / 1e6)
+            best[i] = min(best[i], statistics.median(samples))
+    return best
 
 
 class Replicas(nn.Module):
@@ -129,32 +162,52 @@ class Profiler:
     repeats: int = 20
     blocks: int = 3  # the smallest of that many medians (see time_calls)
 
+    warmup_s: float = WARMUP_S  # and at least this long (see time_calls)
+    chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
+
     @property
     def statistic(self) -> str:
         each = f"median of {self.repeats} calls"
-        return (f"{each} after {self.warmup} warm-up calls" if self.blocks <= 1
-                else f"smallest of {self.blocks} medians of {self.repeats} calls after {self.warmup} "
-                     "warm-up calls")
+        warm = f"{self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls"
+        return (f"{each} after {warm}" if self.blocks <= 1
+                else f"smallest of {self.blocks} medians of {self.repeats} calls (interleaved rounds "
+                     f"when several models are measured) after {warm}")
 
     def measure(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        return float(self.measure_many([(module, shape)])[0])
+
+    def measure_many(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]],
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """(len(items),) ms per call of each (module, input shape without the batch), measured in
+        interleaved rounds (time_many), ``chunk`` modules at a time; ``progress(done)`` per chunk."""
+        if self.runtime not in ("onnxruntime", "torch"):
+            raise UserError(f"unknown runtime {self.runtime!r}", field="runtime",
+                            fix="use onnxruntime or torch")
+        out = np.zeros(len(items))
+        for start in range(0, len(items), self.chunk):
+            fns = [self._callable(m, shape) for m, shape in items[start:start + self.chunk]]
+            prev = torch.get_num_threads()
+            if self.runtime == "torch":
+                torch.set_num_threads(self.threads)
+            try:
+                with torch.inference_mode():
+                    out[start:start + len(fns)] = time_many(
+                        fns, warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
+                        warmup_s=self.warmup_s)
+            finally:
+                torch.set_num_threads(prev)
+            if progress:
+                progress(start + len(fns))
+        return out
+
+    def _callable(self, module: nn.Module, shape: tuple[int, ...]) -> Callable[[], Any]:
         x = torch.randn(self.batch_size, *shape)
         if self.runtime == "onnxruntime":
             sess = ort_session(onnx_bytes(module, x), self.threads)
             feed = {"input": x.numpy()}
-            return time_calls(lambda: sess.run(None, feed), warmup=self.warmup, repeats=self.repeats,
-                              blocks=self.blocks)
-        if self.runtime == "torch":
-            module = module.eval()
-            prev = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                with torch.inference_mode():
-                    return time_calls(lambda: module(x), warmup=self.warmup, repeats=self.repeats,
-                                      blocks=self.blocks)
-            finally:
-                torch.set_num_threads(prev)
-        raise UserError(f"unknown runtime {self.runtime!r}", field="runtime",
-                        fix="use onnxruntime or torch")
+            return lambda: sess.run(None, feed)
+        module = module.eval()
+        return lambda: module(x)
 
     def overhead(self, tries: int = 5) -> float:
         """The cost of one call of a graph that does almost nothing.
@@ -165,11 +218,11 @@ class Profiler:
         """
         return dataclasses.replace(self, blocks=self.blocks * tries).measure(nn.ReLU(), (1, 4, 4))
 
-    def measure_op(self, module: nn.Module, shape: tuple[int, ...], overhead: float,
-                   copies: int = 8) -> float:
-        """One op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
-        total = self.measure(Replicas(module, copies), shape)
-        return max(total - overhead, 0.0) / copies
+    def measure_ops(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]], overhead: float,
+                    copies: int = 8, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Each op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
+        totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress)
+        return np.maximum(totals - overhead, 0.0) / copies
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -245,57 +298,54 @@ CALIBRATION_SEED = 2_147_483_647  # the calibration subnets: not the validation'
 def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str = "",
                         copies: int = 8, calibrate: int = 20,
                         progress: Callable[[int, int], None] | None = None) -> LatencyTable:
-    """Measure every distinct variant once and lay the numbers out per block slot; then measure
-    ``calibrate`` random whole subnets (0: none) for the table's calibration factor."""
+    """Measure every distinct variant once (interleaved, see Profiler.measure_many) and lay the
+    numbers out per block slot; then measure ``calibrate`` random whole subnets (0: none) for the
+    table's calibration factor."""
     t0 = time.monotonic()
     torch.manual_seed(0)
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
-    n_variants = len(res) * (2 + len(space.units) * min(2, space.max_depth) * len(ks) * len(es))
-    n_steps = n_variants + max(calibrate, 0)
-    done = 0
-
-    def measured(module: nn.Module, shape: tuple[int, ...]) -> float:
-        nonlocal done
-        ms = profiler.measure_op(module, shape, overhead, copies)
-        done += 1
-        if progress:
-            progress(done, n_steps)
-        return ms
-
-    fixed = np.zeros(len(res))
-    block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
+    # (module, input shape, where its time goes): "fixed" parts per resolution, or block slots
+    items: list[tuple[nn.Module, tuple[int, ...], tuple]] = []
     for ri, r in enumerate(res):
         unit_sizes, h_head = unit_input_sizes(space, r), head_input_size(space, r)
-        front = nn.Sequential(net.stem, net.first_block)
-        fixed[ri] = (measured(front, (space.in_channels, r, r))
-                     + measured(net.head, (space.units[-1].width, h_head, h_head)) + overhead)
+        items.append((nn.Sequential(net.stem, net.first_block), (space.in_channels, r, r), ("fixed", ri)))
+        items.append((net.head, (space.units[-1].width, h_head, h_head), ("fixed", ri)))
         for u, spec in enumerate(space.units):
             later = -(-unit_sizes[u] // spec.stride)
             for i, h_in in ((0, unit_sizes[u]), (1, later)):
                 if i >= space.max_depth:
                     continue
+                # every later block of the unit has the same shapes: one measurement serves them all
+                slots = (slice(u * space.max_depth, u * space.max_depth + 1) if i == 0 else
+                         slice(u * space.max_depth + 1, (u + 1) * space.max_depth))
                 c_in = space.block_in_channels(u, i)
                 for ki, k in enumerate(ks):
                     for ei, e in enumerate(es):
-                        ms = measured(net.units[u][i].extract(k, e), (c_in, h_in, h_in))
-                        if i == 0:
-                            block[u * space.max_depth, ri, ki, ei] = ms
-                        else:  # every later block of the unit has the same shapes
-                            block[u * space.max_depth + 1:(u + 1) * space.max_depth, ri, ki, ei] = ms
+                        items.append((net.units[u][i].extract(k, e), (c_in, h_in, h_in),
+                                      ("block", slots, ri, ki, ei)))
+    n_steps = len(items) + max(calibrate, 0)
+
+    def report(done: int) -> None:
+        if progress:
+            progress(done, n_steps)
+
+    ms = profiler.measure_ops([(m, shape) for m, shape, _ in items], overhead, copies, report)
+    fixed = np.full(len(res), overhead)
+    block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
+    for (_, _, where), t in zip(items, ms):
+        if where[0] == "fixed":
+            fixed[where[1]] += t
+        else:
+            block[where[1:]] = t
     table = LatencyTable(space, profiler.runtime, profiler.threads, profiler.batch_size, overhead,
                          fixed, block, device)
     scale = 1.0
     if calibrate > 0:
         cfgs = space.sample_many(np.random.default_rng(CALIBRATION_SEED), calibrate)
-        measured = []
-        for c in cfgs:
-            measured.append(measure_config(profiler, net, c))
-            done += 1
-            if progress:
-                progress(done, n_steps)
-        scale = float(np.median(np.array(measured) / table.summed(cfgs)))
+        measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done))
+        scale = float(np.median(measured / table.summed(cfgs)))
     return dataclasses.replace(table, scale=scale, calibration_n=max(calibrate, 0),
                                build_s=round(time.monotonic() - t0, 2))
 
@@ -303,13 +353,19 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
 WHOLE_SUBNET_BLOCKS = 3
 
 
-def measure_config(profiler: Profiler, net: OFASupernet, cfg: SubnetConfig) -> float:
-    """End-to-end milliseconds of one call of subnet ``cfg``, extracted from ``net`` (its weights do
-    not matter for latency, so a randomly initialised supernet serves). The smallest of at least
-    three medians, as for a model card: calibration, validation and the search's check compare
-    like with like."""
+def measure_configs(profiler: Profiler, net: OFASupernet, cfgs: Sequence[SubnetConfig],
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """End-to-end milliseconds of one call of each subnet, extracted from ``net`` (its weights do
+    not matter for latency, so a randomly initialised supernet serves), interleaved as in
+    Profiler.measure_many. The smallest of at least three medians, as for a model card:
+    calibration, validation and the search's check compare like with like."""
     whole = dataclasses.replace(profiler, blocks=max(profiler.blocks, WHOLE_SUBNET_BLOCKS))
-    return whole.measure(net.get_active_subnet(cfg).eval(), (net.space.in_channels, cfg.r, cfg.r))
+    return whole.measure_many([(net.get_active_subnet(c).eval(), (net.space.in_channels, c.r, c.r))
+                               for c in cfgs], progress)
+
+
+def measure_config(profiler: Profiler, net: OFASupernet, cfg: SubnetConfig) -> float:
+    return float(measure_configs(profiler, net, [cfg])[0])
 
 
 def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50, seed: int = 0,
@@ -321,7 +377,7 @@ def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50,
     net = net or OFASupernet(space).eval()
     cfgs = space.sample_many(np.random.default_rng(seed), n)
     predicted = table.predict(cfgs)
-    measured = np.array([measure_config(profiler, net, c) for c in cfgs])
+    measured = measure_configs(profiler, net, cfgs)
     ape = np.abs(predicted - measured) / measured
     tau = kendalltau(predicted, measured).statistic
     return {"n": n, "mape_pct": round(float(100 * ape.mean()), 3),

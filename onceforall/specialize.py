@@ -16,7 +16,7 @@ import numpy as np
 
 from .efficiency import CostTable
 from .errors import UserError
-from .latency import (LatencyTable, Profiler, build_latency_table, measure_config,
+from .latency import (LatencyTable, Profiler, build_latency_table, measure_config, measure_configs,
                       validate_latency_table)
 from .predictor import AccuracyPredictor
 from .search import EvolutionConfig, SearchResult, evolution_search
@@ -25,6 +25,7 @@ from .subnet_batch import SubnetBatch
 from .targets import Target
 
 SEARCH_RESULT = "search.json"
+SHORTLIST = 8  # the search's best-scoring Pareto points that export measures on validation
 
 
 def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
@@ -55,14 +56,17 @@ def constraint_fn(space: SearchSpace, target: Target,
 
 def search_target(space: SearchSpace, target: Target, predictor_path: str | Path,
                   out_dir: str | Path, *, latency_path: str | Path | None = None, seed: int = 0,
-                  config: EvolutionConfig = EvolutionConfig(), verify_rounds: int = 3) -> SearchResult:
+                  config: EvolutionConfig = EvolutionConfig(), verify_rounds: int = 3,
+                  shortlist: int = SHORTLIST) -> SearchResult:
     """Evolutionary search under the target's hard constraint; writes ``search.json``.
 
     A latency budget is searched on the table's predictions, and a table is an estimate: the pick
     is then measured end to end on the target's runtime (this stage runs on the target's hardware).
     While it measures over budget, the search runs again with the budget scaled down by how far the
     table was off, up to ``verify_rounds`` searches in all (0: no measurement). ``search.json`` keeps
-    every round; when no round fits, the last pick is kept and ``verified`` is false.
+    every round; when no round fits, the last pick is kept and ``verified`` is false. The last
+    round's ``shortlist`` best-scoring Pareto points are measured too (``measured_ms`` on each),
+    so that the pick on validation (select_on_validation) picks among subnets measured in budget.
     """
     import time
 
@@ -100,6 +104,9 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                                           metric_name=target.constraint.kind)
             except UserError:  # no subnet is predicted that fast: keep the last pick, unverified
                 break
+        top = sorted(range(len(result.pareto)), key=lambda i: -result.pareto[i].score)[:shortlist]
+        shortlist_ms = dict(zip(top, measure_configs(profiler, net,
+                                                     [result.pareto[i].config for i in top]).tolist()))
         verify_s = time.monotonic() - t1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,14 +117,13 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
     if latency is not None:
         doc["predicted_latency_ms"] = latency.predict_one(result.best)
     if rounds:
+        for i, ms in shortlist_ms.items():
+            doc["pareto"][i]["measured_ms"] = round(ms, 5)
         doc["verification"] = {"rounds": rounds, "verified": rounds[-1]["measured_ms"] <= budget,
                                "measured_latency_ms": rounds[-1]["measured_ms"], "wall_s": round(verify_s, 3),
                                "statistic": profiler.statistic}
     (out_dir / SEARCH_RESULT).write_text(json.dumps(doc, indent=1))
     return result
-
-
-SHORTLIST = 8
 
 
 def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int = SHORTLIST,
@@ -126,7 +132,8 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
     the one with the highest measured validation accuracy (BN recalibrated and, with ``mirror``,
     over each image and its mirror image, as the predictor's data is measured). The predictor
     ranks subnets to within its error (RMSE ~0.2 points), and the points near the top of the front
-    differ by less than that; a few real evaluations settle it.
+    differ by less than that; a few real evaluations settle it. Points the search measured over a
+    latency budget (``measured_ms``, see search_target) are left out.
 
     ``net`` is the supernet, ``data`` a dataset with a validation split; ``k`` <= 1 keeps the
     search's best. Returns the config and a record for the model card: ``shortlist`` (each row's
@@ -140,17 +147,25 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
                search["metric_name"]: search["best_metric"]}
         return (SubnetConfig.from_dict(search["best"], space),
                 {"rule": "the search's best (no shortlist)", "picked": 0, "shortlist": [row]})
-    points = sorted(search["pareto"], key=lambda p: -p["score"])[:k]
+    budget = search["target"]["constraint"]["budget"]
+    points = [p for p in sorted(search["pareto"], key=lambda p: -p["score"])[:k]
+              if p.get("measured_ms", 0.0) <= budget]
+    if not points:
+        return select_on_validation(net, data, search, k=1)
     evaluate = SubnetEvaluator(net, data, split="val", seed=seed, mirror=mirror)
     rows = [{"config": p["config"], "predicted_acc": round(p["score"], 3),
              search["metric_name"]: p["metric"],
+             **({"measured_ms": p["measured_ms"]} if "measured_ms" in p else {}),
              "val_acc": round(evaluate(SubnetConfig.from_dict(p["config"], space)), 3)}
             for p in points]
     picked = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], rows[i]["predicted_acc"]))
     views = " (each image and its mirror image)" if mirror else ""
+    measured = (f" ({len(rows)} of them measured within the budget)"
+                if any("measured_ms" in p for p in search["pareto"]) else "")
     return (SubnetConfig.from_dict(rows[picked]["config"], space),
-            {"rule": f"highest validation accuracy{views} among the search's {len(rows)} "
-                     "best-scoring Pareto points", "picked": picked, "shortlist": rows})
+            {"rule": f"highest validation accuracy{views} among the search's {k} best-scoring "
+                     f"Pareto points{measured}", "picked": picked,
+             "shortlist": rows})
 
 
 def uniform_configs(space: SearchSpace) -> list[SubnetConfig]:

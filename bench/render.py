@@ -150,17 +150,19 @@ def specialize(r: dict) -> list[str]:
                       f"(accuracy sd {n['accuracy_sd_pts']:.2f} points).", ""]
     if r.get("latency"):
         lines += ["| latency table (onnxruntime; batch 1 unless named) | MAPE | Kendall tau | max APE | "
-                  "subnets | measured range (ms) | same subnet re-measured: CV | build |",
+                  "subnets | measured range (ms) | the same subnets measured again: MAPE, tau | build |",
                   "|---|---|---|---|---|---|---|---|"]
         for k, v in r["latency"].items():
             lo, hi = v["measured_ms_range"]
-            cv = f"{v['repeat_cv_pct']:.1f}%" if "repeat_cv_pct" in v else "-"
+            cv = (f"{v['remeasured_mape_pct']:.2f}%, {v['remeasured_kendall_tau']:.3f}"
+                  if "remeasured_mape_pct" in v else "-")
             lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "
                          f"{v['max_ape_pct']:.1f}% | {v['n']} | {lo:.3f} to {hi:.3f} | {cv} | "
                          f"{_fmt_s(v['build_s'])} |")
-        lines += ["", "CV: the coefficient of variation of one subnet measured 5 times (5 subnets, each "
-                  "measurement the smallest of 3 medians of 20 calls): the noise floor under any "
-                  "table's MAPE on this machine at the time.", ""]
+        lines += ["", "Every measurement is the smallest of 8 medians of 20 calls, the models interleaved "
+                  "round by round after a timed warm-up (onceforall/latency.py, time_many). Measured "
+                  "again: the same 50 subnets measured a second time right after the first, against "
+                  "the first: the noise floor under any table's MAPE on this machine at the time.", ""]
     if r.get("search"):
         s = r["search"]
         lines += [f"Search (population 100, 500 generations, MACs budget 6M): "

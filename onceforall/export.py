@@ -125,8 +125,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     ort_acc = _ort_accuracy(sess, data)
 
     shape = (space.in_channels, data.image_size, data.image_size)
-    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=50,
-                        blocks=4)
+    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=25,
+                        blocks=8)
     latency_ms = profiler.measure(deploy, shape)
 
     card = {

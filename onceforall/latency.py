@@ -157,10 +157,13 @@ class Profiler:
     threads: int = 1
     batch_size: int = 1
     warmup: int = 10
-    # 3 x 20 calls cost what 1 x 50 did, and the smallest of three medians is what stays the same
-    # from one build to the next on a shared 2-core VM (one median of 50 did not: MAPE 2-10%).
+    # The smallest of several medians is what stays the same from one build to the next on a
+    # shared 2-core VM (one median of 50 did not: MAPE 2-10%). At 2 threads the host gives the
+    # second core for seconds at a time: the same model ran 2.4-4.8 ms a median. With 8
+    # interleaved rounds, 50 subnets measured twice differ by 3.1% (MAPE; 3 rounds: 10-17%) and
+    # the 2-thread table's error fell from 10.8% to 7.1%.
     repeats: int = 20
-    blocks: int = 3  # the smallest of that many medians (see time_calls)
+    blocks: int = 8  # rounds: the smallest of that many medians (see time_many)
 
     warmup_s: float = WARMUP_S  # and at least this long (see time_calls)
     chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
@@ -350,14 +353,14 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
                                build_s=round(time.monotonic() - t0, 2))
 
 
-WHOLE_SUBNET_BLOCKS = 3
+WHOLE_SUBNET_BLOCKS = 8
 
 
 def measure_configs(profiler: Profiler, net: OFASupernet, cfgs: Sequence[SubnetConfig],
                     progress: Callable[[int], None] | None = None) -> np.ndarray:
     """End-to-end milliseconds of one call of each subnet, extracted from ``net`` (its weights do
     not matter for latency, so a randomly initialised supernet serves), interleaved as in
-    Profiler.measure_many. The smallest of at least three medians, as for a model card:
+    Profiler.measure_many. The smallest of at least eight medians, as for a model card:
     calibration, validation and the search's check compare like with like."""
     whole = dataclasses.replace(profiler, blocks=max(profiler.blocks, WHOLE_SUBNET_BLOCKS))
     return whole.measure_many([(net.get_active_subnet(c).eval(), (net.space.in_channels, c.r, c.r))

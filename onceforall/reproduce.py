@@ -63,10 +63,10 @@ def reproduce(card_path: str | Path, data_dir: str | Path, *, repeats: int = 200
         if i >= 20 and time.perf_counter() >= warm_until:
             break
         sess.run(None, {"input": batch})
-    medians = []  # the card's statistic: the smallest of 4 medians of repeats/4 calls
-    for _ in range(4):
+    medians = []  # the card's statistic: the smallest of 8 medians of repeats/8 calls
+    for _ in range(8):
         times = []
-        for _ in range(max(repeats // 4, 1)):
+        for _ in range(max(repeats // 8, 1)):
             t = time.perf_counter_ns()
             sess.run(None, {"input": batch})
             times.append((time.perf_counter_ns() - t) / 1e6)

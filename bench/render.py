@@ -159,8 +159,8 @@ def specialize(r: dict) -> list[str]:
             lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "
                          f"{v['max_ape_pct']:.1f}% | {v['n']} | {lo:.3f} to {hi:.3f} | {cv} | "
                          f"{_fmt_s(v['build_s'])} |")
-        lines += ["", "Every measurement is the smallest of 8 medians of 20 calls, the models interleaved "
-                  "round by round after a timed warm-up (onceforall/latency.py, time_many). Measured "
+        lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as span "
+                  "2 s), the models interleaved round by round after a timed warm-up (onceforall/latency.py, time_many). Measured "
                   "again: the same 50 subnets measured a second time right after the first, against "
                   "the first: the noise floor under any table's MAPE on this machine at the time.", ""]
     if r.get("search"):

@@ -155,6 +155,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     else round(float(predicted_latency_ms), 5),
                     "runtime": target.runtime, "threads": target.threads,
                     "batch_size": target.batch_size, "statistic": profiler.statistic,
+                    "window_s": profiler.window_s,
                     "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),

@@ -74,10 +74,14 @@ def ort_session(model: bytes | str | Path, threads: int):
 
 
 WARMUP_S = 0.2
+# Rounds go on until they span this long. The host takes the second core (and sometimes the first)
+# for a second at a time: one 0.34 ms model measured 0.34 in its model card and 0.47 in 8 medians
+# (70 ms) a minute later; a 2-thread batch-16 model 2.1 and 3.1 ms.
+WINDOW_S = 2.0
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, blocks: int = 1,
-               warmup_s: float = WARMUP_S) -> float:
+               warmup_s: float = WARMUP_S, window_s: float = WINDOW_S) -> float:
     """Wall time of ``fn()`` in milliseconds: the smallest of ``blocks`` medians of ``repeats`` calls.
 
     Warm-up is at least ``warmup`` calls and ``warmup_s`` seconds of calls back to back. On these
@@ -87,13 +91,15 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, blocks: int 
     One median shrugs off single spikes; the smallest of a few also shrugs off a second or two of
     another process on a 2-core machine, which slows every call of a 2-thread run while it lasts.
     """
-    return float(time_many([fn], warmup=warmup, repeats=repeats, rounds=blocks, warmup_s=warmup_s)[0])
+    return float(time_many([fn], warmup=warmup, repeats=repeats, rounds=blocks, warmup_s=warmup_s,
+                           window_s=window_s)[0])
 
 
 def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, rounds: int,
-              warmup_s: float = WARMUP_S, settle: int = 2) -> np.ndarray:
+              warmup_s: float = WARMUP_S, window_s: float = WINDOW_S, settle: int = 2) -> np.ndarray:
     """(len(fns),) milliseconds per call of each: the smallest of ``rounds`` medians of ``repeats``
-    calls, the rounds interleaved (every fn once per round, ``settle`` calls before its median).
+    calls, the rounds interleaved (every fn once per round, ``settle`` calls before its median),
+    and more rounds until they span ``window_s`` seconds.
 
     Interleaving spreads each fn's measurement over the whole run, so a slow second of the host
     costs one round of a few fns instead of every round of one: measured on 2 cores at 2 threads,
@@ -110,7 +116,10 @@ def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, ro
         for fn in fns:
             fn()
     best = np.full(len(fns), np.inf)
-    for _ in range(max(rounds, 1)):
+    t_window = time.perf_counter() + window_s
+    done = 0
+    while done < max(rounds, 1) or time.perf_counter() < t_window:
+        done += 1
         for i, fn in enumerate(fns):
             for _ in range(settle):
                 fn()
@@ -166,15 +175,15 @@ class Profiler:
     blocks: int = 8  # rounds: the smallest of that many medians (see time_many)
 
     warmup_s: float = WARMUP_S  # and at least this long (see time_calls)
+    window_s: float = WINDOW_S  # rounds until they span this long (see time_many)
     chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
 
     @property
     def statistic(self) -> str:
-        each = f"median of {self.repeats} calls"
         warm = f"{self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls"
-        return (f"{each} after {warm}" if self.blocks <= 1
-                else f"smallest of {self.blocks} medians of {self.repeats} calls (interleaved rounds "
-                     f"when several models are measured) after {warm}")
+        return (f"smallest of at least {self.blocks} medians of {self.repeats} calls, as many as "
+                f"span {self.window_s:g} s (interleaved rounds when several models are measured), "
+                f"after {warm}")
 
     def measure(self, module: nn.Module, shape: tuple[int, ...]) -> float:
         return float(self.measure_many([(module, shape)])[0])
@@ -196,7 +205,7 @@ class Profiler:
                 with torch.inference_mode():
                     out[start:start + len(fns)] = time_many(
                         fns, warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
-                        warmup_s=self.warmup_s)
+                        warmup_s=self.warmup_s, window_s=self.window_s)
             finally:
                 torch.set_num_threads(prev)
             if progress:

@@ -28,7 +28,8 @@ SMALL = dataclasses.replace(
     get_space("fashion-mnist"), name="small", stem_width=8, first_block_width=8,
     units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
     kernels=(3, 5), expands=(3, 6), resolutions=(16, 20), final_expand_width=64, feature_width=64)
-FAST = Profiler("onnxruntime", threads=1, batch_size=1, warmup=2, repeats=5, blocks=1, warmup_s=0.0)
+FAST = Profiler("onnxruntime", threads=1, batch_size=1, warmup=2, repeats=5, blocks=1, warmup_s=0.0,
+                window_s=0.0)
 
 
 def _target(kind, budget, name="t"):
@@ -218,12 +219,16 @@ def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
         order.append("b")
         time.sleep(0.002)
 
-    kw = dict(warmup=0, repeats=10, warmup_s=0.0, settle=0)
+    kw = dict(warmup=0, repeats=10, warmup_s=0.0, window_s=0.0, settle=0)
     ms = time_many([slow_at_first, steady], rounds=2, **kw)
     assert order == ["a"] * 10 + ["b"] * 10 + ["a"] * 10 + ["b"] * 10  # round by round
     assert 0.9 <= ms[0] < 2.0 and 1.9 <= ms[1] < 3.0  # round 1 of "a" was slow: round 2 counts
     calls["slow"] = 0
     assert time_many([slow_at_first], rounds=1, **kw)[0] >= 3.9  # one round cannot tell
+    # rounds go on until they span the window: 5 calls of 2 ms a round, 50 ms -> 4 rounds or more
+    before = len(order)
+    time_many([steady], rounds=1, **{**kw, "repeats": 5, "window_s": 0.05})
+    assert len(order) - before >= 20
 
 
 def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tmp_path):

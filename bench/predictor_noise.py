@@ -64,7 +64,7 @@ def main() -> int:
            "accuracy_sd_pts": round(float(acc.std()), 3),
            "ceiling_tau": round(float(np.mean(ceiling)), 4),
            "ceiling_tau_with_mirror": round(float(np.mean(ceiling2)), 4),
-           "labels": "both views (the predictor is fitted on them)",
+           "labels": "mirror-averaged labels",
            "predictor_tau_vs_plain": round(float(kendalltau(pred, acc).statistic), 4),
            "predictor_tau_vs_mirror_averaged": round(float(kendalltau(pred, acc2).statistic), 4)}
     OUT.write_text(json.dumps(out, indent=1))

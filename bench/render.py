@@ -159,10 +159,11 @@ def specialize(r: dict) -> list[str]:
             lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "
                          f"{v['max_ape_pct']:.1f}% | {v['n']} | {lo:.3f} to {hi:.3f} | {cv} | "
                          f"{_fmt_s(v['build_s'])} |")
-        lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as span "
-                  "2 s), the models interleaved round by round after a timed warm-up (onceforall/latency.py, time_many). Measured "
-                  "again: the same 50 subnets measured a second time right after the first, against "
-                  "the first: the noise floor under any table's MAPE on this machine at the time.", ""]
+        lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as "
+                  "span 2 s), the models interleaved round by round after a timed warm-up "
+                  "(onceforall/latency.py, time_many). Measured again: the same 50 subnets measured a "
+                  "second time right after the first, against the first: the noise floor under any "
+                  "table's MAPE on this machine at the time.", ""]
     if r.get("search"):
         s = r["search"]
         lines += [f"Search (population 100, 500 generations, MACs budget 6M): "
@@ -183,8 +184,9 @@ def specialize(r: dict) -> list[str]:
         lines += ["Reference search speed: pending (`make bench-reference`).", ""]
     if r.get("targets"):
         lines += ["| target | constraint | budget | searched: test acc | best uniform: test acc | "
-                  "MACs | params | latency measured / predicted (ms) | reproduced acc / in budget |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "validation acc: searched / uniform | MACs | params | latency measured / predicted (ms) "
+                  "| reproduced acc / in budget |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, t in r["targets"].items():
             rep = t["reproduced"]
             lat = (f"{t['measured_latency_ms']:.3f} / {t['predicted_latency_ms']:.3f}"
@@ -192,11 +194,18 @@ def specialize(r: dict) -> list[str]:
             if t.get("search_rounds", 1) > 1:
                 lat += f" ({t['search_rounds']} searches)"
             uni = "none fits" if t["best_uniform_test_acc"] is None else f"{t['best_uniform_test_acc']:.2f}"
+            val = (f"{t['searched_val_acc']:.2f} / {t['best_uniform_val_acc']:.2f}"
+                   if t.get("best_uniform_val_acc") is not None else "-")
             lines.append(f"| {name} | {t['constraint']} | {t['budget']:g} | {t['searched_test_acc']:.2f} | "
-                         f"{uni} | {t['macs'] / 1e6:.2f}M | {t['params'] / 1e3:.0f}k | {lat} | "
+                         f"{uni} | {val} | {t['macs'] / 1e6:.2f}M | {t['params'] / 1e3:.0f}k | {lat} | "
                          f"{rep['test_acc']:.2f} / {'yes' if rep['within_budget'] else 'NO'} |")
         lines += ["", "A latency target's pick is measured on its runtime by the search itself, which "
-                  "searches again under a tighter budget while the pick measures over budget.", ""]
+                  "searches again under a tighter budget while the pick measures over budget, and "
+                  "measures its 8 best-scoring Pareto points; the export picks, of those within budget, "
+                  "the best on validation (each image and its mirror image). The best uniform subnet "
+                  "(same depth, kernel and expand everywhere, any resolution) is chosen the same way: "
+                  "of the 81, those within the budget (a latency budget measured on the target's "
+                  "runtime), the best on validation; both are then judged once on the test set.", ""]
         lines += [f"![{n}](pareto/{n}.png)" for n in r["targets"]]
     return lines
 

@@ -145,8 +145,9 @@ def standard() -> Schedule:
     return Schedule("standard", _teacher(10, 0.1, 1),
                     _shrink((1, 1, 2, 1, 2), (0.03, 0.01, 0.02, 0.01, 0.02), sandwich_width=True),
                     batch_size=128, val_images=2000,
-                    # ~1.2 s per subnet on 2 cores: ~24 min. The predictor's rank correlation on
-                    # held-out subnets still grows at 600 (docs/benchmarks.md, predictor).
+                    # ~1.9 s per subnet on 2 cores with the mirror view (1.2 without): ~37 min
+                    # (500 take 16). The predictor's rank correlation on held-out subnets still
+                    # grows at 600 (docs/benchmarks.md, predictor).
                     predictor_subnets=1200,
                     notes="Fashion-MNIST on 2 CPU cores; the paper's phase order and ratios, "
                           "fewer epochs")

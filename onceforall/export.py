@@ -26,7 +26,7 @@ from .bn import recalibrate_bn
 from .data import Dataset, calibration_images, normalize, resize
 from .efficiency import subnet_macs, subnet_params
 from .evaluate import accuracy
-from .latency import Profiler, onnx_bytes, ort_session
+from .latency import card_profiler, onnx_bytes, ort_session
 from .space import SearchSpace, SubnetConfig
 from .supernet import OFASupernet, StaticSubnet
 from .targets import Target
@@ -125,8 +125,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     ort_acc = _ort_accuracy(sess, data)
 
     shape = (space.in_channels, data.image_size, data.image_size)
-    profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=25,
-                        blocks=8)
+    profiler = card_profiler(target.runtime, target.threads, target.batch_size)
     latency_ms = profiler.measure(deploy, shape)
 
     card = {

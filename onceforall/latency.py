@@ -80,21 +80,6 @@ WARMUP_S = 0.2
 WINDOW_S = 2.0
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, blocks: int = 1,
-               warmup_s: float = WARMUP_S, window_s: float = WINDOW_S) -> float:
-    """Wall time of ``fn()`` in milliseconds: the smallest of ``blocks`` medians of ``repeats`` calls.
-
-    Warm-up is at least ``warmup`` calls and ``warmup_s`` seconds of calls back to back. On these
-    2-core VMs a core that sat idle (during an export, say) runs a 2-thread runtime up to 40% slow
-    for a while after it wakes; a fixed 10-20 calls of a 0.3 ms model did not cover that, and the
-    same subnets measured twice differed by 11-39% (MAPE, 12 subnets) against 1-5% after 0.1 s.
-    One median shrugs off single spikes; the smallest of a few also shrugs off a second or two of
-    another process on a 2-core machine, which slows every call of a 2-thread run while it lasts.
-    """
-    return float(time_many([fn], warmup=warmup, repeats=repeats, rounds=blocks, warmup_s=warmup_s,
-                           window_s=window_s)[0])
-
-
 def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, rounds: int,
               warmup_s: float = WARMUP_S, window_s: float = WINDOW_S, settle: int = 2) -> np.ndarray:
     """(len(fns),) milliseconds per call of each: the smallest of ``rounds`` medians of ``repeats``
@@ -104,8 +89,12 @@ def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, ro
     Interleaving spreads each fn's measurement over the whole run, so a slow second of the host
     costs one round of a few fns instead of every round of one: measured on 2 cores at 2 threads,
     12 subnets timed one after another differed by 11-14% (MAPE) from one pass to the next,
-    interleaved in 3 rounds by 1-4%. Warm-up as in time_calls: every fn ``warmup`` times, then all
-    of them in turn until ``warmup_s`` seconds have passed.
+    interleaved in 3 rounds by 1-4%. Warm-up: every fn ``warmup`` times, then all of them in turn
+    until ``warmup_s`` seconds have passed. On these 2-core VMs a core that sat idle (during an
+    export, say) runs a 2-thread runtime up to 40% slow for a while after it wakes; a fixed 10-20
+    calls of a 0.3 ms model did not cover that (the same subnets measured twice differed by 11-39%,
+    against 1-5% after 0.1 s). One median shrugs off single spikes; the smallest of several also
+    shrugs off a second or two of another process, which slows every call of a 2-thread run.
     """
     fns = list(fns)
     t_end = time.perf_counter() + warmup_s
@@ -174,7 +163,7 @@ class Profiler:
     repeats: int = 20
     blocks: int = 8  # rounds: the smallest of that many medians (see time_many)
 
-    warmup_s: float = WARMUP_S  # and at least this long (see time_calls)
+    warmup_s: float = WARMUP_S  # and at least this long (see time_many)
     window_s: float = WINDOW_S  # rounds until they span this long (see time_many)
     chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
 
@@ -225,7 +214,7 @@ class Profiler:
         """The cost of one call of a graph that does almost nothing.
 
         The smallest of ``tries`` times as many medians as a measurement takes, from one session
-        (time_calls takes the minimum): a spike from another process during one of them would
+        (time_many takes the minimum): a spike from another process during one of them would
         otherwise be subtracted from every op of the table.
         """
         return dataclasses.replace(self, blocks=self.blocks * tries).measure(nn.ReLU(), (1, 4, 4))
@@ -235,6 +224,12 @@ class Profiler:
         """Each op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
         totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress)
         return np.maximum(totals - overhead, 0.0) / copies
+
+
+def card_profiler(runtime: str, threads: int, batch_size: int) -> Profiler:
+    """The model card's statistic: export measures the card with it, the search checks its picks
+    with it, and onceforall.reproduce (onnxruntime alone) repeats it."""
+    return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

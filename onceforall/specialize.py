@@ -16,8 +16,8 @@ import numpy as np
 
 from .efficiency import CostTable
 from .errors import UserError
-from .latency import (LatencyTable, Profiler, build_latency_table, measure_config, measure_configs,
-                      validate_latency_table)
+from .latency import (LatencyTable, Profiler, build_latency_table, card_profiler, measure_config,
+                      measure_configs, validate_latency_table)
 from .predictor import AccuracyPredictor
 from .search import EvolutionConfig, SearchResult, evolution_search
 from .space import SearchSpace, SubnetConfig
@@ -86,8 +86,7 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
 
         torch.manual_seed(seed)
         net = OFASupernet(space).eval()  # latency does not depend on the weights
-        profiler = Profiler(target.runtime, target.threads, target.batch_size, warmup=20, repeats=25,
-                            blocks=8)  # the model card's statistic
+        profiler = card_profiler(target.runtime, target.threads, target.batch_size)
         t1 = time.monotonic()
         while True:
             measured = measure_config(profiler, net, result.best)

@@ -161,7 +161,7 @@ def specialize(r: dict) -> list[str]:
                          f"{_fmt_s(v['build_s'])} |")
         lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as "
                   "span 2 s), the models interleaved round by round after a timed warm-up "
-                  "(onceforall/latency.py, time_many). Measured again: the same 50 subnets measured a "
+                  "(onceforall/ort_timing.py, time_many). Measured again: the same 50 subnets measured a "
                   "second time right after the first, against the first: the noise floor under any "
                   "table's MAPE on this machine at the time.", ""]
     if r.get("search"):

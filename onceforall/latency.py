@@ -4,9 +4,9 @@ Every distinct block variant of the space (unit, first-or-later block, resolutio
 and the fixed parts (stem + first block, head) are exported and timed on the target runtime with the
 target's threads and batch size, with warm-up and repeats (median), in interleaved rounds (every
 model once per round, the smallest median kept) so that a slow moment of a shared host costs a
-round, not a table entry. The fixed per-call overhead of
-the runtime (measured on a one-op graph) is taken out of every op and added back once, so that the
-sum of the table is an estimate of one end-to-end call.
+round, not a table entry. The fixed per-call overhead of the runtime (measured on a one-op graph)
+is taken out of every op and added back once, so that the sum of the table is an estimate of one
+end-to-end call.
 
 A whole network runs its ops back to back, and on a CPU that is not the sum of ops timed apart:
 measured here, the sums came out 6-22% high depending on threads and batch size, consistently for
@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +31,7 @@ from torch import nn
 
 from .efficiency import head_input_size, unit_input_sizes
 from .errors import UserError
+from .ort_timing import MULTI_THREAD_WINDOW_S, WARMUP_S, WINDOW_S, time_many, time_onnx
 from .space import SearchSpace, SubnetConfig
 from .subnet_batch import BatchLike, as_batch
 from .supernet import OFASupernet
@@ -58,67 +58,6 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, *, dynamic_batch: bool 
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}
                           if dynamic_batch else None, do_constant_folding=True)
     return buf.getvalue()
-
-
-def ort_session(model: bytes | str | Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-WARMUP_S = 0.2
-# Rounds go on until they span this long. The host takes the second core (and sometimes the first)
-# for a second at a time: one 0.34 ms model measured 0.34 in its model card and 0.47 in 8 medians
-# (70 ms) a minute later; a 2-thread batch-16 model 2.1 and 3.1 ms.
-WINDOW_S = 2.0
-
-
-def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, rounds: int,
-              warmup_s: float = WARMUP_S, window_s: float = WINDOW_S, settle: int = 2) -> np.ndarray:
-    """(len(fns),) milliseconds per call of each: the smallest of ``rounds`` medians of ``repeats``
-    calls, the rounds interleaved (every fn once per round, ``settle`` calls before its median),
-    and more rounds until they span ``window_s`` seconds.
-
-    Interleaving spreads each fn's measurement over the whole run, so a slow second of the host
-    costs one round of a few fns instead of every round of one: measured on 2 cores at 2 threads,
-    12 subnets timed one after another differed by 11-14% (MAPE) from one pass to the next,
-    interleaved in 3 rounds by 1-4%. Warm-up: every fn ``warmup`` times, then all of them in turn
-    until ``warmup_s`` seconds have passed. On these 2-core VMs a core that sat idle (during an
-    export, say) runs a 2-thread runtime up to 40% slow for a while after it wakes; a fixed 10-20
-    calls of a 0.3 ms model did not cover that (the same subnets measured twice differed by 11-39%,
-    against 1-5% after 0.1 s). One median shrugs off single spikes; the smallest of several also
-    shrugs off a second or two of another process, which slows every call of a 2-thread run.
-    """
-    fns = list(fns)
-    t_end = time.perf_counter() + warmup_s
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    while time.perf_counter() < t_end:
-        for fn in fns:
-            fn()
-    best = np.full(len(fns), np.inf)
-    t_window = time.perf_counter() + window_s
-    done = 0
-    while done < max(rounds, 1) or time.perf_counter() < t_window:
-        done += 1
-        for i, fn in enumerate(fns):
-            for _ in range(settle):
-                fn()
-            samples = []
-            for _ in range(repeats):
-                t = time.perf_counter_ns()
-                fn()
-                samples.append((time.perf_counter_ns() - t) / 1e6)
-            best[i] = min(best[i], statistics.median(samples))
-    return best
 
 
 class Replicas(nn.Module):
@@ -186,29 +125,40 @@ class Profiler:
                             fix="use onnxruntime or torch")
         out = np.zeros(len(items))
         for start in range(0, len(items), self.chunk):
-            fns = [self._callable(m, shape) for m, shape in items[start:start + self.chunk]]
-            prev = torch.get_num_threads()
-            if self.runtime == "torch":
-                torch.set_num_threads(self.threads)
-            try:
-                with torch.inference_mode():
-                    out[start:start + len(fns)] = time_many(
-                        fns, warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
-                        warmup_s=self.warmup_s, window_s=self.window_s)
-            finally:
-                torch.set_num_threads(prev)
+            chunk = items[start:start + self.chunk]
+            if self.runtime == "onnxruntime":
+                shapes = [shape for _, shape in chunk]
+                models = [onnx_bytes(m, torch.zeros(self.batch_size, *shape)) for m, shape in chunk]
+                out[start:start + len(chunk)] = self.measure_onnx(models, shapes)
+            else:
+                out[start:start + len(chunk)] = self._time_torch(chunk)
             if progress:
-                progress(start + len(fns))
+                progress(start + len(chunk))
         return out
 
-    def _callable(self, module: nn.Module, shape: tuple[int, ...]) -> Callable[[], Any]:
-        x = torch.randn(self.batch_size, *shape)
-        if self.runtime == "onnxruntime":
-            sess = ort_session(onnx_bytes(module, x), self.threads)
-            feed = {"input": x.numpy()}
-            return lambda: sess.run(None, feed)
-        module = module.eval()
-        return lambda: module(x)
+    def measure_onnx(self, models: Sequence[bytes], shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """(len(models),) ms per call of each ONNX model (input shape without the batch), timed
+        together in interleaved rounds (time_many)."""
+        return time_onnx(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
+                         **self._timing)
+
+    @property
+    def _timing(self) -> dict[str, Any]:
+        return dict(warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
+                    warmup_s=self.warmup_s, window_s=self.window_s)
+
+    def _time_torch(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]]) -> np.ndarray:
+        fns = []
+        for module, shape in items:
+            module, x = module.eval(), torch.randn(self.batch_size, *shape)
+            fns.append(lambda module=module, x=x: module(x))
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return time_many(fns, **self._timing)
+        finally:
+            torch.set_num_threads(prev)
 
     def overhead(self, tries: int = 5) -> float:
         """The cost of one call of a graph that does almost nothing.
@@ -228,8 +178,11 @@ class Profiler:
 
 def card_profiler(runtime: str, threads: int, batch_size: int) -> Profiler:
     """The model card's statistic: export measures the card with it, the search checks its picks
-    with it, and onceforall.reproduce (onnxruntime alone) repeats it."""
-    return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8)
+    with it, and onceforall.reproduce (onnxruntime alone) repeats it. At 2 threads or more the
+    rounds span 12 s: shared VMs give one core's throughput for seconds at a time
+    (ort_timing.MULTI_THREAD_WINDOW_S)."""
+    return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8,
+                    window_s=WINDOW_S if threads == 1 else MULTI_THREAD_WINDOW_S)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

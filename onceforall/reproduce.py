@@ -1,7 +1,8 @@
 """Reproduce a model card with onnxruntime and the dataset's IDX files only.
 
-Deliberately independent of the rest of the library (no torch, no supernet): it reads the card, the
-ONNX file and the raw test images, and measures accuracy and latency the way the card says.
+Deliberately independent of the rest of the library (no torch, no supernet; only ort_timing, which
+needs numpy and onnxruntime alone): it reads the card, the ONNX file and the raw test images, and
+measures accuracy and latency the way the card says.
 
     python -m onceforall.reproduce models/edge-cpu-1t/model_card.json --data /usr/share/datasets/fashion-mnist
 """
@@ -11,15 +12,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import itertools
 import json
-import statistics
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from .ort_timing import WINDOW_S, ort_session, time_many
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -37,8 +37,6 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def reproduce(card_path: str | Path, data_dir: str | Path, *, repeats: int = 200) -> dict:
-    import onnxruntime as ort
-
     card_path = Path(card_path)
     card = json.loads(card_path.read_text())
     model = card_path.parent / card["onnx"]["file"]
@@ -48,33 +46,19 @@ def reproduce(card_path: str | Path, data_dir: str | Path, *, repeats: int = 200
     labels = _idx(_find(data_dir, "t10k-labels-idx1-ubyte")).astype(np.int64)
     x = images.astype(np.float32)[:, None] / 255.0  # (N, 1, H, W): what card["input"] specifies
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = card["latency"]["threads"]
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, card["latency"]["threads"])
     correct = 0
     for s in range(0, len(x), 500):
         correct += int((sess.run(None, {"input": x[s:s + 500]})[0].argmax(1) == labels[s:s + 500]).sum())
     acc = 100.0 * correct / len(x)
 
-    batch = x[:card["latency"]["batch_size"]]
-    warm_until = time.perf_counter() + 0.2  # the card's warm-up: 20 calls and at least 0.2 s
-    for i in itertools.count():
-        if i >= 20 and time.perf_counter() >= warm_until:
-            break
-        sess.run(None, {"input": batch})
-    # the card's statistic: the smallest of at least 8 medians of repeats/8 calls, as many as span
-    # the card's window (2 s: the host's slow moments last about a second)
-    medians = []
-    t_window = time.perf_counter() + card["latency"].get("window_s", 2.0)
-    while len(medians) < 8 or time.perf_counter() < t_window:
-        times = []
-        for _ in range(max(repeats // 8, 1)):
-            t = time.perf_counter_ns()
-            sess.run(None, {"input": batch})
-            times.append((time.perf_counter_ns() - t) / 1e6)
-        medians.append(statistics.median(times))
-    latency = min(medians)
+    # the card's statistic (latency.card_profiler): 20 warm-up calls and at least 0.2 s, then the
+    # smallest of at least 8 medians of 25 calls, as many as span the card's window (2 s, or 12 s
+    # at 2 threads or more: shared hosts have slow moments of a second, and of up to ~9 s when
+    # two vCPUs give one core's throughput)
+    batch = {"input": x[:card["latency"]["batch_size"]]}
+    latency = float(time_many([lambda: sess.run(None, batch)], warmup=20, repeats=max(repeats // 8, 1),
+                              rounds=8, window_s=card["latency"].get("window_s", WINDOW_S))[0])
     budget = card["target"]["constraint"]
     out = {"target": card["target"]["name"], "sha256_ok": sha == card["onnx"]["sha256"],
            "test_acc": round(acc, 3), "card_test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],

@@ -16,7 +16,7 @@ from onceforall.accuracy_data import SubnetEvaluator, collect_accuracy, read_row
 from onceforall.data import load_dataset
 from onceforall.errors import UserError
 from onceforall.export import export_subnet, resize_matrix
-from onceforall.latency import LatencyTable, Profiler, build_latency_table, validate_latency_table
+from onceforall.latency import LatencyTable, Profiler, build_latency_table, onnx_bytes, validate_latency_table
 from onceforall.predictor import fit_predictor
 from onceforall.reproduce import reproduce
 from onceforall.space import SubnetConfig, UnitSpec, get_space
@@ -205,7 +205,7 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
 
 
 def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
-    from onceforall.latency import time_many
+    from onceforall.ort_timing import time_many
 
     order = []
     calls = {"slow": 0}
@@ -229,6 +229,23 @@ def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
     before = len(order)
     time_many([steady], rounds=1, **{**kw, "repeats": 5, "window_s": 0.05})
     assert len(order) - before >= 20
+
+
+def test_onnx_timing_needs_no_torch_and_ranks_models():
+    """reproduce shares the card's statistic (ort_timing) and still runs where torch is absent."""
+    import subprocess
+    import sys
+
+    from onceforall.ort_timing import time_onnx
+
+    probe = "import sys, onceforall.ort_timing, onceforall.reproduce; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    shape = (4, 8, 32, 32)
+    small, big = torch.nn.Conv2d(8, 8, 1), torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1)] * 6)
+    ms = time_onnx([onnx_bytes(m, torch.zeros(shape)) for m in (small, big)], [shape] * 2, threads=1,
+                   warmup=2, repeats=5, rounds=2, warmup_s=0.0, window_s=0.0)
+    assert ms.shape == (2,) and 0 < ms[0] < ms[1]  # six 3x3 convolutions cost more than one 1x1
 
 
 def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tmp_path):

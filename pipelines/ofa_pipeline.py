@@ -71,13 +71,8 @@ def build_pipeline(options: Options = Options()):
 
     c = build(options.image or DEFAULT_IMAGE)
 
-    def configure(task, name: str, *, train: bool = False, measures_latency: bool = False):
+    def configure(task, name: str, *, train: bool = False):
         task.set_display_name(name)
-        if measures_latency:
-            # torch's OpenMP threads, left spinning by the stage's torch work, take a core from a
-            # 2-thread onnxruntime measurement (2.6 ms -> 4.0 in 9 of 12 tries; PASSIVE: 2.6 in 8
-            # of 8). PASSIVE costs training 20-30%, so only the measuring stages get it.
-            task.set_env_variable("OMP_WAIT_POLICY", "PASSIVE")
         task.set_caching_options(True)
         if options.retries:
             task.set_retry(num_retries=options.retries, backoff_duration=options.retry_backoff,
@@ -121,20 +116,18 @@ def build_pipeline(options: Options = Options()):
 
         with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
             prof = configure(c.profile_target(target=target.spec, space=space, seed=seed, **run),
-                             "profile-target", measures_latency=True)
+                             "profile-target")
             # Latency tables are only true on the target's own hardware: place the pod there.
             k8s.add_node_selector_json(prof, target.node_selector)
             k8s.add_toleration_json(prof, target.tolerations)
             found = configure(c.search(target=target.spec, space=space, seed=seed,
                                        predictor=fit.outputs["predictor"],
-                                       latency=prof.outputs["latency"], **run), "search",
-                              measures_latency=True)
+                                       latency=prof.outputs["latency"], **run), "search")
             # A latency search measures its pick on the target's hardware before it settles.
             k8s.add_node_selector_json(found, target.node_selector)
             k8s.add_toleration_json(found, target.tolerations)
             exp = configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
-                                     search=found.outputs["result"], **run), "export",
-                            measures_latency=True)
+                                     search=found.outputs["result"], **run), "export")
             # The card's measured latency is taken on the target's hardware too.
             k8s.add_node_selector_json(exp, target.node_selector)
             k8s.add_toleration_json(exp, target.tolerations)

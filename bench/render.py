@@ -120,6 +120,9 @@ def specialize(r: dict) -> list[str]:
             by_set = ", ".join(f"{v:.2f}" for v in a["eval_s_per_subnet_by_set"])
             sets += f" (s per subnet by set: {by_set})"
         views = " and their mirror images (both views averaged)" if a.get("views") == 2 else ""
+        if a.get("samplers"):
+            sets += " (" + ", ".join(f"{v} {k}" for k, v in a["samplers"].items()) + \
+                "; onceforall/accuracy_data.py explains the samplers)"
         lines += [f"Accuracy data: {a['n']} stratified subnets{sets}, BN recalibrated, validation accuracy "
                   f"on {a['val_images']} images{views}; {a['eval_s_per_subnet']:.2f} s per subnet "
                   f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "
@@ -134,6 +137,19 @@ def specialize(r: dict) -> list[str]:
             v = p["vs_plain_labels"]
             lines.append(f"| the same, judged on the images alone (one view) | {v['kendall_tau']:.3f} | "
                          f"{v['rmse']:.3f} | {v['mae']:.3f} | {v['spearman_rho']:.3f} | |")
+        for smp, v in p.get("by_sampler", {}).items():
+            lines.append(f"| the {smp} held-out subnets alone | {v['kendall_tau']:.3f} | {v['rmse']:.3f} | "
+                         f"{v['mae']:.3f} | {v['spearman_rho']:.3f} | /{v['n']} |")
+        if p.get("uniform_subnets"):
+            u = p["uniform_subnets"]
+            tau = "-" if u["kendall_tau"] is None else f"{u['kendall_tau']:.3f}"
+            rho = "-" if u["spearman_rho"] is None else f"{u['spearman_rho']:.3f}"
+            lines.append(f"| uniform subnets measured in the target step (the corners) | {tau} | "
+                         f"{u['rmse']:.3f} | {u['mae']:.3f} | {rho} | /{u['n']} |")
+            m = u["max_subnet"]
+            lines += ["", f"On the uniform subnets the predictor is off by {u['bias_pts']:+.3f} points on "
+                      f"average; the max subnet: predicted {m['predicted']:.2f}%, measured "
+                      f"{m['val_acc']:.2f}% on validation."]
         lines.append("")
     noise_path = RESULTS / "predictor_noise.json"
     if noise_path.exists():

@@ -1,8 +1,10 @@
 """Benchmark: specialize the `standard` supernet for the example targets.
 
-1. accuracy data: N stratified subnets, BN recalibrated, validation accuracy over each image and its
+1. accuracy data: stratified subnets (two balanced sets and a graded one that reaches the corners;
+   see onceforall/accuracy_data.py), BN recalibrated, validation accuracy over each image and its
    mirror image (resumable);
-2. accuracy predictor: fit, then RMSE / Kendall tau on held-out subnets;
+2. accuracy predictor: fit, then RMSE / Kendall tau on held-out subnets (all, and by sampler), and
+   its error on the uniform subnets and the max subnet (step 5 measures them on validation);
 3. latency tables: onnxruntime at 1 and 2 threads (batch 1), validated on 50 whole subnets;
 4. search speed: population 100 x 500 generations (and the reference implementation's, when
    bench/reference_search.py has been run in its own venv: see that file);
@@ -56,7 +58,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                     help="IDX folder for the independent card reproduction")
     ap.add_argument("--targets", default=str(ROOT / "examples/targets.yaml"))
-    ap.add_argument("--n", type=int, default=600, help="subnets per stratified set")
+    ap.add_argument("--n", type=int, default=600, help="subnets per balanced stratified set")
+    ap.add_argument("--graded", type=int, default=600, help="subnets in the graded set (0: none)")
     ap.add_argument("--sets", type=int, default=2,
                     help="stratified sets of --n subnets (sampling seeds seed, seed+1, ...), measured "
                          "the same way; a later set extends the earlier ones")
@@ -91,20 +94,27 @@ def main() -> int:
     space = net.space
     data = load_dataset(args.data, seed=args.seed)
 
-    # 1. accuracy data
-    rows_paths = [work / ("accuracy.jsonl" if s == 0 else f"accuracy_set{s}.jsonl")
-                  for s in range(args.sets)]
+    # 1. accuracy data: balanced sets (each choice equally often per slot) and a graded set (one
+    # size level per subnet, reaching the corners where generous budgets are spent)
+    sets = [(work / ("accuracy.jsonl" if s == 0 else f"accuracy_set{s}.jsonl"), "balanced", args.seed + s)
+            for s in range(args.sets)]
+    if args.graded:
+        sets.append((work / "accuracy_graded.jsonl", "graded", args.seed))
+    rows_paths = [p for p, _, _ in sets]
     t0 = time.monotonic()
-    for s, rows_path in enumerate(rows_paths):
-        collect_accuracy(net, data, rows_path, args.n, seed=args.seed, sample_seed=args.seed + s,
-                         progress=lambda i, n, sec, s=s: i % 50 == 0
-                         and log(f"accuracy data set {s}: {i}/{n} ({sec:.2f} s/subnet)"))
+    for rows_path, sampler, sample_seed in sets:
+        n = args.graded if sampler == "graded" else args.n
+        collect_accuracy(net, data, rows_path, n, seed=args.seed, sample_seed=sample_seed,
+                         sampler=sampler,
+                         progress=lambda i, total, sec, name=rows_path.name: i % 50 == 0
+                         and log(f"accuracy data {name}: {i}/{total} ({sec:.2f} s/subnet)"))
     cfgs, accs = load_accuracy_rows(rows_paths, space)
-    rows = [r for p in rows_paths for r in read_rows(p)]
+    rows = [{"sampler": sampler, **r} for p, sampler, _ in sets for r in read_rows(p)]
     views = rows[0]["views"]
-    if "accuracy_data" not in res or (res["accuracy_data"]["n"], res["accuracy_data"].get("views")) \
-            != (len(cfgs), views):
-        res["accuracy_data"] = {"n": len(cfgs), "sets": args.sets, "views": views,
+    counts = {smp: sum(r["sampler"] == smp for r in rows) for smp in ("balanced", "graded")}
+    if "accuracy_data" not in res or (res["accuracy_data"]["n"], res["accuracy_data"].get("views"),
+                                      res["accuracy_data"].get("samplers")) != (len(cfgs), views, counts):
+        res["accuracy_data"] = {"n": len(cfgs), "sets": len(sets), "views": views, "samplers": counts,
                                 "eval_s_total": round(sum(r["eval_s"] for r in rows), 1),
                                 "eval_s_per_subnet": round(float(np.mean([r["eval_s"] for r in rows])), 3),
                                 "eval_s_per_subnet_by_set": [
@@ -118,14 +128,21 @@ def main() -> int:
     # 2. predictor
     predictor, metrics = fit_predictor(space, cfgs, accs, seed=args.seed, epochs=500, patience=60)
     predictor.save(work / "predictor")
-    # The same held-out subnets judged against their accuracy on the images alone (one view).
     _, test = split_indices(len(accs), 0.1, metrics["members"], np.random.default_rng(args.seed))
+    test_pred = predictor.predict([cfgs[i] for i in test])
+    # The same held-out subnets judged against their accuracy on the images alone (one view), and
+    # apart by sampler (the balanced ones are the kind every earlier run was judged on).
     plain = np.array([rows[i]["val_acc_plain"] for i in test])
+    by_sampler = {}
+    for smp in counts:
+        mask = np.array([rows[i]["sampler"] == smp for i in test])
+        if mask.sum() >= 10:
+            by_sampler[smp] = {"n": int(mask.sum()), **regression_metrics(test_pred[mask], accs[test][mask])}
     res["predictor"] = {"kendall_tau": metrics["kendall_tau"], "rmse_pts": metrics["rmse"],
                         "mae_pts": metrics["mae"], "spearman_rho": metrics["spearman_rho"],
                         "labels": "validation accuracy over each image and its mirror image",
-                        "vs_plain_labels": regression_metrics(predictor.predict(
-                            [cfgs[i] for i in test]), plain),
+                        "vs_plain_labels": regression_metrics(test_pred, plain),
+                        "by_sampler": by_sampler,
                         "model": f"{metrics['members']} x MLP "
                                  f"{'x'.join(map(str, predictor.hidden))}, cross-fitted",
                         "n_fit": metrics["n_fit"], "n_test": metrics["n_test"]}
@@ -202,6 +219,7 @@ def main() -> int:
         card = export_subnet(args.supernet, picked, data, target, tdir / "model",
                              predicted_accuracy=pick["predicted_acc"],
                              predicted_latency_ms=pick.get("latency_ms"),
+                             expected_latency_ms=pick.get("measured_ms"),
                              seed=args.seed, net=net, extra={"selection": selection})
         # Best uniform subnet under the same budget, chosen on validation, judged on test.
         # A latency budget is judged as the searched pick is (measured on the target's runtime),
@@ -250,6 +268,21 @@ def main() -> int:
         }
         log(f"target {target.name}: {res['targets'][target.name]}")
         save()
+
+    # The corners: uniform subnets (the max among them), predicted against measured validation.
+    max_cfg = space.max_config()
+    if max_cfg.to_json() not in uniform_val:
+        uniform_val[max_cfg.to_json()] = evaluator_val(max_cfg)
+    ucfgs = [SubnetConfig.from_dict(json.loads(k), space) for k in uniform_val]
+    uval = np.array(list(uniform_val.values()))
+    upred = predictor.predict(ucfgs)
+    res["predictor"]["uniform_subnets"] = {
+        "n": len(ucfgs), **regression_metrics(upred, uval),
+        "bias_pts": round(float(np.mean(upred - uval)), 3),
+        "max_subnet": {"predicted": round(float(predictor.predict([max_cfg])[0]), 3),
+                       "val_acc": uniform_val[max_cfg.to_json()]}}
+    log(f"uniform subnets: {res['predictor']['uniform_subnets']}")
+    save()
 
     from render import render
 

@@ -1,10 +1,22 @@
 """Accuracy data for the predictor: sampled subnets, BN recalibrated, measured on validation.
 
-The sample is stratified: every dimension (resolution, each unit's depth, each slot's kernel and
-expand ratio) takes each of its choices equally often, in a seeded random arrangement (a Latin
-hypercube over the choices). The list of configs depends only on (space, n, seed), so chunks of it
-can be measured by different workers (``chunk``/``num_chunks``) and a rerun skips rows already
-in the output file (JSON lines, one row per subnet, appended as each is measured).
+Two stratified samplers, and by default half of each:
+
+* ``balanced``: every dimension (resolution, each unit's depth, each slot's kernel and expand
+  ratio) takes each of its choices equally often, in a seeded random arrangement (a Latin
+  hypercube over the choices). Slots are independent, so a subnet's mean kernel and expand
+  cluster in the middle: of 1200 such subnets (fashion-mnist) one had more than 80% of its active
+  blocks at expand 6; of 600 graded ones, 50 had 90% or more.
+* ``graded``: each subnet draws a level in [0, 1] for depth, kernel and expand (stratified over
+  the sample), and each unit or slot then takes choice j of m with the binomial probability
+  C(m-1, j) u^j (1-u)^(m-1-j): near 1 nearly every slot takes the largest choice. These reach the
+  corners where generous budgets are spent. A predictor fit on balanced subnets alone put the
+  max subnet at 91.45% and the uniform d3 k7 e6 at 91.32% where validation measured 92.11 and
+  91.92, so the search never spent more than 2.1 of a 3 ms budget and lost to that uniform subnet.
+
+The list of configs depends only on (space, n, seed, sampler), so chunks of it can be measured by
+different workers (``chunk``/``num_chunks``) and a rerun skips rows already in the output file
+(JSON lines, one row per subnet, appended as each is measured).
 """
 
 from __future__ import annotations
@@ -25,7 +37,19 @@ from .space import SearchSpace, SubnetConfig
 from .supernet import OFASupernet
 
 
-def stratified_configs(space: SearchSpace, n: int, seed: int) -> list[SubnetConfig]:
+SAMPLERS = ("mixed", "balanced", "graded")
+
+
+def stratified_configs(space: SearchSpace, n: int, seed: int, sampler: str = "mixed") -> list[SubnetConfig]:
+    """``n`` subnets from ``sampler`` (see the module docstring); ``mixed`` interleaves
+    ``balanced`` (even positions) and ``graded`` (odd), so every chunk gets both."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}", field="sampler", fix=f"use one of {SAMPLERS}")
+    if sampler == "mixed":
+        out: list[SubnetConfig] = [None] * n  # type: ignore[list-item]
+        out[0::2] = stratified_configs(space, (n + 1) // 2, seed, "balanced")
+        out[1::2] = stratified_configs(space, n // 2, seed, "graded")
+        return out
     rng = np.random.default_rng(seed)
 
     def balanced(choices, shape) -> np.ndarray:
@@ -36,13 +60,19 @@ def stratified_configs(space: SearchSpace, n: int, seed: int) -> list[SubnetConf
             cols.append(rng.permutation(col))
         return np.stack(cols, axis=1).reshape(shape)
 
+    def graded(choices, shape) -> np.ndarray:
+        # One level per subnet, stratified (one in each 1/n of [0, 1]); binomial per column.
+        level = rng.permutation((np.arange(n) + rng.random(n)) / n)
+        idx = rng.binomial(len(choices) - 1, np.broadcast_to(level[:, None], shape))
+        return np.asarray(sorted(choices))[idx]
+
     r = balanced(space.resolutions, (n,))
-    d = balanced(space.depths, (n, len(space.units)))
-    k = balanced(space.kernels, (n, space.num_slots))
-    e = balanced(space.expands, (n, space.num_slots))
-    cfgs = [SubnetConfig(int(r[i]), tuple(map(int, d[i])), tuple(map(int, k[i])),
+    pick = balanced if sampler == "balanced" else graded
+    d = pick(space.depths, (n, len(space.units)))
+    k = pick(space.kernels, (n, space.num_slots))
+    e = pick(space.expands, (n, space.num_slots))
+    return [SubnetConfig(int(r[i]), tuple(map(int, d[i])), tuple(map(int, k[i])),
                          tuple(map(int, e[i]))).canonical(space) for i in range(n)]
-    return cfgs
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -115,9 +145,10 @@ def accuracy_pct(right: torch.Tensor) -> float:
 
 def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: int, *,
                      seed: int = 0, chunk: int = 0, num_chunks: int = 1, sample_seed: int | None = None,
-                     mirror: bool = True,
+                     sampler: str = "mixed", mirror: bool = True,
                      progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """Measure this chunk's share of ``stratified_configs(space, n, sample_seed)`` into ``out_path``.
+    """Measure this chunk's share of ``stratified_configs(space, n, sample_seed, sampler)`` into
+    ``out_path``.
 
     ``seed`` fixes the measurement (the BN calibration images); ``sample_seed`` (default ``seed``)
     the subnets, so a second stratified set can extend a first one measured the same way.
@@ -139,7 +170,7 @@ def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: i
                         fix="measure into a new file, or pass the same mirror setting")
     done = {json.dumps(r["config"], sort_keys=True) for r in old}
     sample_seed = seed if sample_seed is None else sample_seed
-    todo = [c for c in stratified_configs(space, n, sample_seed)[chunk::num_chunks]
+    todo = [c for c in stratified_configs(space, n, sample_seed, sampler)[chunk::num_chunks]
             if json.dumps(c.to_dict(), sort_keys=True) not in done]
     costs = CostTable.build(space)
     evaluate = SubnetEvaluator(net, data, seed=seed, mirror=mirror)
@@ -149,6 +180,7 @@ def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: i
             right = evaluate.correct(cfg)
             row = {"config": cfg.to_dict(), "r": cfg.r, "val_acc": round(accuracy_pct(right), 3),
                    "val_acc_plain": round(accuracy_pct(right[0]), 3), "views": views,
+                   "sampler": sampler,
                    "macs": int(costs.macs([cfg])[0]), "params": int(costs.params([cfg])[0]),
                    "eval_s": round(time.monotonic() - t, 3)}
             f.write(json.dumps(row, sort_keys=True) + "\n")

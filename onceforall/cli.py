@@ -141,7 +141,8 @@ def cmd_accuracy_data(args: argparse.Namespace) -> int:
         bar.update(i, **{"s/subnet": seconds})
 
     collect_accuracy(net, data, args.out, args.n, seed=args.seed, chunk=args.chunk,
-                     num_chunks=args.num_chunks, mirror=args.mirror, progress=progress)
+                     num_chunks=args.num_chunks, sampler=args.sampler, mirror=args.mirror,
+                     progress=progress)
     bar.close()
     return 0
 
@@ -418,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                    help="score each validation image and its mirror image, and average (less noise "
                         "in the predictor's labels; the default)")
+    p.add_argument("--sampler", default="mixed", choices=["mixed", "balanced", "graded"],
+                   help="balanced: each choice equally often per slot; graded: one size level per "
+                        "subnet, reaching the large and small corners; mixed: half each (default)")
     p.set_defaults(func=cmd_accuracy_data)
 
     p = sub.add_parser("fit-predictor", help="fit the accuracy predictor on measured subnets")

@@ -83,12 +83,14 @@ def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASu
 
 def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, target: Target,
                   out_dir: str | Path, *, predicted_accuracy: float | None = None,
-                  predicted_latency_ms: float | None = None, seed: int = 0,
-                  calib_images: int = 2000, extra: dict[str, Any] | None = None,
+                  predicted_latency_ms: float | None = None, expected_latency_ms: float | None = None,
+                  seed: int = 0, calib_images: int = 2000, extra: dict[str, Any] | None = None,
                   net: OFASupernet | None = None) -> dict[str, Any]:
     """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model).
 
     ``net``: the supernet of ``supernet_dir`` when the caller has loaded it already.
+    ``expected_latency_ms``: what the search measured for this subnet (default: the prediction);
+    it only decides how long the card's latency is measured (latency.card_profiler).
     """
     t0 = time.monotonic()
     net = net or load_supernet(supernet_dir)
@@ -128,8 +130,9 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     shape = (space.in_channels, data.image_size, data.image_size)
     profiler = card_profiler(target.runtime, target.threads, target.batch_size)
     # onnxruntime: the published file itself, as onceforall.reproduce times it
-    latency_ms = float(profiler.measure_onnx([model_path.read_bytes()], [shape])[0]
-                       if target.runtime == "onnxruntime" else profiler.measure(deploy, shape))
+    expected = expected_latency_ms if expected_latency_ms is not None else predicted_latency_ms
+    latency_ms = float(profiler.measure_onnx([model_path.read_bytes()], [shape], [expected])[0]
+                       if target.runtime == "onnxruntime" else profiler.measure(deploy, shape, expected))
 
     card = {
         "format": "onceforall-model-card/1",
@@ -157,7 +160,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     else round(float(predicted_latency_ms), 5),
                     "runtime": target.runtime, "threads": target.threads,
                     "batch_size": target.batch_size, "statistic": profiler.statistic,
-                    "window_s": profiler.window_s,
+                    "window_s": profiler.window_s, "max_window_s": profiler.max_window_s,
+                    "expected_ms": None if expected is None else round(float(expected), 5),
                     "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),

@@ -89,7 +89,8 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
         profiler = card_profiler(target.runtime, target.threads, target.batch_size)
         t1 = time.monotonic()
         while True:
-            measured = measure_config(profiler, net, result.best)
+            measured = measure_config(profiler, net, result.best,
+                                      expect_ms=latency.predict_one(result.best))
             rounds.append({"search_budget_ms": round(result.budget, 5),
                            "predicted_ms": round(latency.predict_one(result.best), 5),
                            "measured_ms": round(measured, 5), "config": result.best.to_dict()})
@@ -104,8 +105,9 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
             except UserError:  # no subnet is predicted that fast: keep the last pick, unverified
                 break
         top = sorted(range(len(result.pareto)), key=lambda i: -result.pareto[i].score)[:shortlist]
-        shortlist_ms = dict(zip(top, measure_configs(profiler, net,
-                                                     [result.pareto[i].config for i in top]).tolist()))
+        short = [result.pareto[i].config for i in top]
+        shortlist_ms = dict(zip(top, measure_configs(profiler, net, short,
+                                                     expect_ms=latency.predict(short).tolist()).tolist()))
         verify_s = time.monotonic() - t1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -334,7 +334,8 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         pick = selection["shortlist"][selection["picked"]]
         upstream = read_ledger(search_dir)
         card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=pick["predicted_acc"],
-                             predicted_latency_ms=pick.get("latency_ms"), seed=seed, net=net,
+                             predicted_latency_ms=pick.get("latency_ms"),
+                             expected_latency_ms=pick.get("measured_ms"), seed=seed, net=net,
                              extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
                                     "selection": selection, "energy": _energy_of(upstream, tgt.name)})
         for name in ("pareto.png", "pareto.html"):

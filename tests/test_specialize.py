@@ -70,10 +70,29 @@ def test_latency_validation_reports_mape_and_tau(table):
 
 
 def test_stratified_sample_is_balanced_and_seeded():
-    cfgs = stratified_configs(SMALL, 30, seed=3)
-    assert cfgs == stratified_configs(SMALL, 30, seed=3)
+    cfgs = stratified_configs(SMALL, 30, seed=3, sampler="balanced")
+    assert cfgs == stratified_configs(SMALL, 30, seed=3, sampler="balanced")
     assert sorted(c.r for c in cfgs).count(16) == 15
     assert sum(c.d[0] == 2 for c in cfgs) == 10
+
+
+def test_graded_sample_reaches_the_corners_and_mixed_interleaves():
+    space = get_space("fashion-mnist")
+
+    def share_e6(c):  # of the active blocks
+        active = [c.e[u * space.max_depth + i] for u, d in enumerate(c.d) for i in range(d)]
+        return sum(e == 6 for e in active) / len(active)
+
+    balanced = stratified_configs(space, 200, seed=0, sampler="balanced")
+    graded = stratified_configs(space, 200, seed=0, sampler="graded")
+    assert graded == stratified_configs(space, 200, seed=0, sampler="graded")
+    assert max(map(share_e6, balanced)) < 0.9 and sum(share_e6(c) >= 0.9 for c in graded) >= 10
+    assert sum(c.d == (4,) * 4 for c in graded) >= 15 and sum(c.d == (2,) * 4 for c in graded) >= 15
+    mixed = stratified_configs(space, 9, seed=0)
+    assert mixed[0::2] == stratified_configs(space, 5, seed=0, sampler="balanced")
+    assert mixed[1::2] == stratified_configs(space, 4, seed=0, sampler="graded")
+    with pytest.raises(UserError, match="sampler"):
+        stratified_configs(space, 4, seed=0, sampler="sobol")
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +248,26 @@ def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
     before = len(order)
     time_many([steady], rounds=1, **{**kw, "repeats": 5, "window_s": 0.05})
     assert len(order) - before >= 20
+
+
+def test_time_many_waits_out_a_slow_stretch_when_it_knows_what_to_expect():
+    """A host slow for 0.4 s, longer than the window: without an expectation the measurement is
+    all slow stretch; with one, rounds go on (bounded by max_window_s) until the fast state."""
+    from onceforall.ort_timing import time_many
+
+    t0 = time.perf_counter()
+
+    def host():  # 4 ms a call for the first 0.4 s, then 1 ms
+        time.sleep(0.004 if time.perf_counter() - t0 < 0.4 else 0.001)
+
+    kw = dict(warmup=0, repeats=5, rounds=1, warmup_s=0.0, window_s=0.05, settle=0)
+    assert time_many([host], **kw)[0] >= 3.9
+    t0 = time.perf_counter()
+    assert time_many([host], expect_ms=[1.0], max_window_s=2.0, **kw)[0] < 1.5
+    # never longer than max_window_s, and the expectation is not what is reported
+    start = time.perf_counter()
+    assert time_many([lambda: time.sleep(0.002)], expect_ms=[0.5], max_window_s=0.3, **kw)[0] >= 1.9
+    assert time.perf_counter() - start < 0.6
 
 
 def test_onnx_timing_needs_no_torch_and_ranks_models():

@@ -42,7 +42,9 @@ def main() -> int:
         raise SystemExit(f"{supernet} is not the supernet docs/results/specialize.json measured")
     net = load_supernet(supernet)
     space = net.space
-    rows = sorted(WORK.glob("accuracy*.jsonl"))
+    # the order bench/specialize.py loads them in (balanced sets, then the graded one), so that
+    # fit_predictor's held-out indices point at the same subnets
+    rows = sorted(WORK.glob("accuracy*.jsonl"), key=lambda p: ("graded" in p.name, p.name))
     cfgs, y = load_accuracy_rows(rows, space)
     _, test = split_indices(len(y), 0.1, 5, np.random.default_rng(0))  # fit_predictor's, seed 0
     pred = AccuracyPredictor.load(WORK / "predictor.safetensors", space).predict([cfgs[i] for i in test])

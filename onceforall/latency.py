@@ -184,14 +184,14 @@ class Profiler:
         return np.maximum(totals - overhead, 0.0) / copies
 
 
-CARD_MAX_WINDOW_S = 30.0
+CARD_MAX_WINDOW_S = 20.0  # the longest slow stretch seen was 8.5 s (one outlasted a 12 s window)
 
 
 def card_profiler(runtime: str, threads: int, batch_size: int) -> Profiler:
     """The model card's statistic: export measures the card with it, the search checks its picks
     with it, and onceforall.reproduce (onnxruntime alone) repeats it. At 2 threads or more, given
     what a model should take (the table's prediction, the search's measurement, the card), rounds
-    go on for up to 30 s while it measures more than 10% over: shared hosts have stretches of
+    go on for up to 20 s while it measures more than 10% over: shared hosts have stretches of
     several seconds where two threads run at one's speed (ort_timing.EXPECT_TOLERANCE)."""
     return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8,
                     max_window_s=CARD_MAX_WINDOW_S if threads > 1 else 0.0)

@@ -112,10 +112,9 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     onnx.checker.check_model(onnx.load(str(tmp)))
     os.replace(tmp, model_path)
 
-    # Latency before the accuracy passes: in 4 of 5 runs a 2-thread card measured right after them
-    # (10,000 test images in torch, then in onnxruntime) came out 1.5x what the search measured a
-    # few minutes before and a fresh process reproduced after (make run: 2.80 ms against 1.91 and
-    # 1.92), even waiting 20 s for it to recover; measured first, it had no such run-up.
+    # Latency, in a fresh process (card_profiler): inside the pipeline's export stage a 2-thread
+    # card came out ~1.5x what the search and reproduce measured in 5 of 6 runs, whether taken
+    # before or after the accuracy passes.
     shape = (space.in_channels, data.image_size, data.image_size)
     profiler = card_profiler(target.runtime, target.threads, target.batch_size)
     # onnxruntime: the published file itself, as onceforall.reproduce times it

@@ -31,7 +31,7 @@ from torch import nn
 
 from .efficiency import head_input_size, unit_input_sizes
 from .errors import UserError
-from .ort_timing import EXPECT_TOLERANCE, WARMUP_S, WINDOW_S, time_many, time_onnx
+from .ort_timing import EXPECT_TOLERANCE, WARMUP_S, WINDOW_S, time_many, time_onnx, time_onnx_isolated
 from .space import SearchSpace, SubnetConfig
 from .subnet_batch import BatchLike, as_batch
 from .supernet import OFASupernet
@@ -105,6 +105,7 @@ class Profiler:
     warmup_s: float = WARMUP_S  # and at least this long (see time_many)
     window_s: float = WINDOW_S  # rounds until they span this long (see time_many)
     max_window_s: float = 0.0  # and up to this long while over an expected time (see time_many)
+    isolate: bool = False  # onnxruntime: time in a fresh child process (ort_timing.time_onnx_isolated)
     chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
 
     @property
@@ -112,7 +113,8 @@ class Profiler:
         warm = f"{self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls"
         return (f"smallest of at least {self.blocks} medians of {self.repeats} calls, as many as "
                 f"span {self.window_s:g} s (interleaved rounds when several models are measured), "
-                f"after {warm}" + (f"; past that, up to {self.max_window_s:g} s while more than "
+                f"after {warm}" + (", in a fresh process" if self.isolate and self.runtime == "onnxruntime"
+                                   else "") + (f"; past that, up to {self.max_window_s:g} s while more than "
                                    f"{EXPECT_TOLERANCE:.0%} over the expected time (expected_ms)"
                                    if self.max_window_s > self.window_s else ""))
 
@@ -146,8 +148,9 @@ class Profiler:
                      expect_ms: Sequence[float | None] | None = None) -> np.ndarray:
         """(len(models),) ms per call of each ONNX model (input shape without the batch), timed
         together in interleaved rounds (time_many)."""
-        return time_onnx(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
-                         **self._timing(expect_ms))
+        timer = time_onnx_isolated if self.isolate else time_onnx
+        return timer(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
+                     **self._timing(expect_ms))
 
     def _timing(self, expect_ms: Sequence[float | None] | None) -> dict[str, Any]:
         return dict(warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
@@ -192,9 +195,10 @@ def card_profiler(runtime: str, threads: int, batch_size: int) -> Profiler:
     with it, and onceforall.reproduce (onnxruntime alone) repeats it. At 2 threads or more, given
     what a model should take (the table's prediction, the search's measurement, the card), rounds
     go on for up to 20 s while it measures more than 10% over: shared hosts have stretches of
-    several seconds where two threads run at one's speed (ort_timing.EXPECT_TOLERANCE)."""
+    several seconds where two threads run at one's speed (ort_timing.EXPECT_TOLERANCE). ONNX
+    models are timed in a fresh child process (ort_timing.time_onnx_isolated), as reproduce is."""
     return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8,
-                    max_window_s=CARD_MAX_WINDOW_S if threads > 1 else 0.0)
+                    max_window_s=CARD_MAX_WINDOW_S if threads > 1 else 0.0, isolate=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -287,6 +287,22 @@ def test_onnx_timing_needs_no_torch_and_ranks_models():
     assert ms.shape == (2,) and 0 < ms[0] < ms[1]  # six 3x3 convolutions cost more than one 1x1
 
 
+def test_card_latency_is_timed_in_a_fresh_process():
+    from onceforall.latency import card_profiler
+    from onceforall.ort_timing import time_onnx_isolated
+
+    shape = (4, 8, 32, 32)
+    small, big = torch.nn.Conv2d(8, 8, 1), torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1)] * 6)
+    ms = time_onnx_isolated([onnx_bytes(m, torch.zeros(shape)) for m in (small, big)], [shape] * 2,
+                            threads=1, warmup=2, repeats=5, rounds=2, warmup_s=0.0, window_s=0.0)
+    assert ms.shape == (2,) and 0 < ms[0] < ms[1]
+    with pytest.raises(RuntimeError, match="onnxruntime timing process failed"):
+        time_onnx_isolated([b"not an onnx model"], [(1, 8, 4, 4)], threads=1, warmup=1, repeats=1,
+                           rounds=1, warmup_s=0.0, window_s=0.0)
+    assert card_profiler("onnxruntime", 2, 16).isolate
+    assert "fresh process" in card_profiler("onnxruntime", 1, 1).statistic
+
+
 def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tmp_path):
     """A table that predicts a quarter of the true latency: the first pick (the largest subnets look
     affordable) measures over budget, so the

@@ -110,13 +110,15 @@ class Profiler:
 
     @property
     def statistic(self) -> str:
-        warm = f"{self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls"
-        return (f"smallest of at least {self.blocks} medians of {self.repeats} calls, as many as "
+        text = (f"smallest of at least {self.blocks} medians of {self.repeats} calls, as many as "
                 f"span {self.window_s:g} s (interleaved rounds when several models are measured), "
-                f"after {warm}" + (", in a fresh process" if self.isolate and self.runtime == "onnxruntime"
-                                   else "") + (f"; past that, up to {self.max_window_s:g} s while more than "
-                                   f"{EXPECT_TOLERANCE:.0%} over the expected time (expected_ms)"
-                                   if self.max_window_s > self.window_s else ""))
+                f"after {self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls")
+        if self.isolate and self.runtime == "onnxruntime":
+            text += ", in a fresh process"
+        if self.max_window_s > self.window_s:
+            text += (f"; past that, up to {self.max_window_s:g} s while more than "
+                     f"{EXPECT_TOLERANCE:.0%} over the expected time (expected_ms)")
+        return text
 
     def measure(self, module: nn.Module, shape: tuple[int, ...], expect_ms: float | None = None) -> float:
         return float(self.measure_many([(module, shape)], expect_ms=[expect_ms])[0])

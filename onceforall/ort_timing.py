@@ -30,7 +30,7 @@ WINDOW_S = 2.0
 # max_window_s). On the shared 2-vCPU VMs the two vCPUs at times give one core's throughput for
 # seconds on end (both busy at ~190% CPU, little steal counted, in processes that never ran torch
 # too): a 2-thread batch-16 model, measured every 0.2 s for 200 s, ran 2.3 ms (median) and 3.6 ms
-# (its 1-thread time) in 12% of the measurements, in runs of up to 8.5 s; on another day a whole
+# (its 1-thread time) in 12% of the measurements, in runs of up to 8.5 s; in another run a whole
 # 12 s window of a model card fell in one (4.45 ms, reproduced at 2.85 a minute later). Without a
 # reference no window is long enough; with one (the search's measurement, the card's value), a
 # measurement that lands in a slow stretch waits it out. One thread is barely affected.

@@ -83,6 +83,22 @@ def progressive_shrinking(r: dict) -> list[str]:
     return lines
 
 
+def kernel_phase(r: dict) -> list[str]:
+    t = r["teacher_test_accuracy"]
+    lines = ["### What the first shrinking phase costs the max subnet", "",
+             f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}", "",
+             f"The kernel phase (one epoch) from the `standard` teacher (`{r['teacher']}`, weights "
+             f"sha256 `{r['teacher_sha256'][:12]}`), one change at a time. Test accuracy (%), BN "
+             "recalibrated:", "",
+             "| kernel phase | wall | " + " | ".join(SUBNETS) + " |", "|---|---|" + "---|" * len(SUBNETS),
+             "| (the teacher, before it) | | " + " | ".join(f"{t[s]:.2f}" for s in SUBNETS) + " |"]
+    for v in r["variants"]:
+        acc = v["test_accuracy"]
+        lines.append(f"| {v['name']} | {_fmt_s(v['wall_s'])} | "
+                     + " | ".join(f"{acc[s]:.2f}" for s in SUBNETS) + " |")
+    return lines + [f"\n{n}" for n in r.get("notes", [])]
+
+
 def _plot_ps(r: dict) -> bool:
     plt = _pyplot()
     phases = r.get("phases", [])
@@ -444,7 +460,8 @@ def _plot_cost(c: dict) -> bool:
     return True
 
 
-SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "specialize.json": specialize,
+SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
+            "specialize.json": specialize,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
             "claim.json": claim}
 

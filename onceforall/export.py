@@ -164,7 +164,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     else round(float(predicted_latency_ms), 5),
                     "runtime": target.runtime, "threads": target.threads,
                     "batch_size": target.batch_size, "statistic": profiler.statistic,
-                    "window_s": profiler.window_s, "max_window_s": profiler.max_window_s,
+                    "protocol": profiler.protocol,
                     "expected_ms": None if expected is None else round(float(expected), 5),
                     "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "what": "the whole graph above, normalization and resize included"},

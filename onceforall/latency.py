@@ -154,10 +154,16 @@ class Profiler:
         return timer(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
                      **self._timing(expect_ms))
 
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """The timing settings as ``ort_timing.time_many`` takes them: a model card records them,
+        and onceforall.reproduce measures with the card's own."""
+        return dict(warmup=self.warmup, warmup_s=self.warmup_s, repeats=self.repeats,
+                    rounds=self.blocks, window_s=self.window_s, max_window_s=self.max_window_s,
+                    tolerance=EXPECT_TOLERANCE)
+
     def _timing(self, expect_ms: Sequence[float | None] | None) -> dict[str, Any]:
-        return dict(warmup=self.warmup, repeats=self.repeats, rounds=self.blocks,
-                    warmup_s=self.warmup_s, window_s=self.window_s, expect_ms=expect_ms,
-                    max_window_s=self.max_window_s)
+        return {**self.protocol, "expect_ms": expect_ms}
 
     def _time_torch(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]],
                     expect_ms: Sequence[float | None] | None) -> np.ndarray:

@@ -52,11 +52,12 @@ def ort_session(model: bytes | str | Path, threads: int):
 
 def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, rounds: int,
               warmup_s: float = WARMUP_S, window_s: float = WINDOW_S, settle: int = 2,
-              expect_ms: Sequence[float | None] | None = None, max_window_s: float = 0.0) -> np.ndarray:
+              expect_ms: Sequence[float | None] | None = None, max_window_s: float = 0.0,
+              tolerance: float = EXPECT_TOLERANCE) -> np.ndarray:
     """(len(fns),) milliseconds per call of each: the smallest of ``rounds`` medians of ``repeats``
     calls, the rounds interleaved (every fn once per round, ``settle`` calls before its median),
     and more rounds until they span ``window_s`` seconds; then, while some fn is more than
-    EXPECT_TOLERANCE over its ``expect_ms`` (None: no expectation), more rounds until they span
+    ``tolerance`` over its ``expect_ms`` (None: no expectation), more rounds until they span
     ``max_window_s``. The expectation only decides how long to measure, never the value.
 
     Interleaving spreads each fn's measurement over the whole run, so a slow second of the host
@@ -80,7 +81,7 @@ def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, ro
     best = np.full(len(fns), np.inf)
     t_window = time.perf_counter() + window_s
     done = 0
-    limit = np.array([np.inf if e is None else e * (1 + EXPECT_TOLERANCE)
+    limit = np.array([np.inf if e is None else e * (1 + tolerance)
                       for e in (expect_ms if expect_ms is not None else [None] * len(fns))])
     t_max = t_window - window_s + max(window_s, max_window_s)
     while (done < max(rounds, 1) or time.perf_counter() < t_window

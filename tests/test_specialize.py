@@ -219,8 +219,21 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     model = onnx.load(str(tmp_path / "m" / "model.onnx"))
     assert model.opset_import[0].version >= 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
-    rep = reproduce(tmp_path / "m" / "model_card.json", idx_dir, repeats=20)
+    rep = reproduce(tmp_path / "m" / "model_card.json", idx_dir, repeats=3)
     assert rep["sha256_ok"] and rep["acc_diff"] <= 0.1 and rep["within_budget"]
+    # the card records its timing protocol, and reproduce measures with it
+    from onceforall.latency import card_profiler
+
+    protocol = card_profiler(target.runtime, target.threads, target.batch_size).protocol
+    assert card["latency"]["protocol"] == protocol and rep["protocol"] == {**protocol, "repeats": 3}
+
+
+def test_reproduce_times_an_older_card_the_way_it_was_measured():
+    """Cards written before the protocol was recorded name only their windows."""
+    from onceforall.reproduce import _card_protocol
+
+    assert _card_protocol({"measured_ms": 1.9, "window_s": 2.0, "max_window_s": 30.0}) == {
+        "warmup": 20, "repeats": 25, "rounds": 8, "window_s": 2.0, "max_window_s": 30.0}
 
 
 def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():

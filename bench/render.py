@@ -238,6 +238,19 @@ def specialize(r: dict) -> list[str]:
                   "(same depth, kernel and expand everywhere, any resolution) is chosen the same way: "
                   "of the 81, those within the budget (a latency budget measured on the target's "
                   "runtime), the best on validation; both are then judged once on the test set.", ""]
+        refined = {n: t["refinement"] for n, t in r["targets"].items() if t.get("refinement")}
+        if refined:
+            lines += ["Validation feedback in each search (onceforall/specialize.py, Refinement): per "
+                      "round, the validation accuracy (%) of the 8 best-scoring points not measured yet, "
+                      "before the predictor is fit again on them (weight 3) and its rows:", "",
+                      "| target | " + " | ".join(f"round {i + 1}" for i in range(
+                          max(len(f["val_acc_by_round"]) for f in refined.values()))) + " | wall |",
+                      "|---|" + "---|" * (max(len(f["val_acc_by_round"]) for f in refined.values()) + 1)]
+            for n, f in refined.items():
+                lines.append(f"| {n} | " + " | ".join(f"{min(v):.2f}-{max(v):.2f}"
+                                                      for v in f["val_acc_by_round"])
+                             + f" | {_fmt_s(f['wall_s'])} |")
+            lines.append("")
         lines += [f"![{n}](pareto/{n}.png)" for n in r["targets"]]
     return lines
 

@@ -71,17 +71,19 @@ def profile_target(target: dict, space: str, seed: int, run_id: str, carbon: str
     stages.log_metrics(record, metrics)
 
 
-def search(target: dict, space: str, seed: int, run_id: str, carbon: str, pushgateway: str,
-           predictor: Input[Model], latency: Input[Dataset], result: Output[Dataset], pareto: Output[HTML],
-           metrics: Output[Metrics]):
-    """Evolutionary search for the target's best subnet; the Pareto front as HTML for the UI."""
+def search(target: dict, space: str, data: str, schedule: str, seed: int, run_id: str, carbon: str,
+           pushgateway: str,
+           predictor: Input[Model], latency: Input[Dataset], supernet: Input[Model],
+           result: Output[Dataset], pareto: Output[HTML], metrics: Output[Metrics]):
+    """Evolutionary search for the target's best subnet, with validation feedback from the
+    supernet; the Pareto front as HTML for the UI."""
     import shutil
 
     from onceforall import stages
 
     run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.search(target, predictor.path, latency.path, result.path, space=space, seed=seed,
-                           run=run)
+                           supernet_dir=supernet.path, data=data, schedule=schedule, run=run)
     shutil.copyfile(f"{result.path}/pareto.html", pareto.path)
     stages.log_metrics(record, metrics)
 

@@ -184,9 +184,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .space import get_space
     from .specialize import search_target
 
+    refine = None
+    if args.supernet:
+        if not args.rows:
+            raise UserError("--supernet refines the search with validation feedback and needs the "
+                            "predictor's measured subnets", field="--rows",
+                            fix="pass --rows with the accuracy data the predictor was fit on")
+        from .stages import validation_refinement
+
+        refine = validation_refinement(args.supernet, Path(args.rows), args.data, args.seed,
+                                       args.refine_rounds, args.val_images)
     result = search_target(get_space(args.space), _target(args), args.predictor, args.out,
                            latency_path=args.latency, seed=args.seed,
-                           verify_rounds=args.verify_rounds)
+                           verify_rounds=args.verify_rounds, refine=refine)
     print(json.dumps({"best": result.best.to_dict(), "predicted_accuracy": result.best_score,
                       result.metric_name: result.best_metric}, indent=1))
     return 0
@@ -452,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="latency budgets: measure the pick here and search again while it is "
                                 "over budget, up to this many searches (0: trust the table; run on "
                                 "the target's hardware otherwise)")
+            p.add_argument("--supernet", help="checkpoint folder: refine the search with validation "
+                                              "feedback (measure its best points, fit again)")
+            p.add_argument("--rows", help="with --supernet: the accuracy data the predictor was fit on")
+            p.add_argument("--data", default="fashion-mnist", help="with --supernet: the dataset")
+            p.add_argument("--refine-rounds", type=int, default=4,
+                           help="with --supernet: rounds of validation feedback")
+            p.add_argument("--val-images", type=int,
+                           help="with --supernet: measure on the first N validation images, as the "
+                                "rows were (default: all)")
         else:
             p.add_argument("--supernet", required=True)
             p.add_argument("--search", required=True, help="search.json of this target")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,11 +20,13 @@ from .efficiency import CostTable
 from .errors import UserError
 from .latency import (LatencyTable, Profiler, build_latency_table, card_profiler, measure_config,
                       measure_configs, validate_latency_table)
-from .predictor import AccuracyPredictor
+from .predictor import AccuracyPredictor, fit_predictor
 from .search import EvolutionConfig, SearchResult, evolution_search
 from .space import SearchSpace, SubnetConfig
 from .subnet_batch import SubnetBatch
 from .targets import Target
+
+log = logging.getLogger(__name__)
 
 SEARCH_RESULT = "search.json"
 SHORTLIST = 8  # the search's best-scoring Pareto points that export measures on validation
@@ -54,11 +58,73 @@ def constraint_fn(space: SearchSpace, target: Target,
     return costs.macs if kind == "macs" else costs.params
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """Validation feedback for the search (search_target).
+
+    The predictor's error is not noise spread evenly: on the `standard` supernet it rated the
+    region its first search settled in 0.2-0.3 points high, all five ensemble members alike, and
+    that search's 8 best points measured 91.53-91.67 on validation against 91.66 for the best
+    uniform subnet. So, ``rounds`` times: measure the best-scoring Pareto points not measured yet
+    (``per_round``) with ``evaluate`` (validation accuracy in %, measured as ``accuracies`` were),
+    add them to the predictor's data ``weight`` times over (a few points must move a fit on ~1,000),
+    fit the predictor again and search again. Measured there (edge budget, 4 rounds): the later
+    rounds' points measured 91.72-92.04.
+    """
+
+    evaluate: Callable[[SubnetConfig], float]
+    configs: Sequence[SubnetConfig]  # the predictor's data
+    accuracies: Sequence[float]
+    rounds: int = 4
+    per_round: int = 8
+    weight: int = 3
+
+
+def _refine(space: SearchSpace, predictor: AccuracyPredictor,
+            search: Callable[[AccuracyPredictor], SearchResult], result: SearchResult,
+            refine: Refinement, seed: int) -> tuple[AccuracyPredictor, SearchResult, dict[str, Any]]:
+    """The rounds of a Refinement; returns the last predictor and search, and a record of them."""
+    measured: dict[str, float] = {}
+    cfgs: list[SubnetConfig] = []
+    rounds = []
+    for r in range(refine.rounds):
+        top = sorted(result.pareto, key=lambda p: -p.score)
+        new = [p for p in top if _key(p.config) not in measured][:refine.per_round]
+        if not new:
+            break
+        rows = []
+        for p in new:
+            measured[_key(p.config)] = refine.evaluate(p.config)
+            cfgs.append(p.config)
+            rows.append({"config": p.config.to_dict(), "predicted_acc": round(p.score, 3),
+                         "metric": p.metric, "val_acc": round(measured[_key(p.config)], 3)})
+        rounds.append({"measured": rows, "best_val_acc": round(max(measured.values()), 3)})
+        log.info("refine round %d/%d: measured %s on validation (predicted %s)", r + 1, refine.rounds,
+                 [row["val_acc"] for row in rows], [row["predicted_acc"] for row in rows])
+        predictor, _ = fit_predictor(space, [*refine.configs, *cfgs * refine.weight],
+                                     np.concatenate([np.asarray(refine.accuracies, dtype=float),
+                                                     np.tile([measured[_key(c)] for c in cfgs],
+                                                             refine.weight)]),
+                                     seed=seed + r)
+        result = search(predictor)
+    record = {"rounds": rounds, "per_round": refine.per_round, "weight": refine.weight,
+              "rows": len(refine.configs), "measured": measured}
+    return predictor, result, record
+
+
+def _key(cfg: SubnetConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
 def search_target(space: SearchSpace, target: Target, predictor_path: str | Path,
                   out_dir: str | Path, *, latency_path: str | Path | None = None, seed: int = 0,
                   config: EvolutionConfig = EvolutionConfig(), verify_rounds: int = 3,
-                  shortlist: int = SHORTLIST) -> SearchResult:
+                  shortlist: int = SHORTLIST, refine: Refinement | None = None) -> SearchResult:
     """Evolutionary search under the target's hard constraint; writes ``search.json``.
+
+    With ``refine``, the search takes validation feedback first (see Refinement); the Pareto points
+    it measured keep their ``val_acc`` (as the predictor's rows were measured, which may be fewer
+    images than the pick on validation uses), and ``search.json`` its rounds under ``refinement``.
 
     A latency budget is searched on the table's predictions, and a table is an estimate: the pick
     is then measured end to end on the target's runtime (this stage runs on the target's hardware).
@@ -74,10 +140,19 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
     latency = LatencyTable.load(latency_path, space) if latency_path else None
     constraint = constraint_fn(space, target, latency)
     budget = target.constraint.budget
+
+    def search(pred: AccuracyPredictor, within: float = budget) -> SearchResult:
+        return evolution_search(space, pred.predict, constraint, within, np.random.default_rng(seed),
+                                config, metric_name=target.constraint.kind)
+
     t0 = time.monotonic()
-    result = evolution_search(space, predictor.predict, constraint, budget,
-                              np.random.default_rng(seed), config, metric_name=target.constraint.kind)
+    result = search(predictor)
     seconds = time.monotonic() - t0
+    refinement = None
+    if refine is not None and refine.rounds > 0:
+        t1 = time.monotonic()
+        predictor, result, refinement = _refine(space, predictor, search, result, refine, seed)
+        refinement["wall_s"] = round(time.monotonic() - t1, 3)
     rounds: list[dict[str, Any]] = []
     if latency is not None and verify_rounds > 0:
         import torch
@@ -99,9 +174,7 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
             # The table under-predicted this pick by measured/predicted: ask for that much less.
             tighter = result.budget * budget / measured * 0.98
             try:
-                result = evolution_search(space, predictor.predict, constraint, tighter,
-                                          np.random.default_rng(seed), config,
-                                          metric_name=target.constraint.kind)
+                result = search(predictor, tighter)
             except UserError:  # no subnet is predicted that fast: keep the last pick, unverified
                 break
         top = sorted(range(len(result.pareto)), key=lambda i: -result.pareto[i].score)[:shortlist]
@@ -117,6 +190,13 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                         "mutate_prob": config.mutate_prob}, **result.to_dict()}
     if latency is not None:
         doc["predicted_latency_ms"] = latency.predict_one(result.best)
+    if refinement is not None:
+        measured = refinement.pop("measured")
+        for point in doc["pareto"]:
+            key = _key(SubnetConfig.from_dict(point["config"], space))
+            if key in measured:
+                point["val_acc"] = round(measured[key], 3)
+        doc["refinement"] = refinement
     if rounds:
         for i, ms in shortlist_ms.items():
             doc["pareto"][i]["measured_ms"] = round(ms, 5)

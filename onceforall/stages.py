@@ -224,7 +224,7 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
         check_data(net.space, ds)
         ds = subsample(ds, None, sch.predictor_val_images)
         bar = Progress("fit-accuracy-predictor", n, enabled=progress)
-        rows = collect_accuracy(net, ds, out_dir / "accuracy.jsonl", n, seed=seed,
+        rows = collect_accuracy(net, ds, out_dir / ACCURACY_ROWS, n, seed=seed,
                                 progress=lambda i, total, s: bar.update(n - total + i, **{"s/subnet": s}))
         bar.close()
         measure_s = time.monotonic() - t0
@@ -239,6 +239,9 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
                                             ("rmse_pts", "rmse"), ("mae_pts", "mae"))
                if fit.get(k) is not None}}
     return record
+
+
+ACCURACY_ROWS = "accuracy.jsonl"  # beside the predictor: the measured subnets it was fit on
 
 
 def predictor_path(folder: str | Path) -> Path:
@@ -284,21 +287,34 @@ def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str 
 
 def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_dir: str | Path,
            out_dir: str | Path, *, space: str = "fashion-mnist", seed: int = 0,
-           run: RunContext = RunContext()) -> dict[str, Any]:
-    """Stage search: evolution under the target's budget; ``search.json`` and the Pareto plot."""
+           supernet_dir: str | Path | None = None, data: str = "fashion-mnist", schedule: str = "quick",
+           refine_rounds: int = 4, run: RunContext = RunContext()) -> dict[str, Any]:
+    """Stage search: evolution under the target's budget; ``search.json`` and the Pareto plot.
+
+    With ``supernet_dir``, the search takes validation feedback (specialize.Refinement):
+    ``refine_rounds`` times it measures its best points on the validation images the predictor's
+    rows were measured on (``schedule``'s) and fits the predictor again on them and those rows
+    (``accuracy.jsonl`` beside it)."""
     from .specialize import SEARCH_RESULT, pareto_plot, search_target
 
     tgt = _target(target)
     out_dir = Path(out_dir)
     with _stage("search", out_dir, run, target=tgt.name, inputs=[predictor_dir, profile_dir]) as record:
         table = Path(profile_dir) / LATENCY_TABLE
+        refine = (validation_refinement(supernet_dir, Path(predictor_dir) / ACCURACY_ROWS, data, seed,
+                                        refine_rounds, get_schedule(schedule).predictor_val_images)
+                  if supernet_dir is not None and refine_rounds > 0 else None)
         result = search_target(get_space(space), tgt, predictor_path(predictor_dir), out_dir,
-                               latency_path=table if table.is_file() else None, seed=seed)
+                               latency_path=table if table.is_file() else None, seed=seed,
+                               refine=refine)
         doc = json.loads((out_dir / SEARCH_RESULT).read_text())
         pareto_plot(doc, out_dir / "pareto.png", out_dir / "pareto.html")
         record["metrics"] = {"search_s": doc["search_s"], "predicted_acc": round(float(result.best_score), 3),
                              f"predicted_{result.metric_name}": float(result.best_metric),
                              "pareto_points": len(doc["pareto"])}
+        if "refinement" in doc:
+            record["metrics"]["refine_best_val_acc"] = doc["refinement"]["rounds"][-1]["best_val_acc"]
+            record["metrics"]["refine_s"] = doc["refinement"]["wall_s"]
         if "verification" in doc:
             v = doc["verification"]
             record["metrics"].update({"measured_latency_ms": v["measured_latency_ms"],
@@ -308,6 +324,24 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
                             "%d searches; its latency table is too optimistic for this hardware",
                             tgt.name, v["measured_latency_ms"], tgt.constraint.budget, len(v["rounds"]))
     return record
+
+
+def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed: int, rounds: int,
+                          val_images: int | None = None):
+    """The search's validation feedback: the supernet measured as the predictor's rows were
+    (the first ``val_images`` validation images, each and its mirror image, BN recalibrated), and
+    the rows to fit again with."""
+    from .accuracy_data import SubnetEvaluator, load_accuracy_rows
+    from .export import load_supernet
+    from .specialize import Refinement
+
+    net = load_supernet(supernet_dir)
+    ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
+    check_data(net.space, ds)
+    ds = subsample(ds, None, val_images)
+    cfgs, accs = load_accuracy_rows([rows], net.space)
+    evaluate = SubnetEvaluator(net, ds, split="val", seed=seed, mirror=True)
+    return Refinement(evaluate, cfgs, accs, rounds=rounds)
 
 
 def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir: str | Path,

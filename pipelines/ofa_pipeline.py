@@ -120,9 +120,11 @@ def build_pipeline(options: Options = Options()):
             # Latency tables are only true on the target's own hardware: place the pod there.
             k8s.add_node_selector_json(prof, target.node_selector)
             k8s.add_toleration_json(prof, target.tolerations)
-            found = configure(c.search(target=target.spec, space=space, seed=seed,
+            found = configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
+                                       seed=seed,
                                        predictor=fit.outputs["predictor"],
-                                       latency=prof.outputs["latency"], **run), "search")
+                                       latency=prof.outputs["latency"], supernet=supernet, **run),
+                              "search")
             # A latency search measures its pick on the target's hardware before it settles.
             k8s.add_node_selector_json(found, target.node_selector)
             k8s.add_toleration_json(found, target.tolerations)

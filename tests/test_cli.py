@@ -110,3 +110,9 @@ def test_space_count_and_sample():
     assert out.returncode == 0 and '"architectures"' in out.stdout
     out = ofa("sample", "-n", "3", "--seed", "1")
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 3
+
+
+def test_search_refined_without_the_predictors_rows(tmp_path):
+    proc = ofa("search", "--target", "phone-macs", "--predictor", str(tmp_path / "p.safetensors"),
+               "--out", str(tmp_path / "s"), "--supernet", str(tmp_path / "supernet"))
+    assert_user_error(proc, "--rows", "accuracy data")

@@ -59,9 +59,14 @@ def test_components_chain_through_python_func(tmp_path):
 
     found, html, m4 = (artifact(dsl.Dataset, tmp_path / "found"), artifact(dsl.HTML, tmp_path / "p.html"),
                        artifact(dsl.Metrics, tmp_path / "m4"))
-    c.search.python_func(target=MACS_TARGET, space="fashion-mnist", seed=0, predictor=pred, latency=lat,
-                         result=found, pareto=html, metrics=m4, **run)
+    c.search.python_func(target=MACS_TARGET, space="fashion-mnist", data=data, schedule="smoke", seed=0,
+                         predictor=pred, latency=lat, supernet=kernel, result=found, pareto=html,
+                         metrics=m4, **run)
     assert m4.metadata["predicted_macs"] <= 4.0e6 and "<img" in (tmp_path / "p.html").read_text()
+    # validation feedback from the supernet: its rounds are in search.json, their best in the metrics
+    refined = json.loads((tmp_path / "found" / "search.json").read_text())["refinement"]
+    assert len(refined["rounds"]) == 4 and refined["rows"] == 24
+    assert m4.metadata["refine_best_val_acc"] == refined["rounds"][-1]["best_val_acc"]
 
     model, card, m5 = (artifact(dsl.Model, tmp_path / "model"), artifact(dsl.Markdown, tmp_path / "c.md"),
                        artifact(dsl.Metrics, tmp_path / "m5"))

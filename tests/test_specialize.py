@@ -353,3 +353,33 @@ def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tm
                   tmp_path / "s0", latency_path=tmp_path / "lat.json", verify_rounds=0,
                   config=EvolutionConfig(population=20, generations=10))
     assert "verification" not in json.loads((tmp_path / "s0" / "search.json").read_text())
+
+
+def test_search_refined_on_validation_learns_what_the_predictors_data_missed(tmp_path):
+    """The predictor's rows rate the smallest resolution 2 points higher than the subnets measure
+    there. Validation feedback moves the search away from it; without it, it stays there."""
+    from onceforall.search import EvolutionConfig
+    from onceforall.specialize import Refinement
+
+    rng = np.random.default_rng(0)
+    rows = SMALL.sample_many(rng, 200)
+    believed = lambda c: 80 + sum(c.e) / 10 + c.r / 10  # noqa: E731
+    true = lambda c: believed(c) - 2 * (c.r == min(SMALL.resolutions))  # noqa: E731
+    predictor, _ = fit_predictor(SMALL, rows, [believed(c) for c in rows], seed=0, epochs=60)
+    predictor.save(tmp_path / "predictor")
+    calls = []
+    refine = Refinement(lambda c: calls.append(c) or true(c), rows, [believed(c) for c in rows],
+                        rounds=3, per_round=4)
+    target, settings = _target("macs", 600_000), EvolutionConfig(population=30, generations=20)
+    blind = search_target(SMALL, target, tmp_path / "predictor.safetensors", tmp_path / "a",
+                          config=settings)
+    refined = search_target(SMALL, target, tmp_path / "predictor.safetensors", tmp_path / "b",
+                            config=settings, refine=refine)
+    assert true(refined.best) > true(blind.best) + 0.5
+    doc = json.loads((tmp_path / "b" / "search.json").read_text())
+    assert len(doc["refinement"]["rounds"]) == 3 and len(calls) <= 12
+    assert all(m["val_acc"] == round(true(SubnetConfig.from_dict(m["config"], SMALL)), 3)
+               for r in doc["refinement"]["rounds"] for m in r["measured"])
+    # what it measured stays on the Pareto points, for the pick on validation not to measure again
+    measured = [p for p in doc["pareto"] if "val_acc" in p]
+    assert measured and all(p["metric"] <= 600_000 for p in measured)

@@ -177,10 +177,17 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                 result = search(predictor, tighter)
             except UserError:  # no subnet is predicted that fast: keep the last pick, unverified
                 break
-        top = sorted(range(len(result.pareto)), key=lambda i: -result.pareto[i].score)[:shortlist]
-        short = [result.pareto[i].config for i in top]
-        shortlist_ms = dict(zip(top, measure_configs(profiler, net, short,
-                                                     expect_ms=latency.predict(short).tolist()).tolist()))
+    # The shortlist the export picks from on validation: the best-scoring Pareto points, and the
+    # best subnets the validation feedback measured (they need not be on the last front).
+    top = [p.config for p in sorted(result.pareto, key=lambda p: -p.score)[:shortlist]]
+    validated = sorted(refinement["measured"].items(), key=lambda kv: -kv[1]) if refinement else []
+    seen = {_key(c) for c in top}
+    short = top + [c for c in (SubnetConfig.from_dict(json.loads(k), space) for k, _ in validated)
+                   if _key(c) not in seen][:shortlist]
+    short_ms: dict[str, float] = {}
+    if rounds:
+        short_ms = dict(zip(map(_key, short), measure_configs(
+            profiler, net, short, expect_ms=latency.predict(short).tolist()).tolist()))
         verify_s = time.monotonic() - t1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,16 +197,22 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                         "mutate_prob": config.mutate_prob}, **result.to_dict()}
     if latency is not None:
         doc["predicted_latency_ms"] = latency.predict_one(result.best)
+    measured = refinement.pop("measured") if refinement is not None else {}
+    scores, metrics = predictor.predict(short), constraint(short)
+    doc["shortlist"] = [{"config": c.to_dict(), "score": float(sc), "metric": float(m),
+                         "from": "pareto" if i < len(top) else "validation feedback",
+                         **({"measured_ms": round(short_ms[_key(c)], 5)} if _key(c) in short_ms else {}),
+                         **({"val_acc": round(measured[_key(c)], 3)} if _key(c) in measured else {})}
+                        for i, (c, sc, m) in enumerate(zip(short, scores, metrics))]
+    for point in doc["pareto"]:  # for the plot and the record
+        key = _key(SubnetConfig.from_dict(point["config"], space))
+        if key in measured:
+            point["val_acc"] = round(measured[key], 3)
+        if key in short_ms:
+            point["measured_ms"] = round(short_ms[key], 5)
     if refinement is not None:
-        measured = refinement.pop("measured")
-        for point in doc["pareto"]:
-            key = _key(SubnetConfig.from_dict(point["config"], space))
-            if key in measured:
-                point["val_acc"] = round(measured[key], 3)
         doc["refinement"] = refinement
     if rounds:
-        for i, ms in shortlist_ms.items():
-            doc["pareto"][i]["measured_ms"] = round(ms, 5)
         doc["verification"] = {"rounds": rounds, "verified": rounds[-1]["measured_ms"] <= budget,
                                "measured_latency_ms": rounds[-1]["measured_ms"], "wall_s": round(verify_s, 3),
                                "statistic": profiler.statistic}
@@ -209,9 +222,11 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
 
 def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int = SHORTLIST,
                          seed: int = 0, mirror: bool = True) -> tuple[SubnetConfig, dict[str, Any]]:
-    """The subnet to export: of the search's ``k`` best-scoring Pareto points (all within budget),
-    the one with the highest measured validation accuracy (BN recalibrated and, with ``mirror``,
-    over each image and its mirror image, as the predictor's data is measured). The predictor
+    """The subnet to export: of the search's shortlist (its best-scoring Pareto points and the
+    best subnets its validation feedback measured, all within budget; for a search.json without
+    one, its ``k`` best-scoring Pareto points), the one with the highest measured validation
+    accuracy (BN recalibrated and, with ``mirror``, over each image and its mirror image, as the
+    predictor's data is measured; measured again here, on every validation image). The predictor
     ranks subnets to within its error (RMSE ~0.2 points), and the points near the top of the front
     differ by less than that; a few real evaluations settle it. Points the search measured over a
     latency budget (``measured_ms``, see search_target) are left out.
@@ -229,23 +244,30 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
         return (SubnetConfig.from_dict(search["best"], space),
                 {"rule": "the search's best (no shortlist)", "picked": 0, "shortlist": [row]})
     budget = search["target"]["constraint"]["budget"]
-    points = [p for p in sorted(search["pareto"], key=lambda p: -p["score"])[:k]
-              if p.get("measured_ms", 0.0) <= budget]
+    # the search's shortlist (its best-scoring Pareto points and the best subnets its validation
+    # feedback measured); a search.json from before it had one: the k best-scoring Pareto points
+    listed = search.get("shortlist") or search["pareto"]
+    listed = [p for src in ("pareto", "validation feedback")
+              for p in sorted((p for p in listed if p.get("from", "pareto") == src),
+                              key=lambda p: -p["score"])[:k]]
+    points = [p for p in listed if p.get("measured_ms", 0.0) <= budget]
     if not points:
         return select_on_validation(net, data, search, k=1)
     evaluate = SubnetEvaluator(net, data, split="val", seed=seed, mirror=mirror)
     rows = [{"config": p["config"], "predicted_acc": round(p["score"], 3),
-             search["metric_name"]: p["metric"],
+             search["metric_name"]: p["metric"], **({"from": p["from"]} if "from" in p else {}),
              **({"measured_ms": p["measured_ms"]} if "measured_ms" in p else {}),
              "val_acc": round(evaluate(SubnetConfig.from_dict(p["config"], space)), 3)}
             for p in points]
     picked = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], rows[i]["predicted_acc"]))
     views = " (each image and its mirror image)" if mirror else ""
     measured = (f" ({len(rows)} of them measured within the budget)"
-                if any("measured_ms" in p for p in search["pareto"]) else "")
+                if any("measured_ms" in p for p in listed) else "")
+    fed = sum(p.get("from") == "validation feedback" for p in listed)
+    among = (f"the search's {len(listed) - fed} best-scoring Pareto points"
+             + (f" and the {fed} best subnets its validation feedback measured" if fed else ""))
     return (SubnetConfig.from_dict(rows[picked]["config"], space),
-            {"rule": f"highest validation accuracy{views} among the search's {k} best-scoring "
-                     f"Pareto points{measured}", "picked": picked,
+            {"rule": f"highest validation accuracy{views} among {among}{measured}", "picked": picked,
              "shortlist": rows})
 
 

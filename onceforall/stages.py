@@ -329,9 +329,9 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
 def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed: int, rounds: int,
                           val_images: int | None = None):
     """The search's validation feedback: the supernet measured as the predictor's rows were
-    (the first ``val_images`` validation images, each and its mirror image, BN recalibrated), and
-    the rows to fit again with."""
-    from .accuracy_data import SubnetEvaluator, load_accuracy_rows
+    (the first ``val_images`` validation images, with their mirror images where the rows have two
+    views, BN recalibrated), and the rows to fit again with."""
+    from .accuracy_data import SubnetEvaluator, load_accuracy_rows, read_rows
     from .export import load_supernet
     from .specialize import Refinement
 
@@ -340,7 +340,8 @@ def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed:
     check_data(net.space, ds)
     ds = subsample(ds, None, val_images)
     cfgs, accs = load_accuracy_rows([rows], net.space)
-    evaluate = SubnetEvaluator(net, ds, split="val", seed=seed, mirror=True)
+    mirror = read_rows(rows)[0].get("views", 1) == 2
+    evaluate = SubnetEvaluator(net, ds, split="val", seed=seed, mirror=mirror)
     return Refinement(evaluate, cfgs, accs, rounds=rounds)
 
 

@@ -203,10 +203,10 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     assert [r["predicted_acc"] for r in rows] == sorted((r["predicted_acc"] for r in rows), reverse=True)
     assert select_on_validation(net, data, doc, k=1)[0] == result.best
     # a point the search measured over budget (latency targets) is never picked
-    top = max(range(len(doc["pareto"])), key=lambda i: doc["pareto"][i]["score"])
-    doc["pareto"][top]["measured_ms"] = 2.0 * 600_000
+    top = max(range(len(doc["shortlist"])), key=lambda i: doc["shortlist"][i]["score"])
+    doc["shortlist"][top]["measured_ms"] = 2.0 * 600_000
     _, sel = select_on_validation(net, data, doc, k=4)
-    assert doc["pareto"][top]["config"] not in [r["config"] for r in sel["shortlist"]]
+    assert doc["shortlist"][top]["config"] not in [r["config"] for r in sel["shortlist"]]
     assert "measured within the budget" in sel["rule"]
     card = export_subnet(supernet_dir, result.best, data, target, tmp_path / "m",
                          predicted_accuracy=result.best_score, calib_images=100)
@@ -383,3 +383,7 @@ def test_search_refined_on_validation_learns_what_the_predictors_data_missed(tmp
     # what it measured stays on the Pareto points, for the pick on validation not to measure again
     measured = [p for p in doc["pareto"] if "val_acc" in p]
     assert measured and all(p["metric"] <= 600_000 for p in measured)
+    # and the best subnet it measured is on the shortlist the export picks from, on or off the front
+    best = max((m for r in doc["refinement"]["rounds"] for m in r["measured"]), key=lambda m: m["val_acc"])
+    assert best["config"] in [p["config"] for p in doc["shortlist"]]
+    assert all(p["metric"] <= 600_000 for p in doc["shortlist"])

@@ -251,6 +251,7 @@ def specialize(r: dict) -> list[str]:
                                                       for v in f["val_acc_by_round"])
                              + f" | {_fmt_s(f['wall_s'])} |")
             lines.append("")
+        lines += [f"{n}\n" for n in r.get("notes", [])]
         lines += [f"![{n}](pareto/{n}.png)" for n in r["targets"]]
     return lines
 

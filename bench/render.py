@@ -233,7 +233,8 @@ def specialize(r: dict) -> list[str]:
                          f"{rep['test_acc']:.2f} / {'yes' if rep['within_budget'] else 'NO'} |")
         lines += ["", "A latency target's pick is measured on its runtime by the search itself, which "
                   "searches again under a tighter budget while the pick measures over budget, and "
-                  "measures its 8 best-scoring Pareto points; the export picks, of those within budget, "
+                  "measures its shortlist (its 8 best-scoring Pareto points and the 8 best subnets its "
+                  "validation feedback measured); the export picks, of those within budget, "
                   "the best on validation (each image and its mirror image). The best uniform subnet "
                   "(same depth, kernel and expand everywhere, any resolution) is chosen the same way: "
                   "of the 81, those within the budget (a latency budget measured on the target's "

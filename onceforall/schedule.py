@@ -67,6 +67,8 @@ class Schedule:
     # the accuracy predictor's data: subnets measured, on this many validation images (None: all)
     predictor_subnets: int = 600
     predictor_val_images: int | None = None
+    # rounds of validation feedback in each target's search (specialize.Refinement)
+    refine_rounds: int = 4
     notes: str = ""
 
     def all_phases(self) -> tuple[PhaseConfig, ...]:
@@ -120,7 +122,7 @@ def smoke() -> Schedule:
     return Schedule("smoke", _teacher(1, 0.05), _shrink((1, 1, 1, 1, 1), (0.02,) * 5),
                     batch_size=64, train_images=512, val_images=200, bn_calib_images=200,
                     bn_calib_batch=100, checkpoint_every_s=3600, predictor_subnets=24,
-                    predictor_val_images=200,
+                    predictor_val_images=200, refine_rounds=1,
                     notes="tests only: 512 training images, one epoch per phase")
 
 
@@ -128,7 +130,7 @@ def quick() -> Schedule:
     """The README's main command: the whole pipeline in about 10 minutes on 2 cores."""
     return Schedule("quick", _teacher(2, 0.1), _shrink((1, 1, 1, 1, 1), (0.02, 0.01, 0.02, 0.01, 0.02)),
                     batch_size=128, train_images=20000, val_images=2000, predictor_subnets=100,
-                    predictor_val_images=2000,
+                    predictor_val_images=2000, refine_rounds=2,
                     notes="a demo of every stage on a third of Fashion-MNIST; accuracy is not the goal")
 
 

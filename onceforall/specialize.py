@@ -29,7 +29,7 @@ from .targets import Target
 log = logging.getLogger(__name__)
 
 SEARCH_RESULT = "search.json"
-SHORTLIST = 8  # the search's best-scoring Pareto points that export measures on validation
+SHORTLIST = 8  # Pareto points (and as many feedback-measured subnets) the export picks from
 
 
 def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
@@ -131,9 +131,12 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
     is then measured end to end on the target's runtime (this stage runs on the target's hardware).
     While it measures over budget, the search runs again with the budget scaled down by how far the
     table was off, up to ``verify_rounds`` searches in all (0: no measurement). ``search.json`` keeps
-    every round; when no round fits, the last pick is kept and ``verified`` is false. The last
-    round's ``shortlist`` best-scoring Pareto points are measured too (``measured_ms`` on each),
-    so that the pick on validation (select_on_validation) picks among subnets measured in budget.
+    every round; when no round fits, the last pick is kept and ``verified`` is false.
+
+    ``search.json``'s ``shortlist`` is what select_on_validation picks from: the last search's
+    ``shortlist`` best-scoring Pareto points and as many of the best subnets the feedback measured.
+    Under a latency budget each is measured too (``measured_ms``), so that the pick on validation
+    is among subnets measured within budget.
     """
     import time
 
@@ -198,17 +201,17 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                         "mutate_prob": config.mutate_prob}, **result.to_dict()}
     if latency is not None:
         doc["predicted_latency_ms"] = latency.predict_one(result.best)
-    measured = refinement.pop("measured") if refinement is not None else {}
+    val_acc = refinement.pop("measured") if refinement is not None else {}
     scores, metrics = predictor.predict(short), constraint(short)
     doc["shortlist"] = [{"config": c.to_dict(), "score": float(sc), "metric": float(m),
                          "from": "pareto" if i < len(top) else "validation feedback",
                          **({"measured_ms": round(short_ms[_key(c)], 5)} if _key(c) in short_ms else {}),
-                         **({"val_acc": round(measured[_key(c)], 3)} if _key(c) in measured else {})}
+                         **({"val_acc": round(val_acc[_key(c)], 3)} if _key(c) in val_acc else {})}
                         for i, (c, sc, m) in enumerate(zip(short, scores, metrics))]
     for point in doc["pareto"]:  # for the plot and the record
         key = _key(SubnetConfig.from_dict(point["config"], space))
-        if key in measured:
-            point["val_acc"] = round(measured[key], 3)
+        if key in val_acc:
+            point["val_acc"] = round(val_acc[key], 3)
         if key in short_ms:
             point["measured_ms"] = round(short_ms[key], 5)
     if refinement is not None:

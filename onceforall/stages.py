@@ -288,22 +288,24 @@ def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str 
 def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_dir: str | Path,
            out_dir: str | Path, *, space: str = "fashion-mnist", seed: int = 0,
            supernet_dir: str | Path | None = None, data: str = "fashion-mnist", schedule: str = "quick",
-           refine_rounds: int = 4, run: RunContext = RunContext()) -> dict[str, Any]:
+           refine_rounds: int | None = None, run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage search: evolution under the target's budget; ``search.json`` and the Pareto plot.
 
     With ``supernet_dir``, the search takes validation feedback (specialize.Refinement):
-    ``refine_rounds`` times it measures its best points on the validation images the predictor's
-    rows were measured on (``schedule``'s) and fits the predictor again on them and those rows
-    (``accuracy.jsonl`` beside it)."""
+    ``refine_rounds`` times (None: ``schedule``'s) it measures its best points on the validation
+    images the predictor's rows were measured on (``schedule``'s) and fits the predictor again on
+    them and those rows (``accuracy.jsonl`` beside it)."""
     from .specialize import SEARCH_RESULT, pareto_plot, search_target
 
     tgt = _target(target)
     out_dir = Path(out_dir)
     with _stage("search", out_dir, run, target=tgt.name, inputs=[predictor_dir, profile_dir]) as record:
         table = Path(profile_dir) / LATENCY_TABLE
+        sch = get_schedule(schedule)
+        rounds = sch.refine_rounds if refine_rounds is None else refine_rounds
         refine = (validation_refinement(supernet_dir, Path(predictor_dir) / ACCURACY_ROWS, data, seed,
-                                        refine_rounds, get_schedule(schedule).predictor_val_images)
-                  if supernet_dir is not None and refine_rounds > 0 else None)
+                                        rounds, sch.predictor_val_images)
+                  if supernet_dir is not None and rounds > 0 else None)
         result = search_target(get_space(space), tgt, predictor_path(predictor_dir), out_dir,
                                latency_path=table if table.is_file() else None, seed=seed,
                                refine=refine)

@@ -254,7 +254,9 @@ def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
     kw = dict(warmup=0, repeats=10, warmup_s=0.0, window_s=0.0, settle=0)
     ms = time_many([slow_at_first, steady], rounds=2, **kw)
     assert order == ["a"] * 10 + ["b"] * 10 + ["a"] * 10 + ["b"] * 10  # round by round
-    assert 0.9 <= ms[0] < 2.0 and 1.9 <= ms[1] < 3.0  # round 1 of "a" was slow: round 2 counts
+    # round 1 of "a" was slow (4 ms): round 2 counts (the bounds leave room for sleep overshoot
+    # on a loaded host: this test or the next failed once in a full local CI run, tighter)
+    assert 0.9 <= ms[0] < 3.0 and 1.9 <= ms[1] < 3.5
     calls["slow"] = 0
     assert time_many([slow_at_first], rounds=1, **kw)[0] >= 3.9  # one round cannot tell
     # rounds go on until they span the window: 5 calls of 2 ms a round, 50 ms -> 4 rounds or more
@@ -276,11 +278,11 @@ def test_time_many_waits_out_a_slow_stretch_when_it_knows_what_to_expect():
     kw = dict(warmup=0, repeats=5, rounds=1, warmup_s=0.0, window_s=0.05, settle=0)
     assert time_many([host], **kw)[0] >= 3.9
     t0 = time.perf_counter()
-    assert time_many([host], expect_ms=[1.0], max_window_s=2.0, **kw)[0] < 1.5
+    assert time_many([host], expect_ms=[1.0], max_window_s=2.0, **kw)[0] < 3.0  # not the 4 ms
     # never longer than max_window_s, and the expectation is not what is reported
     start = time.perf_counter()
     assert time_many([lambda: time.sleep(0.002)], expect_ms=[0.5], max_window_s=0.3, **kw)[0] >= 1.9
-    assert time.perf_counter() - start < 0.6
+    assert time.perf_counter() - start < 1.2
 
 
 def test_onnx_timing_needs_no_torch_and_ranks_models():

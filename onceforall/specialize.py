@@ -209,7 +209,7 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                          **({"val_acc": round(val_acc[_key(c)], 3)} if _key(c) in val_acc else {})}
                         for i, (c, sc, m) in enumerate(zip(short, scores, metrics))]
     for point in doc["pareto"]:  # for the plot and the record
-        key = _key(SubnetConfig.from_dict(point["config"], space))
+        key = json.dumps(point["config"], sort_keys=True)  # _key of its config
         if key in val_acc:
             point["val_acc"] = round(val_acc[key], 3)
         if key in short_ms:

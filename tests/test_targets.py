@@ -29,6 +29,15 @@ def _one(**override):
     ({"constraint": {"kind": "macs", "budget": -5}}, "targets[0].constraint.budget"),
     ({"constraint": {"kind": "macs", "budget": 0}}, "targets[0].constraint.budget"),
     ({"constraint": {"kind": "macs"}}, "targets[0].constraint"),
+    ({"constraint": {"kind": "latency_ms", "budget": 2, "margin": 5}}, "targets[0].constraint"),
+    ({"constraint": {"kind": "latency_ms", "budget": 2, "headroom_pct": -1}},
+     "targets[0].constraint.headroom_pct"),
+    ({"constraint": {"kind": "latency_ms", "budget": 2, "headroom_pct": 50}},
+     "targets[0].constraint.headroom_pct"),
+    ({"constraint": {"kind": "latency_ms", "budget": 2, "headroom_pct": "5%"}},
+     "targets[0].constraint.headroom_pct"),
+    ({"constraint": {"kind": "macs", "budget": 4e6, "headroom_pct": 5}},
+     "targets[0].constraint.headroom_pct"),
     ({"threads": 0}, "targets[0].threads"),
     ({"name": "Edge CPU"}, "targets[0].name"),
     ({"colour": "red"}, "targets[0].colour"),
@@ -39,6 +48,14 @@ def test_bad_target_names_the_field(override, field):
     with pytest.raises(UserError) as info:
         parse_targets(_one(**override), "t.yaml")
     assert info.value.field == field and info.value.source == "t.yaml" and info.value.fix
+
+
+def test_headroom_lowers_what_the_search_plans_for_not_the_budget():
+    t = parse_targets(_one(constraint={"kind": "latency_ms", "budget": 2.0, "headroom_pct": 5}))[0]
+    assert t.constraint.budget == 2.0 and t.constraint.search_budget == pytest.approx(1.9)
+    assert parse_targets({"targets": [t.to_dict()]})[0] == t  # round-trips through to_dict
+    plain = parse_targets(_one())[0]
+    assert plain.constraint.search_budget == 2.0 and "headroom_pct" not in plain.to_dict()["constraint"]
 
 
 def test_duplicate_names():

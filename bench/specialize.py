@@ -42,7 +42,7 @@ from onceforall.data import load_dataset  # noqa: E402
 from onceforall.efficiency import CostTable  # noqa: E402
 from onceforall.export import export_subnet, load_supernet  # noqa: E402
 from onceforall.latency import (  # noqa: E402
-    LatencyTable, Profiler, build_latency_table, measure_configs, validate_latency_table)
+    LatencyTable, Profiler, build_latency_table, card_profiler, measure_configs, validate_latency_table)
 from onceforall.predictor import fit_predictor, regression_metrics, split_indices  # noqa: E402
 from onceforall.reproduce import reproduce  # noqa: E402
 from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
@@ -219,22 +219,24 @@ def main() -> int:
         doc = json.loads((tdir / "search.json").read_text())
         picked, selection = select_on_validation(net, data, doc, seed=args.seed)
         pick = selection["shortlist"][selection["picked"]]
+        probe_ref = doc.get("verification", {}).get("host_probe_reference_ms")
         card = export_subnet(args.supernet, picked, data, target, tdir / "model",
                              predicted_accuracy=pick["predicted_acc"],
-                             predicted_latency_ms=pick.get("latency_ms"),
-                             expected_latency_ms=pick.get("measured_ms"),
+                             predicted_latency_ms=pick.get("latency_ms"), host_probe_reference_ms=probe_ref,
                              seed=args.seed, net=net, extra={"selection": selection})
         # Best uniform subnet under the same budget, chosen on validation, judged on test.
-        # A latency budget is judged as the searched pick is (measured on the target's runtime),
-        # every uniform subnet measured, not only those the table says fit.
+        # A latency budget is judged as the searched pick is (measured on the target's runtime
+        # with the card's statistic, against the budget less its headroom), every uniform subnet
+        # measured, not only those the table says fit.
         every = uniform_configs(space)
         if latency_path:
-            metric = measure_configs(Profiler(target.runtime, target.threads, target.batch_size), net,
-                                     every)
+            metric = measure_configs(card_profiler(target.runtime, target.threads, target.batch_size,
+                                                   tables[(target.threads, target.batch_size)].probe_ms),
+                                     net, every)
         else:
             metric = constraint_fn(space, target, None)(every)
         uniform_metric = {c.to_json(): float(m) for c, m in zip(every, metric)}
-        uniform = [c for c in every if uniform_metric[c.to_json()] <= target.constraint.budget]
+        uniform = [c for c in every if uniform_metric[c.to_json()] <= target.constraint.search_budget]
         best_u = None
         for c in uniform:
             k = c.to_json()
@@ -252,6 +254,7 @@ def main() -> int:
         rep = reproduce(tdir / "model" / "model_card.json", args.data_dir)
         res["targets"][target.name] = {
             "constraint": target.constraint.kind, "budget": target.constraint.budget,
+            "headroom_pct": target.constraint.headroom_pct,
             "searched_test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
             "searched_val_acc": round(s_val, 3),
             "predicted_acc": pick["predicted_acc"], "searched_metric": pick[doc["metric_name"]],
@@ -265,6 +268,8 @@ def main() -> int:
             "uniform_feasible": len(uniform), "macs": card["macs"], "params": card["params"],
             "measured_latency_ms": card["latency"]["measured_ms"],
             "predicted_latency_ms": card["latency"]["predicted_ms"],
+            "card_host_probe_ms": card["latency"]["host_probe_ms"],
+            "host_probe_reference_ms": card["latency"]["host_probe_reference_ms"],
             "search_s": doc["search_s"], "reproduced": rep,
             "search_rounds": len(doc.get("verification", {}).get("rounds", [])) or 1,
             "latency_verified": doc.get("verification", {}).get("verified"),

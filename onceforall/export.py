@@ -83,14 +83,16 @@ def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASu
 
 def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, target: Target,
                   out_dir: str | Path, *, predicted_accuracy: float | None = None,
-                  predicted_latency_ms: float | None = None, expected_latency_ms: float | None = None,
+                  predicted_latency_ms: float | None = None, host_probe_reference_ms: float | None = None,
                   seed: int = 0, calib_images: int = 2000, extra: dict[str, Any] | None = None,
                   net: OFASupernet | None = None) -> dict[str, Any]:
     """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model).
 
     ``net``: the supernet of ``supernet_dir`` when the caller has loaded it already.
-    ``expected_latency_ms``: what the search measured for this subnet (default: the prediction);
-    it only decides how long the card's latency is measured (latency.card_profiler).
+    ``host_probe_reference_ms``: the host probe's time when the target's latency table was
+    measured (search.json's verification); while the host runs slower than that, the card's latency
+    is measured for longer (latency.card_profiler). The card records the probe's time next to the
+    model's, the reference onceforall.reproduce checks its host against.
     """
     t0 = time.monotonic()
     net = net or load_supernet(supernet_dir)
@@ -116,11 +118,13 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     # card came out ~1.5x what the search and reproduce measured in 5 of 6 runs, whether taken
     # before or after the accuracy passes.
     shape = (space.in_channels, data.image_size, data.image_size)
-    profiler = card_profiler(target.runtime, target.threads, target.batch_size)
-    # onnxruntime: the published file itself, as onceforall.reproduce times it
-    expected = expected_latency_ms if expected_latency_ms is not None else predicted_latency_ms
-    latency_ms = float(profiler.measure_onnx([model_path.read_bytes()], [shape], [expected])[0]
-                       if target.runtime == "onnxruntime" else profiler.measure(deploy, shape, expected))
+    profiler = card_profiler(target.runtime, target.threads, target.batch_size, host_probe_reference_ms)
+    probe_ms = None
+    if target.runtime == "onnxruntime":  # the published file itself, as onceforall.reproduce times it
+        ms, probe_ms = profiler.measure_onnx([model_path.read_bytes()], [shape])
+        latency_ms = float(ms[0])
+    else:
+        latency_ms = profiler.measure(deploy, shape)
 
     # Parity: the graph computes what torch computes, on real images and on a batch of 3 (dynamic).
     sess = ort_session(model_path, target.threads)
@@ -165,7 +169,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     "runtime": target.runtime, "threads": target.threads,
                     "batch_size": target.batch_size, "statistic": profiler.statistic,
                     "protocol": profiler.protocol,
-                    "expected_ms": None if expected is None else round(float(expected), 5),
+                    "host_probe_ms": None if probe_ms is None else round(probe_ms, 5),
+                    "host_probe_reference_ms": host_probe_reference_ms,
                     "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),

@@ -104,7 +104,12 @@ class Profiler:
 
     warmup_s: float = WARMUP_S  # and at least this long (see time_many)
     window_s: float = WINDOW_S  # rounds until they span this long (see time_many)
-    max_window_s: float = 0.0  # and up to this long while over an expected time (see time_many)
+    # onnxruntime: time the host probe (ort_timing.HOST_PROBE_SHAPE) in the same rounds, and past the
+    # window go on for up to max_window_s while it runs slower than probe_expect_ms (the probe's time
+    # when the reference was measured, e.g. the latency table's)
+    probe: bool = False
+    probe_expect_ms: float | None = None
+    max_window_s: float = 0.0
     isolate: bool = False  # onnxruntime: time in a fresh child process (ort_timing.time_onnx_isolated)
     chunk: int = 64  # measure_many: at most this many sessions alive and interleaved at once
 
@@ -115,44 +120,50 @@ class Profiler:
                 f"after {self.warmup} warm-up calls and at least {self.warmup_s:g} s of calls")
         if self.isolate and self.runtime == "onnxruntime":
             text += ", in a fresh process"
-        if self.max_window_s > self.window_s:
-            text += (f"; past that, up to {self.max_window_s:g} s while more than "
-                     f"{EXPECT_TOLERANCE:.0%} over the expected time (expected_ms)")
+        if self.probe and self.runtime == "onnxruntime":
+            text += "; the host probe timed in the same rounds (host_probe_ms)"
+            if self.probe_expect_ms is not None and self.max_window_s > self.window_s:
+                text += (f", and past the window, up to {self.max_window_s:g} s while it ran more than "
+                         f"{EXPECT_TOLERANCE:.0%} slower than its reference (host_probe_reference_ms)")
         return text
 
-    def measure(self, module: nn.Module, shape: tuple[int, ...], expect_ms: float | None = None) -> float:
-        return float(self.measure_many([(module, shape)], expect_ms=[expect_ms])[0])
+    def measure(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        return float(self.measure_many([(module, shape)])[0])
 
     def measure_many(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]],
                      progress: Callable[[int], None] | None = None,
-                     expect_ms: Sequence[float | None] | None = None) -> np.ndarray:
+                     probe_out: list[float] | None = None) -> np.ndarray:
         """(len(items),) ms per call of each (module, input shape without the batch), measured in
         interleaved rounds (time_many), ``chunk`` modules at a time; ``progress(done)`` per chunk.
-        ``expect_ms``: what each should take (time_many: only how long to measure)."""
+        With ``probe``, the host probe's time in each chunk's rounds is appended to ``probe_out``."""
         if self.runtime not in ("onnxruntime", "torch"):
             raise UserError(f"unknown runtime {self.runtime!r}", field="runtime",
                             fix="use onnxruntime or torch")
         out = np.zeros(len(items))
         for start in range(0, len(items), self.chunk):
             chunk = items[start:start + self.chunk]
-            expect = None if expect_ms is None else expect_ms[start:start + self.chunk]
             if self.runtime == "onnxruntime":
                 shapes = [shape for _, shape in chunk]
                 models = [onnx_bytes(m, torch.zeros(self.batch_size, *shape)) for m, shape in chunk]
-                out[start:start + len(chunk)] = self.measure_onnx(models, shapes, expect)
+                ms, probe_ms = self.measure_onnx(models, shapes)
+                out[start:start + len(chunk)] = ms
+                if probe_out is not None and probe_ms is not None:
+                    probe_out.append(probe_ms)
             else:
-                out[start:start + len(chunk)] = self._time_torch(chunk, expect)
+                out[start:start + len(chunk)] = self._time_torch(chunk)
             if progress:
                 progress(start + len(chunk))
         return out
 
-    def measure_onnx(self, models: Sequence[bytes], shapes: Sequence[tuple[int, ...]],
-                     expect_ms: Sequence[float | None] | None = None) -> np.ndarray:
+    def measure_onnx(self, models: Sequence[bytes],
+                     shapes: Sequence[tuple[int, ...]]) -> tuple[np.ndarray, float | None]:
         """(len(models),) ms per call of each ONNX model (input shape without the batch), timed
-        together in interleaved rounds (time_many)."""
+        together in interleaved rounds (time_many); and the host probe's time in the same rounds
+        (None without ``probe``)."""
         timer = time_onnx_isolated if self.isolate else time_onnx
-        return timer(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
-                     **self._timing(expect_ms))
+        ms = timer(models, [(self.batch_size, *s) for s in shapes], threads=self.threads,
+                   probe=self.probe, probe_expect_ms=self.probe_expect_ms, **self.protocol)
+        return (ms[:-1], float(ms[-1])) if self.probe else (ms, None)
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -162,11 +173,7 @@ class Profiler:
                     rounds=self.blocks, window_s=self.window_s, max_window_s=self.max_window_s,
                     tolerance=EXPECT_TOLERANCE)
 
-    def _timing(self, expect_ms: Sequence[float | None] | None) -> dict[str, Any]:
-        return {**self.protocol, "expect_ms": expect_ms}
-
-    def _time_torch(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]],
-                    expect_ms: Sequence[float | None] | None) -> np.ndarray:
+    def _time_torch(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]]) -> np.ndarray:
         fns = []
         for module, shape in items:
             module, x = module.eval(), torch.randn(self.batch_size, *shape)
@@ -175,7 +182,7 @@ class Profiler:
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                return time_many(fns, **self._timing(expect_ms))
+                return time_many(fns, **self.protocol)
         finally:
             torch.set_num_threads(prev)
 
@@ -189,24 +196,27 @@ class Profiler:
         return dataclasses.replace(self, blocks=self.blocks * tries).measure(nn.ReLU(), (1, 4, 4))
 
     def measure_ops(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]], overhead: float,
-                    copies: int = 8, progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    copies: int = 8, progress: Callable[[int], None] | None = None,
+                    probe_out: list[float] | None = None) -> np.ndarray:
         """Each op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
-        totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress)
+        totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress, probe_out)
         return np.maximum(totals - overhead, 0.0) / copies
 
 
-CARD_MAX_WINDOW_S = 20.0  # the longest slow stretch seen was 8.5 s (one outlasted a 12 s window)
+CARD_MAX_WINDOW_S = 30.0  # a slow stretch right after a 15-minute CI run outlasted 20 s
 
 
-def card_profiler(runtime: str, threads: int, batch_size: int) -> Profiler:
+def card_profiler(runtime: str, threads: int, batch_size: int,
+                  probe_expect_ms: float | None = None) -> Profiler:
     """The model card's statistic: export measures the card with it, the search checks its picks
-    with it, and onceforall.reproduce (onnxruntime alone) repeats it. At 2 threads or more, given
-    what a model should take (the table's prediction, the search's measurement, the card), rounds
-    go on for up to 20 s while it measures more than 10% over: shared hosts have stretches of
-    several seconds where two threads run at one's speed (ort_timing.EXPECT_TOLERANCE). ONNX
-    models are timed in a fresh child process (ort_timing.time_onnx_isolated), as reproduce is."""
-    return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8,
-                    max_window_s=CARD_MAX_WINDOW_S if threads > 1 else 0.0, isolate=True)
+    with it, and onceforall.reproduce (onnxruntime alone) repeats it. The host probe is timed in the
+    same rounds; given its reference (``probe_expect_ms``: the latency table's, the card's), rounds
+    go on for up to 30 s while the host runs slower than it was then (ort_timing.EXPECT_TOLERANCE).
+    ONNX models are timed in a fresh child process (ort_timing.time_onnx_isolated), as reproduce is."""
+    onnx = runtime == "onnxruntime"
+    return Profiler(runtime, threads, batch_size, warmup=20, repeats=25, blocks=8, probe=onnx,
+                    probe_expect_ms=probe_expect_ms if onnx else None, max_window_s=CARD_MAX_WINDOW_S,
+                    isolate=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -222,6 +232,9 @@ class LatencyTable:
     build_s: float = 0.0
     scale: float = 1.0  # measured whole subnets / summed table entries (median), see build
     calibration_n: int = 0
+    # the host probe's time while the table was measured (median over its chunks; onnxruntime):
+    # the reference later measurements on this target are checked against (card_profiler)
+    probe_ms: float | None = None
 
     def predict(self, cfgs: BatchLike) -> np.ndarray:
         """(N,) predicted milliseconds per call (a batch of ``batch_size``)."""
@@ -243,7 +256,7 @@ class LatencyTable:
                 "threads": self.threads, "batch_size": self.batch_size,
                 "overhead_ms": self.overhead_ms, "fixed_ms": self.fixed_ms.tolist(),
                 "block_ms": self.block_ms.tolist(), "device": self.device, "build_s": self.build_s,
-                "scale": self.scale, "calibration_n": self.calibration_n}
+                "scale": self.scale, "calibration_n": self.calibration_n, "probe_ms": self.probe_ms}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -273,7 +286,8 @@ class LatencyTable:
                             source=str(path), field="block_ms", fix="re-run the profile stage")
         return cls(space, raw["runtime"], raw["threads"], raw["batch_size"], raw["overhead_ms"],
                    np.asarray(raw["fixed_ms"], dtype=np.float64), block, raw.get("device", ""),
-                   raw.get("build_s", 0.0), float(raw.get("scale", 1.0)), int(raw.get("calibration_n", 0)))
+                   raw.get("build_s", 0.0), float(raw.get("scale", 1.0)), int(raw.get("calibration_n", 0)),
+                   raw.get("probe_ms"))
 
 
 CALIBRATION_SEED = 2_147_483_647  # the calibration subnets: not the validation's (seeded 0, 1, ...)
@@ -290,6 +304,8 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
+    profiler = dataclasses.replace(profiler, probe=profiler.runtime == "onnxruntime")
+    probes: list[float] = []
     # (module, input shape, where its time goes): "fixed" parts per resolution, or block slots
     items: list[tuple[nn.Module, tuple[int, ...], tuple]] = []
     for ri, r in enumerate(res):
@@ -315,7 +331,7 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
         if progress:
             progress(done, n_steps)
 
-    ms = profiler.measure_ops([(m, shape) for m, shape, _ in items], overhead, copies, report)
+    ms = profiler.measure_ops([(m, shape) for m, shape, _ in items], overhead, copies, report, probes)
     fixed = np.full(len(res), overhead)
     block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
     for (_, _, where), t in zip(items, ms):
@@ -328,9 +344,10 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     scale = 1.0
     if calibrate > 0:
         cfgs = space.sample_many(np.random.default_rng(CALIBRATION_SEED), calibrate)
-        measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done))
+        measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done), probes)
         scale = float(np.median(measured / table.summed(cfgs)))
     return dataclasses.replace(table, scale=scale, calibration_n=max(calibrate, 0),
+                               probe_ms=round(float(np.median(probes)), 5) if probes else None,
                                build_s=round(time.monotonic() - t0, 2))
 
 
@@ -339,19 +356,15 @@ WHOLE_SUBNET_BLOCKS = 8
 
 def measure_configs(profiler: Profiler, net: OFASupernet, cfgs: Sequence[SubnetConfig],
                     progress: Callable[[int], None] | None = None,
-                    expect_ms: Sequence[float | None] | None = None) -> np.ndarray:
+                    probe_out: list[float] | None = None) -> np.ndarray:
     """End-to-end milliseconds of one call of each subnet, extracted from ``net`` (its weights do
     not matter for latency, so a randomly initialised supernet serves), interleaved as in
-    Profiler.measure_many. The smallest of at least eight medians, as for a model card:
-    calibration, validation and the search's check compare like with like."""
+    Profiler.measure_many (``probe_out``: the host probe's times, see there). The smallest of at
+    least eight medians, as for a model card: calibration, validation and the search's check
+    compare like with like."""
     whole = dataclasses.replace(profiler, blocks=max(profiler.blocks, WHOLE_SUBNET_BLOCKS))
     return whole.measure_many([(net.get_active_subnet(c).eval(), (net.space.in_channels, c.r, c.r))
-                               for c in cfgs], progress, expect_ms)
-
-
-def measure_config(profiler: Profiler, net: OFASupernet, cfg: SubnetConfig,
-                   expect_ms: float | None = None) -> float:
-    return float(measure_configs(profiler, net, [cfg], expect_ms=[expect_ms])[0])
+                               for c in cfgs], progress, probe_out)
 
 
 def validate_latency_table(table: LatencyTable, profiler: Profiler, n: int = 50, seed: int = 0,

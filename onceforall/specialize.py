@@ -18,13 +18,13 @@ import numpy as np
 
 from .efficiency import CostTable
 from .errors import UserError
-from .latency import (LatencyTable, Profiler, build_latency_table, card_profiler, measure_config,
-                      measure_configs, validate_latency_table)
+from .latency import (LatencyTable, Profiler, build_latency_table, card_profiler, measure_configs,
+                      validate_latency_table)
 from .predictor import AccuracyPredictor, fit_predictor
 from .search import EvolutionConfig, SearchResult, evolution_search
 from .space import SearchSpace, SubnetConfig
 from .subnet_batch import SubnetBatch
-from .targets import Target
+from .targets import Constraint, Target
 
 log = logging.getLogger(__name__)
 
@@ -127,23 +127,25 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
     it measured keep their ``val_acc`` (as the predictor's rows were measured, which may be fewer
     images than the pick on validation uses), and ``search.json`` its rounds under ``refinement``.
 
-    A latency budget is searched on the table's predictions, and a table is an estimate: the pick
-    is then measured end to end on the target's runtime (this stage runs on the target's hardware).
-    While it measures over budget, the search runs again with the budget scaled down by how far the
-    table was off, up to ``verify_rounds`` searches in all (0: no measurement). ``search.json`` keeps
-    every round; when no round fits, the last pick is kept and ``verified`` is false.
+    The search plans for the constraint's ``search_budget`` (the budget less its headroom_pct). A
+    latency budget is searched on the table's predictions, and a table is an estimate: the pick
+    is then measured end to end on the target's runtime (this stage runs on the target's hardware),
+    with the host probe checked against the table's (card_profiler). While it measures over the
+    search budget, the search runs again with the budget scaled down by how far the table was off,
+    up to ``verify_rounds`` searches in all (0: no measurement). ``search.json`` keeps every round;
+    when no round fits, the last pick is kept and ``verified`` is false.
 
     ``search.json``'s ``shortlist`` is what select_on_validation picks from: the last search's
     ``shortlist`` best-scoring Pareto points and as many of the best subnets the feedback measured.
     Under a latency budget each is measured too (``measured_ms``), so that the pick on validation
-    is among subnets measured within budget.
+    is among subnets measured within the search budget.
     """
     import time
 
     predictor = AccuracyPredictor.load(predictor_path, space)
     latency = LatencyTable.load(latency_path, space) if latency_path else None
     constraint = constraint_fn(space, target, latency)
-    budget = target.constraint.budget
+    budget = target.constraint.search_budget
 
     def search(pred: AccuracyPredictor, within: float = budget) -> SearchResult:
         return evolution_search(space, pred.predict, constraint, within, np.random.default_rng(seed),
@@ -165,14 +167,15 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
 
         torch.manual_seed(seed)
         net = OFASupernet(space).eval()  # latency does not depend on the weights
-        profiler = card_profiler(target.runtime, target.threads, target.batch_size)
+        profiler = card_profiler(target.runtime, target.threads, target.batch_size, latency.probe_ms)
         t1 = time.monotonic()
         while True:
-            measured = measure_config(profiler, net, result.best,
-                                      expect_ms=latency.predict_one(result.best))
+            probe: list[float] = []
+            measured = float(measure_configs(profiler, net, [result.best], probe_out=probe)[0])
             rounds.append({"search_budget_ms": round(result.budget, 5),
                            "predicted_ms": round(latency.predict_one(result.best), 5),
-                           "measured_ms": round(measured, 5), "config": result.best.to_dict()})
+                           "measured_ms": round(measured, 5), "config": result.best.to_dict(),
+                           **({"host_probe_ms": round(probe[0], 5)} if probe else {})})
             if measured <= budget or len(rounds) >= verify_rounds:
                 break
             # The table under-predicted this pick by measured/predicted: ask for that much less.
@@ -182,16 +185,17 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
             except UserError:  # no subnet is predicted that fast: keep the last pick, unverified
                 break
     # The shortlist the export picks from on validation: the best-scoring Pareto points, and the
-    # best subnets the validation feedback measured (they need not be on the last front).
+    # best subnets its validation feedback measured (they need not be on the last front).
     top = [p.config for p in sorted(result.pareto, key=lambda p: -p.score)[:shortlist]]
     validated = sorted(refinement["measured"].items(), key=lambda kv: -kv[1]) if refinement else []
     seen = {_key(c) for c in top}
     short = top + [c for c in (SubnetConfig.from_dict(json.loads(k), space) for k, _ in validated)
                    if _key(c) not in seen][:shortlist]
     short_ms: dict[str, float] = {}
+    short_probe: list[float] = []
     if rounds:
-        short_ms = dict(zip(map(_key, short), measure_configs(
-            profiler, net, short, expect_ms=latency.predict(short).tolist()).tolist()))
+        short_ms = dict(zip(map(_key, short), measure_configs(profiler, net, short,
+                                                              probe_out=short_probe).tolist()))
         verify_s = time.monotonic() - t1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,8 +222,11 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
         doc["refinement"] = refinement
     if rounds:
         doc["verification"] = {"rounds": rounds, "verified": rounds[-1]["measured_ms"] <= budget,
+                               "budget_less_headroom_ms": round(budget, 5),
                                "measured_latency_ms": rounds[-1]["measured_ms"], "wall_s": round(verify_s, 3),
-                               "statistic": profiler.statistic}
+                               "statistic": profiler.statistic,
+                               "host_probe_reference_ms": latency.probe_ms,
+                               "shortlist_host_probe_ms": [round(v, 5) for v in short_probe]}
     (out_dir / SEARCH_RESULT).write_text(json.dumps(doc, indent=1))
     return result
 
@@ -233,7 +240,7 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
     predictor's data is measured; measured again here, on every validation image). The predictor
     ranks subnets to within its error (RMSE ~0.2 points), and the points near the top of the front
     differ by less than that; a few real evaluations settle it. Points the search measured over a
-    latency budget (``measured_ms``, see search_target) are left out.
+    latency budget less its headroom (``measured_ms``, see search_target) are left out.
 
     ``net`` is the supernet, ``data`` a dataset with a validation split; ``k`` <= 1 keeps the
     search's best. Returns the config and a record for the model card: ``shortlist`` (each row's
@@ -247,7 +254,7 @@ def select_on_validation(net: Any, data: Any, search: dict[str, Any], *, k: int 
                search["metric_name"]: search["best_metric"]}
         return (SubnetConfig.from_dict(search["best"], space),
                 {"rule": "the search's best (no shortlist)", "picked": 0, "shortlist": [row]})
-    budget = search["target"]["constraint"]["budget"]
+    budget = Constraint(**search["target"]["constraint"]).search_budget
     # the search's shortlist (its best-scoring Pareto points and the best subnets its validation
     # feedback measured); a search.json from before it had one: the k best-scoring Pareto points
     listed = search.get("shortlist") or search["pareto"]

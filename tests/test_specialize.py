@@ -57,7 +57,10 @@ def test_latency_table_covers_every_slot_and_roundtrips(table, tmp_path):
     # ... times the calibration factor, the median of measured/summed over 20 whole subnets.
     assert table.calibration_n == 20 and 0.2 < table.scale < 5
     assert table.predict([cfg])[0] == pytest.approx(table.scale * expected)
+    # the host probe was timed along (onnxruntime), the reference later measurements check against
+    assert table.probe_ms is not None and table.probe_ms > 0
     loaded = LatencyTable.load(table.save(tmp_path / "lut.json"), SMALL)
+    assert loaded.probe_ms == table.probe_ms
     assert np.allclose(loaded.predict(cfgs), pred) and loaded.scale == table.scale
     with pytest.raises(UserError) as info:
         LatencyTable.load(tmp_path / "lut.json", get_space("fashion-mnist"))
@@ -226,6 +229,19 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
 
     protocol = card_profiler(target.runtime, target.threads, target.batch_size).protocol
     assert card["latency"]["protocol"] == protocol and rep["protocol"] == {**protocol, "repeats": 3}
+    # the host probe was timed with the card and again with the reproduction, which compares them
+    assert card["latency"]["host_probe_ms"] > 0 and rep["card_host_probe_ms"] == card["latency"]["host_probe_ms"]
+    assert rep["host_slowdown"] == pytest.approx(rep["host_probe_ms"] / rep["card_host_probe_ms"], rel=1e-3)
+
+
+def test_reproduce_tells_a_slow_host_from_a_model_over_budget():
+    from onceforall.reproduce import _verdict
+
+    assert _verdict({"latency_ms": 1.9, "host_slowdown": 1.4}, 2.0, 0.05) == "within budget"
+    assert _verdict({"latency_ms": 2.2, "host_slowdown": 1.02}, 2.0, 0.05) == "over the 2 ms budget"
+    assert _verdict({"latency_ms": 2.2}, 2.0, 0.05) == "over the 2 ms budget"  # an older card: no probe
+    slow = _verdict({"latency_ms": 2.8, "host_slowdown": 1.4}, 2.0, 0.05)
+    assert slow.startswith("inconclusive") and "40% slower" in slow and "2 ms" in slow
 
 
 def test_reproduce_times_an_older_card_the_way_it_was_measured():
@@ -311,6 +327,10 @@ def test_card_latency_is_timed_in_a_fresh_process():
     ms = time_onnx_isolated([onnx_bytes(m, torch.zeros(shape)) for m in (small, big)], [shape] * 2,
                             threads=1, warmup=2, repeats=5, rounds=2, warmup_s=0.0, window_s=0.0)
     assert ms.shape == (2,) and 0 < ms[0] < ms[1]
+    # with the host probe: its time comes last, and it is the same workload in the child process
+    probed = time_onnx_isolated([onnx_bytes(small, torch.zeros(shape))], [shape], threads=1, probe=True,
+                                warmup=2, repeats=5, rounds=2, warmup_s=0.0, window_s=0.0)
+    assert probed.shape == (2,) and probed[1] > 0
     with pytest.raises(RuntimeError, match="onnxruntime timing process failed"):
         time_onnx_isolated([b"not an onnx model"], [(1, 8, 4, 4)], threads=1, warmup=1, repeats=1,
                            rounds=1, warmup_s=0.0, window_s=0.0)
@@ -335,15 +355,21 @@ def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tm
     budget = round(float(np.mean(sizes)), 4)  # between the smallest and largest subnet
     from onceforall.search import EvolutionConfig
 
-    search_target(SMALL, _target("latency_ms", budget), tmp_path / "predictor.safetensors",
+    target = parse_targets({"targets": [{"name": "t", "runtime": "onnxruntime", "constraint": {
+        "kind": "latency_ms", "budget": budget / 0.9, "headroom_pct": 10}}]})[0]  # plans for `budget`
+    search_target(SMALL, target, tmp_path / "predictor.safetensors",
                   tmp_path / "s", latency_path=tmp_path / "lat.json", verify_rounds=3,
                   config=EvolutionConfig(population=20, generations=10))
     v = json.loads((tmp_path / "s" / "search.json").read_text())["verification"]
     first = v["rounds"][0]
+    assert first["search_budget_ms"] == pytest.approx(budget)  # the budget less its headroom
     assert first["measured_ms"] > budget and first["predicted_ms"] <= budget  # the table misled it
     assert 2 <= len(v["rounds"]) <= 3
     assert v["rounds"][1]["search_budget_ms"] < first["search_budget_ms"]
     assert v["verified"] == (v["rounds"][-1]["measured_ms"] <= budget)
+    # every measurement timed the host probe, checked against the table's
+    assert v["host_probe_reference_ms"] == optimistic.probe_ms
+    assert all(r["host_probe_ms"] > 0 for r in v["rounds"]) and len(v["shortlist_host_probe_ms"]) == 1
     # the last round's best-scoring points are measured for the pick on validation
     pareto = json.loads((tmp_path / "s" / "search.json").read_text())["pareto"]
     measured = [p for p in pareto if "measured_ms" in p]

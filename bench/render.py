@@ -234,11 +234,32 @@ def specialize(r: dict) -> list[str]:
         lines += ["", "A latency target's pick is measured on its runtime by the search itself, which "
                   "searches again under a tighter budget while the pick measures over budget, and "
                   "measures its shortlist (its 8 best-scoring Pareto points and the 8 best subnets its "
-                  "validation feedback measured); the export picks, of those within budget, "
-                  "the best on validation (each image and its mirror image). The best uniform subnet "
-                  "(same depth, kernel and expand everywhere, any resolution) is chosen the same way: "
-                  "of the 81, those within the budget (a latency budget measured on the target's "
-                  "runtime), the best on validation; both are then judged once on the test set.", ""]
+                  "validation feedback measured); the export picks, of those within the budget less "
+                  "its headroom, the best on validation (each image and its mirror image). The best "
+                  "uniform subnet (same depth, kernel and expand everywhere, any resolution) is chosen "
+                  "the same way: of the 81, those within the budget less its headroom (a latency "
+                  "budget measured on the target's runtime with the card's statistic), the best on "
+                  "validation; both are then judged once on the test set.", ""]
+        cards = {n: t for n, t in r["targets"].items()
+                 if t["constraint"] == "latency_ms" and "host_slowdown" in t["reproduced"]}
+        if cards:
+            lines += ["Latency cards and their reproduction (`python -m onceforall.reproduce`, a fresh "
+                      "process right after the export). The host probe (onceforall/ort_timing.py) is timed "
+                      "in the same rounds as the model: its time when the target's latency table was "
+                      "measured, with the card, and with the reproduction (their ratio: how much slower "
+                      "the reproduction's host ran):", "",
+                      "| target | budget (headroom) | card (ms) | reproduced (ms) | probe: table / card / "
+                      "reproduction (ms) | reproduction's host slowdown | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for n, t in cards.items():
+                rep = t["reproduced"]
+                ref = t.get("host_probe_reference_ms")
+                lines.append(f"| {n} | {t['budget']:g} ms ({t.get('headroom_pct', 0):g}%) | "
+                             f"{t['measured_latency_ms']:.4f} | {rep['latency_ms']:.4f} | "
+                             f"{'-' if ref is None else f'{ref:.3f}'} / {t['card_host_probe_ms']:.3f} / "
+                             f"{rep['host_probe_ms']:.3f} | {rep['host_slowdown']:.3f} | "
+                             f"{rep['latency_verdict']} |")
+            lines.append("")
         refined = {n: t["refinement"] for n, t in r["targets"].items() if t.get("refinement")}
         if refined:
             lines += ["Validation feedback in each search (onceforall/specialize.py, Refinement): per "

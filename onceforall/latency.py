@@ -196,10 +196,9 @@ class Profiler:
         return dataclasses.replace(self, blocks=self.blocks * tries).measure(nn.ReLU(), (1, 4, 4))
 
     def measure_ops(self, items: Sequence[tuple[nn.Module, tuple[int, ...]]], overhead: float,
-                    copies: int = 8, progress: Callable[[int], None] | None = None,
-                    probe_out: list[float] | None = None) -> np.ndarray:
+                    copies: int = 8, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Each op's share of a call: ``copies`` of it in one graph, less the call overhead, / copies."""
-        totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress, probe_out)
+        totals = self.measure_many([(Replicas(m, copies), shape) for m, shape in items], progress)
         return np.maximum(totals - overhead, 0.0) / copies
 
 
@@ -232,8 +231,8 @@ class LatencyTable:
     build_s: float = 0.0
     scale: float = 1.0  # measured whole subnets / summed table entries (median), see build
     calibration_n: int = 0
-    # the host probe's time while the table was measured (median over its chunks; onnxruntime):
-    # the reference later measurements on this target are checked against (card_profiler)
+    # the host probe's time when the table was measured (reference_probe; onnxruntime): the
+    # reference later measurements on this target are checked against (card_profiler)
     probe_ms: float | None = None
 
     def predict(self, cfgs: BatchLike) -> np.ndarray:
@@ -304,8 +303,7 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
-    profiler = dataclasses.replace(profiler, probe=profiler.runtime == "onnxruntime")
-    probes: list[float] = []
+    probes = [reference_probe(profiler)]
     # (module, input shape, where its time goes): "fixed" parts per resolution, or block slots
     items: list[tuple[nn.Module, tuple[int, ...], tuple]] = []
     for ri, r in enumerate(res):
@@ -331,7 +329,7 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
         if progress:
             progress(done, n_steps)
 
-    ms = profiler.measure_ops([(m, shape) for m, shape, _ in items], overhead, copies, report, probes)
+    ms = profiler.measure_ops([(m, shape) for m, shape, _ in items], overhead, copies, report)
     fixed = np.full(len(res), overhead)
     block = np.zeros((space.num_slots, len(res), len(ks), len(es)))
     for (_, _, where), t in zip(items, ms):
@@ -344,11 +342,21 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     scale = 1.0
     if calibrate > 0:
         cfgs = space.sample_many(np.random.default_rng(CALIBRATION_SEED), calibrate)
-        measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done), probes)
+        measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done))
         scale = float(np.median(measured / table.summed(cfgs)))
+    probes.append(reference_probe(profiler))
     return dataclasses.replace(table, scale=scale, calibration_n=max(calibrate, 0),
-                               probe_ms=round(float(np.median(probes)), 5) if probes else None,
+                               probe_ms=None if probes[0] is None else round(min(probes), 5),
                                build_s=round(time.monotonic() - t0, 2))
+
+
+def reference_probe(profiler: Profiler) -> float | None:
+    """The host probe alone, timed as a model card is (card_profiler: a fresh process, the card's
+    rounds and window), on the profiler's runtime and threads; None where it is not onnxruntime.
+    A table takes the faster of two, one before and one after its measurements."""
+    if profiler.runtime != "onnxruntime":
+        return None
+    return card_profiler(profiler.runtime, profiler.threads, profiler.batch_size).measure_onnx([], [])[1]
 
 
 WHOLE_SUBNET_BLOCKS = 8

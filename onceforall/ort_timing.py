@@ -34,7 +34,7 @@ WINDOW_S = 2.0
 # runs of up to 8.5 s; right after sustained torch work a whole 20 s window of a model card fell in
 # one (2.63 ms, a subnet the search had measured at 1.83); and a 1-thread batch-1 model's calls had a
 # median of 0.34 ms instead of 0.24 for 40 s on end. Without a reference no window is long enough.
-EXPECT_TOLERANCE = 0.05
+EXPECT_TOLERANCE = 0.10  # the slow states are 1.4-1.5x; smaller drifts are what headroom_pct is for
 
 # The host probe: a fixed workload (8 inverted-residual blocks, 1x1 / depthwise 3x3 / 1x1, 32
 # channels x3, 14x14, batch 2), timed in the same interleaved rounds as the models it vouches for.

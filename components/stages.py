@@ -62,12 +62,13 @@ def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, ru
 
 
 def profile_target(target: dict, space: str, seed: int, run_id: str, carbon: str, pushgateway: str,
-                   latency: Output[Dataset], metrics: Output[Metrics]):
-    """Measure the target's latency table on the node this pod runs on."""
+                   latency: Output[Dataset], metrics: Output[Metrics], schedule: str = "quick"):
+    """Measure the target's latency table on the node this pod runs on, as thoroughly as the
+    schedule says."""
     from onceforall import stages
 
     run = stages.RunContext(run_id, carbon, pushgateway)
-    record = stages.profile(target, latency.path, space=space, seed=seed, run=run)
+    record = stages.profile(target, latency.path, space=space, schedule=schedule, seed=seed, run=run)
     stages.log_metrics(record, metrics)
 
 

@@ -69,6 +69,13 @@ class Schedule:
     predictor_val_images: int | None = None
     # rounds of validation feedback in each target's search (specialize.Refinement)
     refine_rounds: int = 4
+    # a latency table's build (latency.build_latency_table): each block variant timed as this many
+    # copies in one graph (their export is most of a 1-thread batch-1 table's build), each chunk of
+    # variants the smallest of this many interleaved medians, spanning at least this long (most of
+    # a batch-16 table's). A model card's statistic is fixed (latency.card_profiler).
+    latency_copies: int = 8
+    latency_rounds: int = 8
+    latency_window_s: float = 2.0
     notes: str = ""
 
     def all_phases(self) -> tuple[PhaseConfig, ...]:
@@ -123,7 +130,8 @@ def smoke() -> Schedule:
                     batch_size=64, train_images=512, val_images=200, bn_calib_images=200,
                     bn_calib_batch=100, checkpoint_every_s=3600, predictor_subnets=24,
                     predictor_val_images=200, refine_rounds=1,
-                    notes="tests only: 512 training images, one epoch per phase")
+                    latency_copies=2, latency_rounds=2, latency_window_s=0.2,
+                    notes="tests only: 512 training images, one epoch per phase, rough latency tables")
 
 
 def quick() -> Schedule:

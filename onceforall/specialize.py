@@ -33,11 +33,14 @@ SHORTLIST = 8  # Pareto points (and as many feedback-measured subnets) the expor
 
 
 def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
-                   validate: int = 0, seed: int = 0, device: str = "",
+                   validate: int = 0, seed: int = 0, device: str = "", copies: int = 8,
+                   rounds: int = 8, window_s: float = 2.0,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Measure the latency table of ``target`` here (run this on the target's hardware)."""
-    profiler = Profiler(target.runtime, target.threads, target.batch_size)
-    table = build_latency_table(space, profiler, device=device, progress=progress)
+    """Measure the latency table of ``target`` here (run this on the target's hardware): each block
+    variant timed as ``copies`` copies in one graph (build_latency_table), the smallest of
+    ``rounds`` interleaved medians spanning at least ``window_s``."""
+    profiler = Profiler(target.runtime, target.threads, target.batch_size, blocks=rounds, window_s=window_s)
+    table = build_latency_table(space, profiler, device=device, copies=copies, progress=progress)
     table.save(out_path)
     summary: dict[str, Any] = {"table": str(out_path), "build_s": table.build_s,
                                "overhead_ms": table.overhead_ms}

@@ -254,9 +254,10 @@ LATENCY_TABLE = "latency.json"
 
 
 def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str = "fashion-mnist",
-            validate: int = 0, seed: int = 0, progress: bool = True,
+            schedule: str = "quick", validate: int = 0, seed: int = 0, progress: bool = True,
             run: RunContext = RunContext()) -> dict[str, Any]:
-    """Stage profile-target: the latency table, measured here (the pod runs on the target's nodes).
+    """Stage profile-target: the latency table, measured here (the pod runs on the target's nodes)
+    as thoroughly as the ``schedule`` says (latency_copies, latency_rounds, latency_window_s).
 
     Targets constrained by MACs or params need no table; the stage records that and returns."""
     from .progress import Progress
@@ -274,8 +275,10 @@ def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str 
                 bar.total = total
                 bar.update(i)
 
+            sch = get_schedule(schedule)
             summary = profile_target(get_space(space), tgt, out_dir / LATENCY_TABLE, validate=validate,
-                                     seed=seed, progress=tick)
+                                     seed=seed, copies=sch.latency_copies, rounds=sch.latency_rounds,
+                                     window_s=sch.latency_window_s, progress=tick)
             bar.close()
             record["metrics"] = {"latency_table": 1, "build_s": summary["build_s"],
                                  "overhead_ms": summary["overhead_ms"]}

@@ -115,7 +115,8 @@ def build_pipeline(options: Options = Options()):
                         "fit-accuracy-predictor")
 
         with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
-            prof = configure(c.profile_target(target=target.spec, space=space, seed=seed, **run),
+            prof = configure(c.profile_target(target=target.spec, space=space, schedule=schedule, seed=seed,
+                                              **run),
                              "profile-target")
             # Latency tables are only true on the target's own hardware: place the pod there.
             k8s.add_node_selector_json(prof, target.node_selector)

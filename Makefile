@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-kernel bench-pipeline bench-specialize bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-kernel bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ bench-claim: install ## benchmark: OFA subnets vs the same architectures from sc
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py
+
+bench-probe: install ## benchmark: does the host probe see what slows a model? (~2 min)
+	$(BIN)/python bench/host_probe.py
 
 bench-noise: install ## benchmark: how far noise in the measured accuracies caps the predictor's tau (after bench-specialize)
 	$(BIN)/python bench/predictor_noise.py

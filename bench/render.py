@@ -496,8 +496,26 @@ def _plot_cost(c: dict) -> bool:
     return True
 
 
+def host_probe(r: dict) -> list[str]:
+    lines = ["## The host probe: does it see what slows a model?", "",
+             f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}", "",
+             "Each window is a model card's statistic (the smallest of at least 8 interleaved medians "
+             "of 25 calls over 2 s) of a model and of the host probe, timed together; windows back to "
+             f"back. The last columns keep the windows where the probe ran within {r['tolerance_pct']:g}% "
+             "of its best window, as a card's check against its reference does.", "",
+             "| setting | subnet | windows | model (ms) | model spread | probe spread | correlation | "
+             "windows kept | model spread in them |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r["settings"].items():
+        lo, hi = v["model_ms_range"]
+        lines.append(f"| {name} | {v['subnet']} | {v['windows']} | {lo:.3f} to {hi:.3f} | "
+                     f"{v['model_spread_pct']:.1f}% | {v['probe_spread_pct']:.1f}% | "
+                     f"{v['correlation']:.2f} | {v['windows_probe_within_tolerance']} | "
+                     f"{v['model_spread_in_those_pct']:.1f}% |")
+    return lines + [f"\n{n}" for n in r.get("notes", [])]
+
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
-            "specialize.json": specialize,
+            "specialize.json": specialize, "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
             "claim.json": claim}
 

@@ -303,7 +303,6 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
     net = OFASupernet(space).eval()
     res, ks, es = sorted(space.resolutions), sorted(space.kernels), sorted(space.expands)
     overhead = profiler.overhead()
-    probes = [reference_probe(profiler)]
     # (module, input shape, where its time goes): "fixed" parts per resolution, or block slots
     items: list[tuple[nn.Module, tuple[int, ...], tuple]] = []
     for ri, r in enumerate(res):
@@ -344,16 +343,16 @@ def build_latency_table(space: SearchSpace, profiler: Profiler, *, device: str =
         cfgs = space.sample_many(np.random.default_rng(CALIBRATION_SEED), calibrate)
         measured = measure_configs(profiler, net, cfgs, lambda done: report(len(items) + done))
         scale = float(np.median(measured / table.summed(cfgs)))
-    probes.append(reference_probe(profiler))
+    probe = reference_probe(profiler)
     return dataclasses.replace(table, scale=scale, calibration_n=max(calibrate, 0),
-                               probe_ms=None if probes[0] is None else round(min(probes), 5),
+                               probe_ms=None if probe is None else round(probe, 5),
                                build_s=round(time.monotonic() - t0, 2))
 
 
 def reference_probe(profiler: Profiler) -> float | None:
     """The host probe alone, timed as a model card is (card_profiler: a fresh process, the card's
     rounds and window), on the profiler's runtime and threads; None where it is not onnxruntime.
-    A table takes the faster of two, one before and one after its measurements."""
+    A table takes it right after its own measurements."""
     if profiler.runtime != "onnxruntime":
         return None
     return card_profiler(profiler.runtime, profiler.threads, profiler.batch_size).measure_onnx([], [])[1]

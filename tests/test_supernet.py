@@ -49,6 +49,30 @@ def test_kernel_transforms_start_as_identity():
     assert torch.equal(block.dw_conv.active_weight(8, 3), w7[:8, :, 2:5, 2:5])
 
 
+@pytest.mark.parametrize("hw,k,stride", [((4, 4), 7, 1), ((2, 2), 7, 1), ((4, 4), 7, 2), ((3, 5), 5, 1),
+                                         ((6, 6), 7, 2), ((2, 2), 3, 1)])
+def test_small_map_depthwise_gradients_are_the_convolution_s(hw, k, stride):
+    """The hand-written weight gradient where the kernel is larger than the map: torch's own check in
+    float64, then against F.conv2d's autograd in the float32 channels-last layout of training."""
+    from onceforall.ops import _SmallMapDepthwise, depthwise_conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, k, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _SmallMapDepthwise.apply(a, b, stride), (x, w))
+
+    x = torch.randn(8, 16, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(16, 1, k, k, requires_grad=True)
+    y_ref = torch.nn.functional.conv2d(x, w, None, stride, k // 2, 1, 16)
+    y = depthwise_conv2d(x, w, stride)
+    assert y.grad_fn is not None and "SmallMapDepthwise" in type(y.grad_fn).__name__
+    g = torch.randn_like(y_ref)
+    ref, got = torch.autograd.grad(y_ref, (x, w), g), torch.autograd.grad(y, (x, w), g)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_set_active_subnet_is_what_forward_runs():
     space = get_space("fashion-mnist")
     net = _randomized(space)

@@ -37,8 +37,9 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """A bias-free static conv holding a copy of ``weight`` (out, in/groups, k, k)."""
     out_c, in_per_group, k, _ = weight.shape
-    conv = nn.Conv2d(in_per_group * groups, out_c, k, stride, k // 2, groups=groups, bias=False,
-                     device="meta")
+    kind = DepthwiseConv2d if groups > 1 and groups == out_c and in_per_group == 1 else nn.Conv2d
+    conv = kind(in_per_group * groups, out_c, k, stride, k // 2, groups=groups, bias=False,
+                device="meta")
     conv.weight = nn.Parameter(_own(weight))
     return conv
 
@@ -150,6 +151,17 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torc
     return F.conv2d(x, weight, None, stride, k // 2, 1, x.shape[1])
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A static depthwise ``nn.Conv2d`` (padding k // 2) that trains with ``depthwise_conv2d``'s
+    gradient: extracted subnets are fine-tuned and trained from scratch too. In eval mode, and so in
+    ONNX export, it is the plain convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return depthwise_conv2d(x, self.weight, self.stride[0])
+        return super().forward(x)
+
+
 class ElasticDepthwiseConv(nn.Module):
     """Depthwise convolution with an elastic kernel (OFA's kernel transformation).
 
@@ -243,7 +255,7 @@ class MBConv(nn.Module):
             self.expand = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False),
                                         nn.BatchNorm2d(hidden, BN_EPS, BN_MOMENTUM), activation(act))
         self.depthwise = nn.Sequential(
-            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+            DepthwiseConv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden, BN_EPS, BN_MOMENTUM), activation(act))
         self.se = SqueezeExcite(hidden, ElasticSqueezeExcite.mid_channels(hidden)) if se else None
         self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False),

@@ -73,6 +73,39 @@ def test_small_map_depthwise_gradients_are_the_convolution_s(hw, k, stride):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_extracted_subnet_trains_with_the_small_map_gradient_and_exports_plain_convs():
+    from onceforall.ops import DepthwiseConv2d
+
+    space = get_space("fashion-mnist")
+    static = _randomized(space).get_active_subnet(space.max_config()).train()
+    dws = [m for m in static.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(dws) == sum(space.max_config().d) + 1  # every block's, and the first block's
+    x = torch.randn(4, 1, 28, 28)
+    paths = []
+    hooks = [m.register_forward_hook(lambda m, i, out: paths.append(type(out.grad_fn).__name__))
+             for m in dws]
+    torch.manual_seed(0)  # the same dropout mask both times
+    static(x).sum().backward()
+    got = [m.weight.grad.clone() for m in dws]
+    for h in hooks:
+        h.remove()
+    # 7x7 kernels on the last units' 4x4 and 2x2 maps take the hand-written gradient, the rest not
+    assert 0 < sum("SmallMapDepthwise" in p for p in paths) < len(dws)
+    static.zero_grad()
+    for m in dws:  # the same module as a plain nn.Conv2d
+        m.forward = lambda inp, m=m: torch.nn.Conv2d.forward(m, inp)
+    torch.manual_seed(0)
+    static(x).sum().backward()
+    for a, m in zip(got, dws):
+        assert torch.allclose(a, m.weight.grad, rtol=1e-4, atol=1e-5)
+    static.eval()
+    with torch.no_grad():
+        assert torch.equal(dws[0](x.new_ones(1, dws[0].in_channels, 5, 5)),
+                           torch.nn.functional.conv2d(x.new_ones(1, dws[0].in_channels, 5, 5),
+                                                      dws[0].weight, None, dws[0].stride,
+                                                      dws[0].padding, 1, dws[0].groups))
+
+
 def test_set_active_subnet_is_what_forward_runs():
     space = get_space("fashion-mnist")
     net = _randomized(space)

@@ -29,7 +29,8 @@ def _fmt_s(s: float) -> str:
 
 
 def _machine(m: dict) -> str:
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "
+    isa = f" ({m['cpu_capability']})" if "cpu_capability" in m else ""
+    return (f"{m.get('cpu', '?')}{isa}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "
             f"({m.get('torch_threads', '?')} threads), Python {m.get('python', '?')}")
 
 
@@ -280,15 +281,20 @@ def specialize(r: dict) -> list[str]:
 
 def cpu_speed(r: dict) -> list[str]:
     lines = ["## Training step speed on CPU (what helps)", "",
-             f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}", "",
+             f"Command: `{r['command']}`", "",
              f"Images/s of one training step (forward, backward, SGD), batch {r['batch']}, resolution "
-             f"{r['resolution']}:", "", "| model | subnet | threads | layout | images/s | first step |",
-             "|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        rate = f"{row['images_per_s']:.0f}" if "images_per_s" in row else f"failed: {row['error']}"
-        first = f"{row['first_step_s']:.1f} s" if "first_step_s" in row else ""
-        lines.append(f"| {row['model']} | {row['subnet']} | {row['threads']} | {row['layout']} | "
-                     f"{rate} | {first} |")
+             f"{r['resolution']}. `oneDNN depthwise grad` is the elastic supernet with torch's own "
+             "depthwise weight gradient everywhere, instead of the project's where the kernel is larger "
+             "than the feature map (`onceforall/ops.py`)."]
+    for run in [r] + r.get("other_machines", []):
+        lines += ["", f"Machine: {_machine(run['machine'])}", "",
+                  "| model | subnet | threads | layout | images/s | first step |",
+                  "|---|---|---|---|---|---|"]
+        for row in run["rows"]:
+            rate = f"{row['images_per_s']:.0f}" if "images_per_s" in row else f"failed: {row['error']}"
+            first = f"{row['first_step_s']:.1f} s" if "first_step_s" in row else ""
+            lines.append(f"| {row['model']} | {row['subnet']} | {row['threads']} | {row['layout']} | "
+                         f"{rate} | {first} |")
     return lines
 
 

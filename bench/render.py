@@ -287,7 +287,10 @@ def cpu_speed(r: dict) -> list[str]:
              "depthwise weight gradient everywhere, instead of the project's where the kernel is larger "
              "than the feature map (`onceforall/ops.py`)."]
     for run in [r] + r.get("other_machines", []):
-        lines += ["", f"Machine: {_machine(run['machine'])}", "",
+        before = not any("oneDNN" in row["layout"] for row in run["rows"])
+        lines += ["", f"Machine: {_machine(run['machine'])}"
+                  + (" (measured before the small-map gradient: its channels_last rows are oneDNN's "
+                     "gradient)" if before else ""), "",
                   "| model | subnet | threads | layout | images/s | first step |",
                   "|---|---|---|---|---|---|"]
         for row in run["rows"]:

@@ -16,7 +16,7 @@
 
 Results: docs/results/specialize.json, rendered into docs/benchmarks.md.
 
-    python bench/specialize.py --supernet bench/_work/standard/ps/width-2 [--n 600]
+    python bench/specialize.py [--supernet bench/_work/standard/ps/width-2] [--n 600]
 """
 
 from __future__ import annotations
@@ -52,9 +52,18 @@ from onceforall.space import SubnetConfig  # noqa: E402
 from onceforall.targets import load_targets  # noqa: E402
 
 
+# A standard supernet kept in the repository (weights and checkpoint.json, ~8 MB), so that this
+# benchmark does not need the ~1-2 h of training first on a fresh machine; its README says how and
+# where it was trained.
+SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--supernet", default=str(ROOT / "bench/_work/standard/ps/width-2"))
+    trained = ROOT / "bench/_work/standard/ps/width-2"  # what bench/progressive_shrinking.py trains
+    ap.add_argument("--supernet", default=str(trained if trained.is_dir() else SUPERNET_FIXTURE),
+                    help=f"default: {trained.relative_to(ROOT)} when it exists, else the committed "
+                         f"{SUPERNET_FIXTURE.relative_to(ROOT)}")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                     help="IDX folder for the independent card reproduction")

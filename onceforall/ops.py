@@ -106,6 +106,11 @@ def _kernel_tap_index(h: int, w: int, k: int, stride: int) -> torch.Tensor:
     return torch.where(inside, ky * k + kx, k * k).reshape(-1)
 
 
+def plain_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """A depthwise conv with padding k // 2, all of it (gradients too) torch's own."""
+    return F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+
+
 class _SmallMapDepthwise(torch.autograd.Function):
     """A depthwise conv whose weight gradient is one batched matmul per channel.
 
@@ -121,7 +126,7 @@ class _SmallMapDepthwise(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
-        return F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+        return plain_depthwise_conv2d(x, weight, stride)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -144,11 +149,10 @@ class _SmallMapDepthwise(torch.autograd.Function):
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
     """``F.conv2d(x, weight, stride=stride, padding=k // 2, groups=C)``, trained fast on CPU where the
     kernel is larger than the feature map (see ``_SmallMapDepthwise``)."""
-    k = weight.shape[-1]
-    if (x.device.type == "cpu" and k > min(x.shape[-2:]) and torch.is_grad_enabled()
+    if (x.device.type == "cpu" and weight.shape[-1] > min(x.shape[-2:]) and torch.is_grad_enabled()
             and weight.requires_grad):
         return _SmallMapDepthwise.apply(x, weight, stride)
-    return F.conv2d(x, weight, None, stride, k // 2, 1, x.shape[1])
+    return plain_depthwise_conv2d(x, weight, stride)
 
 
 class DepthwiseConv2d(nn.Conv2d):

@@ -47,7 +47,8 @@ def test_smoke_run_matches_golden_numbers(tmp_path):
     # The kernel phase's subnets (one short epoch, 120 validation images) sit near chance, where float
     # rounding flips images: the same code on an AVX2 host (the golden numbers come from the faster
     # VM of earlier runs) gave min 20.8 / mid 43.3 for 25.8 / 41.7, with the losses within 1.2e-3
-    # and the teacher's numbers equal. So the losses are held tight, and the kernel phase's accuracies to 9 images.
+    # and the teacher's numbers equal. So the losses are held tight, and the kernel phase's
+    # accuracies to 9 images.
     accuracy_tolerance = {"teacher": 1.0, "kernel": 7.5}
     for phase, values in golden.items():
         assert got[phase]["train_loss"] == pytest.approx(values["train_loss"], rel=2e-3), phase

@@ -204,9 +204,6 @@ def main() -> int:
     # 3. latency tables at 1 and 2 threads, batch 1
     res.setdefault("latency", {})
 
-    def validated(table: LatencyTable, prof: Profiler) -> dict:
-        return validate(table, prof, net, args.seed)
-
     tables = {}
     for threads in (1, 2):
         key = f"threads_{threads}"
@@ -216,7 +213,7 @@ def main() -> int:
             build_latency_table(space, prof).save(path)
         tables[(threads, 1)] = table = LatencyTable.load(path, space)
         if key not in res["latency"]:
-            res["latency"][key] = validated(table, prof)
+            res["latency"][key] = validate(table, prof, net, args.seed)
             save()
         log(f"latency {key}: {res['latency'][key]}")
 
@@ -251,7 +248,7 @@ def main() -> int:
                 tables[key] = table = LatencyTable.load(latency_path, space)
                 name = f"threads_{target.threads}_batch_{target.batch_size}"
                 if name not in res["latency"]:  # this target's own table, validated the same way
-                    res["latency"][name] = validated(table, prof)
+                    res["latency"][name] = validate(table, prof, net, args.seed)
                     save()
             else:
                 tdir.mkdir(parents=True, exist_ok=True)

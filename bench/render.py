@@ -185,19 +185,17 @@ def specialize(r: dict) -> list[str]:
         lines += ["| latency table (onnxruntime; batch 1 unless named) | MAPE | Kendall tau | max APE | "
                   "subnets | measured range (ms) | the same subnets measured again: MAPE, tau | build |",
                   "|---|---|---|---|---|---|---|---|"]
-        for k, v in r["latency"].items():
+        def row(label: str, v: dict) -> str:
             lo, hi = v["measured_ms_range"]
             cv = (f"{v['remeasured_mape_pct']:.2f}%, {v['remeasured_kendall_tau']:.3f}"
                   if "remeasured_mape_pct" in v else "-")
-            lines.append(f"| {k.replace('_', ' ')} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | "
-                         f"{v['max_ape_pct']:.1f}% | {v['n']} | {lo:.3f} to {hi:.3f} | {cv} | "
-                         f"{_fmt_s(v['build_s'])} |")
-            for e in v.get("earlier", []):  # the same table validated before (--revalidate-latency)
-                lo, hi = e["measured_ms_range"]
-                lines.append(f"| {k.replace('_', ' ')}, validated earlier | {e['mape_pct']:.2f}% | "
-                             f"{e['kendall_tau']:.3f} | {e['max_ape_pct']:.1f}% | {e['n']} | "
-                             f"{lo:.3f} to {hi:.3f} | {e['remeasured_mape_pct']:.2f}%, "
-                             f"{e['remeasured_kendall_tau']:.3f} | {_fmt_s(e['build_s'])} |")
+            return (f"| {label} | {v['mape_pct']:.2f}% | {v['kendall_tau']:.3f} | {v['max_ape_pct']:.1f}% | "
+                    f"{v['n']} | {lo:.3f} to {hi:.3f} | {cv} | {_fmt_s(v['build_s'])} |")
+
+        for k, v in r["latency"].items():
+            lines.append(row(k.replace("_", " "), v))
+            # the same table validated before (bench/specialize.py --revalidate-latency)
+            lines += [row(f"{k.replace('_', ' ')}, validated earlier", e) for e in v.get("earlier", [])]
         lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as "
                   "span 2 s), the models interleaved round by round after a timed warm-up "
                   "(onceforall/ort_timing.py, time_many). Measured again: the same 50 subnets measured a "

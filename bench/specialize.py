@@ -58,6 +58,12 @@ from onceforall.targets import load_targets  # noqa: E402
 SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
 
 
+def latency_key(threads: int, batch_size: int | None = None) -> str:
+    """The name of a latency table's validation in specialize.json's ``latency``: ``threads_N``
+    for the benchmark's batch-1 tables, ``threads_N_batch_B`` for a target's own table."""
+    return f"threads_{threads}" + ("" if batch_size is None else f"_batch_{batch_size}")
+
+
 def validate(table: LatencyTable, prof: Profiler, net, seed: int) -> dict:
     """``table`` against 50 whole subnets measured end to end, and those measured a second time."""
     space = net.space
@@ -79,9 +85,9 @@ def revalidate_latency(res: dict, work: Path, net, seed: int, save) -> None:
     done = set()
     for path in sorted(work.glob("latency_t*_b1.json")) + sorted(work.glob("targets/*/latency.json")):
         table = LatencyTable.load(path, net.space)
-        key = f"threads_{table.threads}" + ("" if table.batch_size == 1 else f"_batch_{table.batch_size}")
+        key = latency_key(table.threads, None if path.parent == work else table.batch_size)
         if key in done or key not in res.get("latency", {}):
-            continue  # a target's copy of a batch-1 table, or one the main run never validated
+            continue  # a target's copy of a benchmark table (never validated under its own name)
         done.add(key)
         old = res["latency"][key]
         new = validate(table, Profiler(table.runtime, table.threads, table.batch_size), net, seed)
@@ -206,7 +212,7 @@ def main() -> int:
 
     tables = {}
     for threads in (1, 2):
-        key = f"threads_{threads}"
+        key = latency_key(threads)
         path = work / f"latency_t{threads}_b1.json"
         prof = Profiler("onnxruntime", threads, 1)
         if not path.exists():
@@ -246,7 +252,7 @@ def main() -> int:
                 if not latency_path.exists():
                     build_latency_table(space, prof).save(latency_path)
                 tables[key] = table = LatencyTable.load(latency_path, space)
-                name = f"threads_{target.threads}_batch_{target.batch_size}"
+                name = latency_key(target.threads, target.batch_size)
                 if name not in res["latency"]:  # this target's own table, validated the same way
                     res["latency"][name] = validate(table, prof, net, args.seed)
                     save()

@@ -124,20 +124,32 @@ def _gene_table(resolutions: tuple, depths: tuple, kernels: tuple, expands: tupl
     return table, np.array([len(g) for g in groups], dtype=np.int64)
 
 
+def _mutate_genes(genes: np.ndarray, table: np.ndarray, counts: np.ndarray, prob: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    if prob <= 0:
+        return genes.copy()
+    # One uniform u per gene: it mutates when u < prob, and then u / prob is uniform on [0, 1) too,
+    # so it also picks the new choice (one draw instead of two, in the search's inner loop).
+    u = rng.random(genes.shape)  # (N, G)
+    pick = np.minimum((u * (counts / prob)).astype(np.int64), counts - 1)  # (N, G) choice index
+    return np.where(u < prob, table[np.arange(genes.shape[1]), pick], genes)
+
+
+def _crossover_genes(ga: np.ndarray, gb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.where(rng.random(ga.shape) < 0.5, ga, gb)
+
+
 def mutate(space: SearchSpace, parents: SubnetBatch, prob: float,
            rng: np.random.Generator) -> SubnetBatch:
     """Redraw each gene (r; d per unit; k and e per slot) with probability ``prob``, uniformly."""
-    genes = parents.genes()  # (N, G)
     table, counts = _gene_choices(space)
-    pick = (rng.random(genes.shape) * counts).astype(np.int64)  # (N, G) uniform choice index
-    fresh = table[np.arange(genes.shape[1]), pick]
-    return SubnetBatch.from_genes(np.where(rng.random(genes.shape) < prob, fresh, genes), len(space.units))
+    return SubnetBatch.from_genes(_mutate_genes(parents.genes(), table, counts, prob, rng),
+                                  len(space.units))
 
 
 def crossover(a: SubnetBatch, b: SubnetBatch, rng: np.random.Generator) -> SubnetBatch:
     """Uniform crossover: every gene from ``a`` or ``b`` with probability 1/2."""
-    ga, gb = a.genes(), b.genes()
-    return SubnetBatch.from_genes(np.where(rng.random(ga.shape) < 0.5, ga, gb), a.d.shape[1])
+    return SubnetBatch.from_genes(_crossover_genes(a.genes(), b.genes(), rng), a.d.shape[1])
 
 
 def pareto_indices(metric: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,57 +212,76 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
                         f"{metric_name} of this space, {smallest:g}", field="budget",
                         fix=f"raise the budget to at least {smallest:g}, or use a search space "
                             f"with smaller choices")
+    # The population lives in gene matrices (N, G): r, d, k, e side by side (SubnetBatch.genes), so
+    # that a row operation is one numpy call; score and constraint see SubnetBatch views of them.
+    units = len(space.units)
+    table, counts = _gene_choices(space)
     pool_idx = np.flatnonzero(probe_metric <= budget)
-    pool, pool_metric = probe.take(pool_idx), probe_metric[pool_idx]
+    pool, pool_metric = probe.take(pool_idx).genes(), probe_metric[pool_idx]
     fallbacks = 0
 
-    def feasible(make: Callable[[np.ndarray], SubnetBatch],
-                 fallback: Callable[[np.ndarray], tuple[SubnetBatch, np.ndarray]],
-                 n: int) -> tuple[SubnetBatch, np.ndarray]:
-        """``n`` feasible candidates: ``make(rows)`` draws candidates for those rows; rows still
-        infeasible after ``max_resample`` redraws take ``fallback(rows)`` (known feasible)."""
-        nonlocal fallbacks
-        cand = make(np.arange(n))
-        if n == 0:  # e.g. mutation_ratio 1: no crossover children; never call fn on nothing
-            return cand, np.zeros(0)
-        metric = _values(constraint, cand, "constraint")
-        for _ in range(config.max_resample):
-            rows = np.flatnonzero(~(metric <= budget))  # NaN counts as infeasible
-            if rows.size == 0:
-                break
-            redo = make(rows)
-            cand, metric[rows] = cand.put(rows, redo), _values(constraint, redo, "constraint")
-        rows = np.flatnonzero(~(metric <= budget))
-        if rows.size:
-            fallbacks += int(rows.size)
-            safe, safe_metric = fallback(rows)
-            cand, metric[rows] = cand.put(rows, safe), safe_metric
-        return cand, metric
+    def metric_of(genes: np.ndarray) -> np.ndarray:
+        return _values(constraint, SubnetBatch.from_genes(genes, units), "constraint")
 
-    def pool_fallback(rows: np.ndarray) -> tuple[SubnetBatch, np.ndarray]:
+    def feasible(draw: Callable[[np.ndarray], np.ndarray],
+                 fallback: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                 n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` feasible candidates. ``draw(rows)`` draws a candidate for each of ``rows`` (which
+        repeat); a row gets up to 1 + max_resample draws, the first feasible one kept, and rows
+        without one take ``fallback(rows)`` (known feasible). The redraws of rows still infeasible
+        go in doubling batches (2, 4, ... per row, one constraint call each): the same first
+        feasible draw as one at a time, in a few calls instead of up to max_resample."""
+        nonlocal fallbacks
+        genes = np.empty((n, table.shape[0]), dtype=np.int64)
+        metric = np.empty(n)
+        todo, left, reps = np.arange(n), 1 + config.max_resample, 1
+        while todo.size and left:
+            reps = min(reps, left)
+            cand = draw(todo if reps == 1 else np.repeat(todo, reps))  # (T * reps, G), a row's draws together
+            m = metric_of(cand)
+            ok = (m <= budget).reshape(todo.size, reps)  # NaN counts as infeasible
+            has = ok.any(axis=1)
+            hit = np.flatnonzero(has)
+            src = hit * reps + ok[hit].argmax(axis=1)  # each row's first feasible draw
+            genes[todo[hit]], metric[todo[hit]] = cand[src], m[src]
+            todo = todo[~has]
+            left -= reps
+            reps *= 2
+        if todo.size:
+            fallbacks += int(todo.size)
+            genes[todo], metric[todo] = fallback(todo)
+        return genes, metric
+
+    def pool_fallback(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pick = rng.integers(len(pool), size=rows.size)
-        return pool.take(pick), pool_metric[pick]
+        return pool[pick], pool_metric[pick]
 
     # Scores are memoised on the canonical genes (skipped blocks' latent genes do not count): as the
     # population converges most children are configs seen before, and the predictor is the cost.
     cache: dict[bytes, float] = {}
-    md = space.max_depth
+    # gene g of a row counts when position[g] < the row's depth of unit[g]; r and d always count
+    # (position -1), k and e of slot s when s is within its unit's depth
+    slot = np.arange(space.num_slots)
+    position = np.concatenate([np.full(1 + units, -1), slot % space.max_depth, slot % space.max_depth])
+    unit = 1 + np.concatenate([np.zeros(1 + units, dtype=np.int64), slot // space.max_depth,
+                               slot // space.max_depth])  # the column of that unit's depth
 
-    def scored(batch: SubnetBatch) -> np.ndarray:
-        slot = np.arange(batch.k.shape[1])
-        act = (slot % md)[None, :] < batch.d[:, slot // md]
-        genes = np.concatenate([batch.r[:, None], batch.d, np.where(act, batch.k, 0),
-                                np.where(act, batch.e, 0)], axis=1).astype(np.int32)
-        keys = [row.tobytes() for row in genes]
-        new = {key: i for i, key in enumerate(keys) if key not in cache}
+    def scored(genes: np.ndarray) -> np.ndarray:
+        canon = (genes * (position < genes[:, unit])).astype(np.uint16)  # skipped genes: 0
+        keys = canon.view(np.dtype((np.void, canon.shape[1] * 2))).ravel().tolist()
+        new: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in cache and key not in new:
+                new[key] = i
         if new:
             rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
-            for key, value in zip(new, _values(score, batch.take(rows), "score")):
-                cache[key] = float(value)
-        return np.fromiter((cache[key] for key in keys), dtype=np.float64, count=len(keys))
+            values = _values(score, SubnetBatch.from_genes(genes[rows], units), "score")
+            cache.update(zip(new, values.tolist()))
+        return np.fromiter(map(cache.__getitem__, keys), dtype=np.float64, count=len(keys))
 
     n_pop, n_par, n_mut = config.population, config.n_parents, config.n_mutations
-    pop, pop_metric = feasible(lambda rows: SubnetBatch.sample(space, rng, rows.size),
+    n_cross = n_pop - n_mut
+    pop, pop_metric = feasible(lambda rows: SubnetBatch.sample(space, rng, rows.size).genes(),
                                pool_fallback, n_pop)
     pop_score = scored(pop)
     seen = [(pop, pop_metric, pop_score)]
@@ -259,32 +290,36 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
 
     for _ in range(config.generations):
         top = np.argsort(-pop_score, kind="stable")[:n_par]  # (P,)
-        parents, par_metric, par_score = pop.take(top), pop_metric[top], pop_score[top]
-
-        mum = rng.integers(n_par, size=n_mut)  # (M,) parent of each mutated child
-        mutants, mut_metric = feasible(
-            lambda rows: mutate(space, parents.take(mum[rows]), config.mutate_prob, rng),
-            lambda rows: (parents.take(mum[rows]), par_metric[mum[rows]]), n_mut)
-
-        n_cross = n_pop - n_mut
-        a = rng.integers(n_par, size=n_cross)  # (C,) two distinct parents per child when possible
+        parents, par_metric, par_score = pop[top], pop_metric[top], pop_score[top]
+        # children 0..M-1 by mutation of parent mum, M.. by crossover of parents a and b (distinct
+        # when possible); a child that stays infeasible falls back to its (first) parent
+        mum = rng.integers(n_par, size=n_mut)  # (M,)
+        a = rng.integers(n_par, size=n_cross)  # (C,)
         b = (a + rng.integers(1, n_par, size=n_cross)) % n_par if n_par > 1 else a
-        crossed, cross_metric = feasible(
-            lambda rows: crossover(parents.take(a[rows]), parents.take(b[rows]), rng),
-            lambda rows: (parents.take(a[rows]), par_metric[a[rows]]), n_cross)
+        first = np.concatenate([mum, a])  # (population,)
 
-        children = SubnetBatch.concat([mutants, crossed])  # (population,)
-        child_metric = np.concatenate([mut_metric, cross_metric])
+        def breed(rows: np.ndarray) -> np.ndarray:
+            out = np.empty((rows.size, table.shape[0]), dtype=np.int64)
+            by_mutation = rows < n_mut
+            m, c = rows[by_mutation], rows[~by_mutation] - n_mut
+            if m.size:
+                out[by_mutation] = _mutate_genes(parents[mum[m]], table, counts, config.mutate_prob, rng)
+            if c.size:
+                out[~by_mutation] = _crossover_genes(parents[a[c]], parents[b[c]], rng)
+            return out
+
+        children, child_metric = feasible(
+            breed, lambda rows: (parents[first[rows]], par_metric[first[rows]]), n_pop)
         child_score = scored(children)
         seen.append((children, child_metric, child_score))
         best = max(best, float(child_score.max()))
         history.append(best)
 
-        pop = SubnetBatch.concat([parents, children])
+        pop = np.concatenate([parents, children])
         pop_metric = np.concatenate([par_metric, child_metric])
         pop_score = np.concatenate([par_score, child_score])
 
-    all_configs = SubnetBatch.concat([s[0] for s in seen])
+    all_configs = SubnetBatch.from_genes(np.concatenate([s[0] for s in seen]), units)
     all_metric = np.concatenate([s[1] for s in seen])
     all_score = np.concatenate([s[2] for s in seen])
     front_idx, _ = pareto_indices(all_metric, all_score)

@@ -80,6 +80,27 @@ def test_ensemble_is_the_mean_of_members(fitted):
     assert each.std(0).mean() > 0  # the members differ: different folds and inits
 
 
+def test_numpy_inference_follows_the_weights(fitted):
+    """predict_numpy keeps numpy views of the weights: in-place updates (training, load_state_dict)
+    show at once, and a module with new tensors gets new views."""
+    import copy
+
+    import torch
+
+    space, predictor, _ = fitted
+    x = encode(space, SubnetBatch.sample(space, np.random.default_rng(9), 20))
+    model = copy.deepcopy(predictor.model)  # new tensors: its own views, not the original's
+    before = model.predict_numpy(x)
+    assert np.allclose(before, predictor.predict(x), atol=1e-5)
+    with torch.no_grad():
+        model.base_acc.add_(1.0)
+        model.weights[1].mul_(0.5)
+        after = model.predict_numpy(x)
+        assert np.allclose(after, model(torch.from_numpy(x)).numpy(), atol=1e-4)
+    assert not np.allclose(after, before, atol=0.5)
+    assert np.allclose(predictor.predict(x), before, atol=1e-5)  # the original is untouched
+
+
 def test_predict_accepts_configs_batches_and_encodings(fitted):
     space, predictor, _ = fitted
     batch = SubnetBatch.sample(space, np.random.default_rng(3), 2000)

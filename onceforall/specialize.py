@@ -10,7 +10,8 @@ import base64
 import io
 import json
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,6 +48,32 @@ def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
     if validate:
         summary["validation"] = validate_latency_table(table, profiler, n=validate, seed=seed)
     return summary
+
+
+def resolve_budget(space: SearchSpace, target: Target, latency: LatencyTable | None) -> Target:
+    """``target`` with a budget_of_max latency budget in ms: that fraction of the max subnet's
+    latency as ``latency``, this target's table, predicts it. Other targets come back as they are.
+
+    A fraction too small for any subnet (the min subnet's share, less the headroom) is a
+    UserError naming the smallest fraction that fits."""
+    c = target.constraint
+    if c.budget_of_max is None or c.budget is not None:
+        return target
+    if latency is None:
+        raise UserError(f"target {target.name!r} has a latency budget but no latency table",
+                        field="latency", fix="run the profile stage for this target first")
+    max_ms, min_ms = latency.predict_one(space.max_config()), latency.predict_one(space.min_config())
+    resolved = c.resolved(max_ms)
+    if resolved.search_budget < min_ms:
+        smallest = min_ms / max_ms / (1.0 - c.headroom_pct / 100.0)
+        raise UserError(f"the budget_of_max {c.budget_of_max:g} of target {target.name!r} is "
+                        f"{resolved.budget:.4g} ms on its table (less {c.headroom_pct:g}% headroom "
+                        f"{resolved.search_budget:.4g}), below the min subnet's {min_ms:.4g} ms",
+                        field="constraint.budget_of_max",
+                        fix=f"give at least {math.ceil(smallest * 1000) / 1000:g}")
+    log.info("%s: latency budget %g of the max subnet's %.4g ms = %.4g ms", target.name,
+             c.budget_of_max, max_ms, resolved.budget)
+    return replace(target, constraint=resolved)
 
 
 def constraint_fn(space: SearchSpace, target: Target,
@@ -130,13 +157,15 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
     it measured keep their ``val_acc`` (as the predictor's rows were measured, which may be fewer
     images than the pick on validation uses), and ``search.json`` its rounds under ``refinement``.
 
-    The search plans for the constraint's ``search_budget`` (the budget less its headroom_pct). A
-    latency budget is searched on the table's predictions, and a table is an estimate: the pick
-    is then measured end to end on the target's runtime (this stage runs on the target's hardware),
-    with the host probe checked against the table's (card_profiler). While it measures over the
-    search budget, the search runs again with the budget scaled down by how far the table was off,
-    up to ``verify_rounds`` searches in all (0: no measurement). ``search.json`` keeps every round;
-    when no round fits, the last pick is kept and ``verified`` is false.
+    A budget_of_max budget is resolved to ms against the table first (resolve_budget); search.json's
+    ``target`` records it so. The search plans for the constraint's ``search_budget`` (the budget
+    less its headroom_pct). A latency budget is searched on the table's predictions, and a table
+    is an estimate: the pick is then measured end to end on the target's runtime (this stage runs
+    on the target's hardware), with the host probe checked against the table's (card_profiler).
+    While it measures over the search budget, the search runs again with the budget scaled down
+    by how far the table was off, up to ``verify_rounds`` searches in all (0: no measurement).
+    ``search.json`` keeps every round; when no round fits, the last pick is kept and ``verified``
+    is false.
 
     ``search.json``'s ``shortlist`` is what select_on_validation picks from: the last search's
     ``shortlist`` best-scoring Pareto points and as many of the best subnets the feedback measured.
@@ -147,6 +176,7 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
 
     predictor = AccuracyPredictor.load(predictor_path, space)
     latency = LatencyTable.load(latency_path, space) if latency_path else None
+    target = resolve_budget(space, target, latency)
     constraint = constraint_fn(space, target, latency)
     budget = target.constraint.search_budget
 

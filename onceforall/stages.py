@@ -329,7 +329,7 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
                             "budget less its headroom), after %d searches; its latency table is too "
                             "optimistic for this hardware, or the host was slower than when it was "
                             "measured (host_probe_ms against host_probe_reference_ms in search.json)",
-                            tgt.name, v["measured_latency_ms"], tgt.constraint.search_budget,
+                            tgt.name, v["measured_latency_ms"], v["budget_less_headroom_ms"],
                             len(v["rounds"]))
     return record
 
@@ -367,6 +367,8 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
     out_dir = Path(out_dir)
     with _stage("export", out_dir, run, target=tgt.name, inputs=[search_dir]) as record:
         doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
+        if tgt.constraint.budget is None:  # budget_of_max: in ms as the search resolved it
+            tgt = dataclasses.replace(tgt, constraint=Target.from_dict(doc["target"]).constraint)
         net = load_supernet(supernet_dir)
         space = net.space
         # A search.json of another space fails here, naming the file, before any work.

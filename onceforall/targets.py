@@ -10,6 +10,10 @@ targets:
     # latency_ms only, optional: the search plans for budget * (1 - headroom_pct / 100), so that
     # the card and a later reproduction, measured at other moments of a noisy host, stay in budget
     #   constraint: {kind: latency_ms, budget: 2.0, headroom_pct: 5}
+    # latency_ms only, instead of budget: a fraction of the slowest subnet's latency (the max
+    # subnet, as this target's own latency table predicts it), resolved to ms once the table is
+    # measured and recorded so in search.json and the model card ("budget" beside it)
+    #   constraint: {kind: latency_ms, budget_of_max: 0.5, headroom_pct: 5}
     placement:                 # where the profile/export pods run on the cluster (optional)
       node_selector: {kubernetes.io/arch: arm64}
       tolerations: [{key: edge, operator: Exists, effect: NoSchedule}]
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +39,33 @@ TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 @dataclass(frozen=True)
 class Constraint:
     kind: str
-    budget: float
+    budget: float | None  # None: budget_of_max, not resolved yet
     # latency_ms: the search plans for search_budget, this much under the budget; the card and a
     # reproduction are judged against the budget itself
     headroom_pct: float = 0.0
+    # latency_ms: the budget as a fraction of the max subnet's latency on the target's own table.
+    # A latency in ms holds for one kind of hardware only; a fraction binds alike on a slow and a
+    # fast host (the example targets' hosts differed 2-4x: a budget that bound on one let 72 of 81
+    # uniform subnets fit on the other, or none)
+    budget_of_max: float | None = None
 
     @property
     def search_budget(self) -> float:
+        if self.budget is None:
+            raise UserError(f"the latency budget is {self.budget_of_max:g} of the max subnet's latency "
+                            "and not resolved to ms yet", field="constraint.budget",
+                            fix="resolve it against the target's latency table (resolve_budget) first")
         return self.budget * (1.0 - self.headroom_pct / 100.0)
 
+    def resolved(self, max_ms: float) -> "Constraint":
+        """A budget_of_max budget in ms, for a table whose max subnet takes ``max_ms``."""
+        if self.budget_of_max is None:
+            return self
+        return replace(self, budget=round(self.budget_of_max * max_ms, 6))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "budget": self.budget,
+        return {"kind": self.kind, **({"budget": self.budget} if self.budget is not None else {}),
+                **({"budget_of_max": self.budget_of_max} if self.budget_of_max is not None else {}),
                 **({"headroom_pct": self.headroom_pct} if self.headroom_pct else {})}
 
 
@@ -69,7 +89,9 @@ class Target:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str | None = None, where: str = "target") -> "Target":
-        return _parse_target(raw, source, where)
+        """A target spec, or one as search.json and a model card record it: with a budget_of_max
+        budget resolved to ms beside it (``budget`` then holds)."""
+        return _parse_target(raw, source, where, resolved_ok=True)
 
 
 def load_targets(path: str | Path) -> list[Target]:
@@ -108,7 +130,7 @@ def parse_targets(raw: Any, source: str | None = None) -> list[Target]:
     return targets
 
 
-def _parse_target(raw: Any, source: str | None, where: str) -> Target:
+def _parse_target(raw: Any, source: str | None, where: str, resolved_ok: bool = False) -> Target:
     def err(f: str, what: str, fix: str) -> UserError:
         return UserError(what, source=source, field=f"{where}.{f}" if f else where, fix=fix)
 
@@ -138,22 +160,35 @@ def _parse_target(raw: Any, source: str | None, where: str) -> Target:
             raise err(key, f"must be a positive integer, got {v!r}", "use e.g. 1 or 2")
         ints[key] = v
     c = raw["constraint"]
-    if not isinstance(c, dict) or not {"kind", "budget"} <= set(c) <= {"kind", "budget", "headroom_pct"}:
+    keys = {"kind", "budget", "budget_of_max", "headroom_pct"}
+    if (not isinstance(c, dict) or "kind" not in c or not set(c) <= keys
+            or not {"budget", "budget_of_max"} & set(c)):
         raise err("constraint", f"must be {{kind, budget}} (and for latency_ms, optionally "
-                                f"headroom_pct), got {c!r}",
+                                f"headroom_pct; or budget_of_max instead of budget), got {c!r}",
                   "write constraint: {kind: latency_ms, budget: 2.0}")
     if c["kind"] not in CONSTRAINTS:
         raise err("constraint.kind", f"unknown constraint kind {c['kind']!r}",
                   f"use one of {list(CONSTRAINTS)}")
-    budget = c["budget"]
-    if (not isinstance(budget, (int, float)) or isinstance(budget, bool) or not math.isfinite(budget)
-            or budget <= 0):
+    for key in ("headroom_pct", "budget_of_max"):
+        if key in c and c["kind"] != "latency_ms":
+            raise err(f"constraint.{key}", f"applies to latency_ms budgets only, not {c['kind']}",
+                      "remove it: MACs and parameter counts are exact, not measured, and the same "
+                      "on every host")
+    if "budget" in c and "budget_of_max" in c and not resolved_ok:
+        raise err("constraint.budget_of_max", "give budget or budget_of_max, not both",
+                  "keep budget (ms, for one kind of hardware) or budget_of_max (a fraction of the "
+                  "max subnet's latency on the target's table)")
+    budget = c.get("budget")
+    if "budget" in c and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                          or not math.isfinite(budget) or budget <= 0):
         raise err("constraint.budget", f"must be a positive number, got {budget!r}",
                   "give the budget in the kind's unit (ms, MACs or parameters)")
+    of_max = c.get("budget_of_max")
+    if "budget_of_max" in c and (not isinstance(of_max, (int, float)) or isinstance(of_max, bool)
+                                 or not math.isfinite(of_max) or not 0 < of_max <= 1):
+        raise err("constraint.budget_of_max", f"must be a fraction in (0, 1], got {of_max!r}",
+                  "give e.g. 0.5: half the latency of the max subnet on this target")
     headroom = c.get("headroom_pct", 0.0)
-    if "headroom_pct" in c and c["kind"] != "latency_ms":
-        raise err("constraint.headroom_pct", f"applies to latency_ms budgets only, not {c['kind']}",
-                  "remove it: MACs and parameter counts are exact, not measured")
     if (not isinstance(headroom, (int, float)) or isinstance(headroom, bool)
             or not math.isfinite(headroom) or not 0 <= headroom < 50):
         raise err("constraint.headroom_pct", f"must be a percentage in [0, 50), got {headroom!r}",
@@ -175,7 +210,8 @@ def _parse_target(raw: Any, source: str | None, where: str) -> Target:
             raise err(f"placement.tolerations[{i}]", f"not a Kubernetes toleration: {tol!r}",
                       f"use the keys {sorted(TOLERATION_KEYS)}")
     return Target(name, runtime, ints["threads"], ints["batch_size"],
-                  Constraint(c["kind"], float(budget), float(headroom)), dict(selector),
+                  Constraint(c["kind"], None if budget is None else float(budget), float(headroom),
+                             None if of_max is None else float(of_max)), dict(selector),
                   tuple(dict(t) for t in tolerations), str(raw.get("description", "")))
 
 

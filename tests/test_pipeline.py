@@ -11,6 +11,7 @@ from kfp import dsl
 
 from onceforall.export import CARD
 from onceforall.stages import LEDGER, REPORT_JSON, REPORT_MD, SHRINK_PHASES
+from onceforall.targets import EXAMPLE_TARGETS, load_targets
 from onceforall_components import build
 from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
 
@@ -159,6 +160,11 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
         card = json.loads((out / "models" / name / CARD).read_text())
         assert (out / "models" / name / "model.onnx").is_file() and card["target"]["name"] == name
+        # the latency targets' budget_of_max, resolved against their own tables, in ms on the card
+        assert card["target"]["constraint"]["budget"] > 0
+    edge = next(t for t in load_targets(EXAMPLE_TARGETS) if t.name == "edge-cpu-1t").constraint
+    card = json.loads((out / "models" / "edge-cpu-1t" / CARD).read_text())["target"]["constraint"]
+    assert edge.budget_of_max is not None and card["budget_of_max"] == edge.budget_of_max
     doc = json.loads((out / REPORT_JSON).read_text())
     assert len(doc["targets"]) == 4 and (out / REPORT_MD).is_file()
     # the terminal shows stages and progress, not kfp's executor dumps

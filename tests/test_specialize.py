@@ -386,6 +386,46 @@ def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tm
     assert "verification" not in json.loads((tmp_path / "s0" / "search.json").read_text())
 
 
+def test_budget_of_max_resolves_against_the_targets_table(table, tmp_path):
+    """A budget as a fraction of the max subnet's latency: in ms on this table, in search.json
+    too; a fraction no subnet fits names the smallest that does."""
+    from onceforall.search import EvolutionConfig
+    from onceforall.specialize import resolve_budget
+
+    def target(of_max, headroom=10):
+        return parse_targets({"targets": [{"name": "t", "runtime": "onnxruntime", "constraint": {
+            "kind": "latency_ms", "budget_of_max": of_max, "headroom_pct": headroom}}]})[0]
+
+    max_ms, min_ms = (table.predict_one(c) for c in (SMALL.max_config(), SMALL.min_config()))
+    resolved = resolve_budget(SMALL, target(0.6), table)
+    assert resolved.constraint.budget == pytest.approx(0.6 * max_ms, rel=1e-5)
+    assert resolved.constraint.search_budget == pytest.approx(0.54 * max_ms, rel=1e-5)
+    assert resolve_budget(SMALL, _target("macs", 1e6), None) == _target("macs", 1e6)  # nothing to do
+    with pytest.raises(UserError, match="no latency table"):
+        resolve_budget(SMALL, target(0.6), None)
+    low = min_ms / max_ms / 0.9  # the min subnet's share, less the headroom
+    with pytest.raises(UserError) as info:
+        resolve_budget(SMALL, target(low * 0.9), table)
+    assert info.value.field == "constraint.budget_of_max" and "below the min subnet" in str(info.value)
+    smallest = float(info.value.fix.split()[-1])
+    assert low <= smallest <= low + 0.001
+    assert resolve_budget(SMALL, target(smallest), table).constraint.search_budget >= min_ms
+
+    rng = np.random.default_rng(0)
+    cfgs = SMALL.sample_many(rng, 60)
+    predictor, _ = fit_predictor(SMALL, cfgs, np.array([80 + sum(c.e) / 10 for c in cfgs]), seed=0,
+                                 epochs=5)
+    predictor.save(tmp_path / "predictor")
+    table.save(tmp_path / "lat.json")
+    search_target(SMALL, target(0.6), tmp_path / "predictor.safetensors", tmp_path / "s",
+                  latency_path=tmp_path / "lat.json", verify_rounds=0,
+                  config=EvolutionConfig(population=20, generations=5))
+    doc = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert doc["target"]["constraint"] == resolved.constraint.to_dict()
+    assert doc["budget"] == pytest.approx(resolved.constraint.search_budget)
+    assert doc["best_metric"] <= doc["budget"]
+
+
 def test_search_refined_on_validation_learns_what_the_predictors_data_missed(tmp_path):
     """The predictor's rows rate the smallest resolution 2 points higher than the subnets measure
     there. Validation feedback moves the search away from it; without it, it stays there."""
@@ -411,9 +451,14 @@ def test_search_refined_on_validation_learns_what_the_predictors_data_missed(tmp
     assert len(doc["refinement"]["rounds"]) == 3 and len(calls) <= 12
     assert all(m["val_acc"] == round(true(SubnetConfig.from_dict(m["config"], SMALL)), 3)
                for r in doc["refinement"]["rounds"] for m in r["measured"])
-    # what it measured stays on the Pareto points, for the pick on validation not to measure again
-    measured = [p for p in doc["pareto"] if "val_acc" in p]
-    assert measured and all(p["metric"] <= 600_000 for p in measured)
+    # what it measured keeps its val_acc, on the last front (where a measured subnet is on it) and
+    # on the shortlist, for the pick on validation not to measure again
+    val_acc = {json.dumps(m["config"], sort_keys=True): m["val_acc"]
+               for r in doc["refinement"]["rounds"] for m in r["measured"]}
+    for p in doc["pareto"] + doc["shortlist"]:
+        assert p.get("val_acc") == val_acc.get(json.dumps(p["config"], sort_keys=True))
+    fed = [p for p in doc["shortlist"] if p["from"] == "validation feedback"]
+    assert fed and all(p["metric"] <= 600_000 for p in fed)
     # and the best subnet it measured is on the shortlist the export picks from, on or off the front
     best = max((m for r in doc["refinement"]["rounds"] for m in r["measured"]), key=lambda m: m["val_acc"])
     assert best["config"] in [p["config"] for p in doc["shortlist"]]

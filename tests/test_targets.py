@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from onceforall.errors import UserError
-from onceforall.targets import load_targets, parse_targets
+from onceforall.targets import Target, load_targets, parse_targets
 
 EXAMPLE = "examples/targets.yaml"
 
@@ -38,6 +38,13 @@ def _one(**override):
      "targets[0].constraint.headroom_pct"),
     ({"constraint": {"kind": "macs", "budget": 4e6, "headroom_pct": 5}},
      "targets[0].constraint.headroom_pct"),
+    ({"constraint": {"kind": "latency_ms", "budget_of_max": 0}}, "targets[0].constraint.budget_of_max"),
+    ({"constraint": {"kind": "latency_ms", "budget_of_max": 1.5}}, "targets[0].constraint.budget_of_max"),
+    ({"constraint": {"kind": "latency_ms", "budget_of_max": "half"}},
+     "targets[0].constraint.budget_of_max"),
+    ({"constraint": {"kind": "latency_ms", "budget": 2, "budget_of_max": 0.5}},
+     "targets[0].constraint.budget_of_max"),
+    ({"constraint": {"kind": "macs", "budget_of_max": 0.5}}, "targets[0].constraint.budget_of_max"),
     ({"threads": 0}, "targets[0].threads"),
     ({"name": "Edge CPU"}, "targets[0].name"),
     ({"colour": "red"}, "targets[0].colour"),
@@ -56,6 +63,21 @@ def test_headroom_lowers_what_the_search_plans_for_not_the_budget():
     assert parse_targets({"targets": [t.to_dict()]})[0] == t  # round-trips through to_dict
     plain = parse_targets(_one())[0]
     assert plain.constraint.search_budget == 2.0 and "headroom_pct" not in plain.to_dict()["constraint"]
+
+
+def test_budget_of_max_is_resolved_to_ms_and_recorded_so():
+    t = parse_targets(_one(constraint={"kind": "latency_ms", "budget_of_max": 0.5, "headroom_pct": 10}))[0]
+    assert t.constraint.budget is None and t.constraint.budget_of_max == 0.5
+    with pytest.raises(UserError, match="not resolved") as info:
+        t.constraint.search_budget  # noqa: B018 - a budget in ms needs the target's table
+    assert info.value.field == "constraint.budget" and info.value.fix
+    assert parse_targets({"targets": [t.to_dict()]})[0] == t  # the spec round-trips unresolved
+    resolved = t.constraint.resolved(max_ms=0.8)
+    assert resolved.budget == pytest.approx(0.4) and resolved.search_budget == pytest.approx(0.36)
+    # search.json and the card record both; read back, the ms hold (a user's file may not give both)
+    back = Target.from_dict({**t.to_dict(), "constraint": resolved.to_dict()})
+    assert back.constraint == resolved
+    assert parse_targets(_one())[0].constraint.resolved(0.8).budget == 2.0  # an ms budget stays
 
 
 def test_duplicate_names():

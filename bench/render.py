@@ -161,7 +161,7 @@ def specialize(r: dict) -> list[str]:
             u = p["uniform_subnets"]
             tau = "-" if u["kendall_tau"] is None else f"{u['kendall_tau']:.3f}"
             rho = "-" if u["spearman_rho"] is None else f"{u['spearman_rho']:.3f}"
-            lines.append(f"| uniform subnets measured in the target step (the corners) | {tau} | "
+            lines.append(f"| uniform subnets, all of them (the corners) | {tau} | "
                          f"{u['rmse']:.3f} | {u['mae']:.3f} | {rho} | /{u['n']} |")
             m = u["max_subnet"]
             lines += ["", f"On the uniform subnets the predictor is off by {u['bias_pts']:+.3f} points on "

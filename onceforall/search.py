@@ -229,15 +229,16 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
         """``n`` feasible candidates. ``draw(rows)`` draws a candidate for each of ``rows`` (which
         repeat); a row gets up to 1 + max_resample draws, the first feasible one kept, and rows
         without one take ``fallback(rows)`` (known feasible). The redraws of rows still infeasible
-        go in doubling batches (2, 4, ... per row, one constraint call each): the same first
-        feasible draw as one at a time, in a few calls instead of up to max_resample."""
+        go in doubling batches (2, 4, ... per row, one constraint call each) and a row keeps the
+        first feasible one, as drawing one at a time would: a few calls instead of up to
+        max_resample."""
         nonlocal fallbacks
         genes = np.empty((n, table.shape[0]), dtype=np.int64)
         metric = np.empty(n)
         todo, left, reps = np.arange(n), 1 + config.max_resample, 1
         while todo.size and left:
             reps = min(reps, left)
-            cand = draw(todo if reps == 1 else np.repeat(todo, reps))  # (T * reps, G), a row's draws together
+            cand = draw(todo if reps == 1 else np.repeat(todo, reps))  # (T * reps, G) a row's draws together
             m = metric_of(cand)
             ok = (m <= budget).reshape(todo.size, reps)  # NaN counts as infeasible
             has = ok.any(axis=1)

@@ -503,6 +503,7 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
     t = card["target"]
     return {"constraint": t["constraint"]["kind"], "budget": t["constraint"]["budget"],
+            **{k: v for k, v in t["constraint"].items() if k == "budget_of_max"},
             "runtime": t["runtime"], "threads": t["threads"], "batch_size": t["batch_size"],
             "subnet": card["subnet"], "test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
             "predicted_acc": card["accuracy"]["predicted_val_top1_pct"],
@@ -521,7 +522,9 @@ def report_markdown(doc: dict[str, Any]) -> str:
     for name, t in doc["targets"].items():
         pred_lat = "-" if t["predicted_latency_ms"] is None else f"{t['predicted_latency_ms']:.3f}"
         pred_acc = "-" if t["predicted_acc"] is None else f"{t['predicted_acc']:.2f}"
-        lines.append(f"| {name} | {t['constraint']} | {t['budget']:g} | {t['test_acc']:.2f} | {pred_acc} | "
+        budget = (f"{t['budget']:.4g} ({t['budget_of_max']:g} of max)" if t.get("budget_of_max")
+                  else f"{t['budget']:g}")
+        lines.append(f"| {name} | {t['constraint']} | {budget} | {t['test_acc']:.2f} | {pred_acc} | "
                      f"{t['latency_ms']:.3f} | {pred_lat} | {t['macs'] / 1e6:.2f}M | "
                      f"{t['params'] / 1e6:.3f}M | `{t['model']}` |")
     e = doc["energy"]

@@ -100,12 +100,6 @@ class SubnetBatch:
     def take(self, idx: np.ndarray) -> "SubnetBatch":
         return SubnetBatch._of(self.r[idx], self.d[idx], self.k[idx], self.e[idx])
 
-    def put(self, idx: np.ndarray, rows: "SubnetBatch") -> "SubnetBatch":
-        """A copy with rows ``idx`` (ints or a boolean mask) replaced by ``rows``."""
-        r, d, k, e = self.r.copy(), self.d.copy(), self.k.copy(), self.e.copy()
-        r[idx], d[idx], k[idx], e[idx] = rows.r, rows.d, rows.k, rows.e
-        return SubnetBatch._of(r, d, k, e)
-
     # -- meaning ------------------------------------------------------------------------------
     def active(self, space: SearchSpace) -> np.ndarray:
         """(N, S) bool: slot ``s`` is active when ``s % max_depth < d[unit(s)]``."""

@@ -61,7 +61,7 @@ class Constraint:
         """A budget_of_max budget in ms, for a table whose max subnet takes ``max_ms``."""
         if self.budget_of_max is None:
             return self
-        return replace(self, budget=round(self.budget_of_max * max_ms, 6))
+        return replace(self, budget=float(f"{self.budget_of_max * max_ms:.6g}"))  # 6 digits
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **({"budget": self.budget} if self.budget is not None else {}),

@@ -260,15 +260,10 @@ def evolution_search(space: SearchSpace, score: BatchFn, constraint: BatchFn, bu
     # Scores are memoised on the canonical genes (skipped blocks' latent genes do not count): as the
     # population converges most children are configs seen before, and the predictor is the cost.
     cache: dict[bytes, float] = {}
-    # gene g of a row counts when position[g] < the row's depth of unit[g]; r and d always count
-    # (position -1), k and e of slot s when s is within its unit's depth
-    slot = np.arange(space.num_slots)
-    position = np.concatenate([np.full(1 + units, -1), slot % space.max_depth, slot % space.max_depth])
-    unit = 1 + np.concatenate([np.zeros(1 + units, dtype=np.int64), slot // space.max_depth,
-                               slot // space.max_depth])  # the column of that unit's depth
+    position, depth_col = SubnetBatch.gene_layout(space)
 
     def scored(genes: np.ndarray) -> np.ndarray:
-        canon = (genes * (position < genes[:, unit])).astype(np.uint16)  # skipped genes: 0
+        canon = (genes * (position < genes[:, depth_col])).astype(np.uint16)  # skipped genes: 0
         keys = canon.view(np.dtype((np.void, canon.shape[1] * 2))).ravel().tolist()
         new: dict[bytes, int] = {}
         for i, key in enumerate(keys):

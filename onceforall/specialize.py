@@ -50,6 +50,11 @@ def profile_target(space: SearchSpace, target: Target, out_path: str | Path, *,
     return summary
 
 
+def _no_table(target: Target) -> UserError:
+    return UserError(f"target {target.name!r} has a latency budget but no latency table",
+                     field="latency", fix="run the profile stage for this target first")
+
+
 def resolve_budget(space: SearchSpace, target: Target, latency: LatencyTable | None) -> Target:
     """``target`` with a budget_of_max latency budget in ms: that fraction of the max subnet's
     latency as ``latency``, this target's table, predicts it. Other targets come back as they are.
@@ -60,8 +65,7 @@ def resolve_budget(space: SearchSpace, target: Target, latency: LatencyTable | N
     if c.budget_of_max is None or c.budget is not None:
         return target
     if latency is None:
-        raise UserError(f"target {target.name!r} has a latency budget but no latency table",
-                        field="latency", fix="run the profile stage for this target first")
+        raise _no_table(target)
     max_ms, min_ms = latency.predict_one(space.max_config()), latency.predict_one(space.min_config())
     resolved = c.resolved(max_ms)
     if resolved.search_budget < min_ms:
@@ -81,8 +85,7 @@ def constraint_fn(space: SearchSpace, target: Target,
     kind = target.constraint.kind
     if kind == "latency_ms":
         if latency is None:
-            raise UserError(f"target {target.name!r} has a latency budget but no latency table",
-                            field="latency", fix="run the profile stage for this target first")
+            raise _no_table(target)
         return latency.predict
     costs = CostTable.build(space)
     return costs.macs if kind == "macs" else costs.params

@@ -501,9 +501,9 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
-    t = card["target"]
-    return {"constraint": t["constraint"]["kind"], "budget": t["constraint"]["budget"],
-            **{k: v for k, v in t["constraint"].items() if k == "budget_of_max"},
+    t, c = card["target"], card["target"]["constraint"]
+    return {"constraint": c["kind"], "budget": c["budget"],
+            **({"budget_of_max": c["budget_of_max"]} if "budget_of_max" in c else {}),
             "runtime": t["runtime"], "threads": t["threads"], "batch_size": t["batch_size"],
             "subnet": card["subnet"], "test_acc": card["accuracy"]["test_top1_pct_onnxruntime"],
             "predicted_acc": card["accuracy"]["predicted_val_top1_pct"],

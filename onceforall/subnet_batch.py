@@ -90,6 +90,17 @@ class SubnetBatch:
                        genes[:, 1 + units + slots:])
 
     @staticmethod
+    def gene_layout(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
+        """For gene matrices (:meth:`genes`): gene ``g`` of a row is active when ``position[g] <
+        row[depth_col[g]]``. r and d always are (position -1 against the first depth); k and e
+        of slot ``s`` when ``s`` is within its unit's depth (as :meth:`active`)."""
+        units = len(space.units)
+        position, unit = _slot_layout(space.num_slots, space.max_depth)
+        fixed = np.full(1 + units, -1)
+        return (np.concatenate([fixed, position[0], position[0]]),
+                1 + np.concatenate([np.zeros(1 + units, dtype=np.int64), unit, unit]))
+
+    @staticmethod
     def concat(batches: Sequence["SubnetBatch"]) -> "SubnetBatch":
         return SubnetBatch._of(np.concatenate([b.r for b in batches]),
                                np.concatenate([b.d for b in batches]),

@@ -94,6 +94,12 @@ def _merge(*ledgers: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: The environment variable that carries the run's id into every stage. On a cluster the pipeline
+#: sets it from the pod's ``pipeline/runid`` label (a field-path variable: the value never enters a
+#: task's parameters, so it never enters a cache key); ``ofa run`` sets it for its local runs.
+RUN_ID_ENV = "OFA_RUN_ID"
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every stage of a run shares: its id (metric labels), carbon intensity, Pushgateway."""
@@ -102,10 +108,10 @@ class RunContext:
     carbon: str | None = None  # g CO2e/kWh or an ISO 3166 alpha-3 country[:region]; see energy.py
     pushgateway: str | None = None  # HOST:PORT; default: $OFA_PUSHGATEWAY; "" and unset: no push
 
-    def __post_init__(self) -> None:
-        # kfp's local runner resolves the job-name placeholder inside a ParallelFor iteration as
-        # "<run>/for-loop-1-iteration-N"; the run is the part before the slash.
-        object.__setattr__(self, "run_id", self.run_id.split("/", 1)[0])
+    @classmethod
+    def from_env(cls, carbon: str | None = None, pushgateway: str | None = None) -> "RunContext":
+        """The context of a stage running as a pipeline task: the run id from ``$OFA_RUN_ID``."""
+        return cls(os.environ.get(RUN_ID_ENV, ""), carbon, pushgateway)
 
 
 @contextlib.contextmanager
@@ -444,6 +450,64 @@ def report(export_dirs: list[str | Path], out_dir: str | Path, *, scratch_dir: s
             store.publish_dir(out_dir, publish_uri, last=REPORT_JSON)
             record["published"] = publish_uri
     return record
+
+
+# -- per-target results without a fan-in --------------------------------------------------------
+# KFP backends before 2.14 cannot pass a ParallelFor's outputs to a later task (dsl.Collected of
+# artifacts), so each target's branch stages its model under the run's own folder of the pipeline
+# root and the report reads them from there by target name (pipelines/ofa_pipeline.py).
+
+STAGED_MODELS = "ofa-staged-models"
+
+
+def run_root(artifact_uri: str, run_id: str) -> str:
+    """The run's own folder of the pipeline root, from an output artifact URI of this run's task.
+
+    The KFP backend (2.5 to 2.17: ``metadata.GenerateOutputURI`` under the run's root
+    ``<pipeline root>/<pipeline name>/<run id>``) and ``ofa run`` (its pipeline root per run is
+    ``<root>/<run id>``) both put the run id in the path as a folder of its own."""
+    from .errors import UserError
+
+    uri = str(artifact_uri).rstrip("/")
+    marker = f"/{run_id}/"
+    if not run_id or marker not in uri:
+        raise UserError(f"the run id {run_id!r} is not a folder of the output URI {uri}",
+                        field=RUN_ID_ENV,
+                        fix="run the stage as a pipeline task, whose pod sets OFA_RUN_ID from its "
+                            "pipeline/runid label, or through `ofa run`")
+    return uri[:uri.index(marker) + len(marker) - 1]
+
+
+def stage_model(target_name: str, model_dir: str | Path, root: str) -> str:
+    """Copy one target's exported model folder (card last) to ``<root>/ofa-staged-models/<name>``."""
+    from . import store
+    from .export import CARD
+
+    dest = store.join(root, STAGED_MODELS, target_name)
+    store.publish_dir(model_dir, dest, last=CARD)
+    return dest
+
+
+def report_staged(target_names: list[str], root: str, out_dir: str | Path, *,
+                  scratch_dir: str | Path | None = None, publish_uri: str = "",
+                  run: RunContext = RunContext()) -> dict[str, Any]:
+    """:func:`report` over the models the targets' branches staged under ``root``."""
+    import tempfile
+
+    from . import store
+    from .errors import UserError
+    from .export import CARD
+
+    with tempfile.TemporaryDirectory(prefix="ofa-staged-") as tmp:
+        dirs = []
+        for name in target_names:
+            staged = store.join(root, STAGED_MODELS, name)
+            if not store.exists(store.join(staged, CARD)):
+                raise UserError(f"no staged model for target {name!r} at {staged}", field="targets",
+                                fix="every target's branch (profile, search, export, stage-model) must "
+                                    "have succeeded in this run; see its task's log")
+            dirs.append(store.download(staged, Path(tmp) / name))
+        return report(dirs, out_dir, scratch_dir=scratch_dir, publish_uri=publish_uri, run=run)
 
 
 SHARED_STAGES = ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES), "fit-accuracy-predictor")

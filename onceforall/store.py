@@ -116,6 +116,20 @@ def _config(custom_endpoint: bool):
                   connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, **extra)
 
 
+#: The variables of the pipeline's S3 Secret (pipelines/ofa_pipeline.py S3_SECRET_KEYS).
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+def _drop_empty_aws_variables() -> None:
+    """An empty AWS_* variable means unset. Pods take every key of the S3 Secret as a variable, and
+    a deployment without static keys or an endpoint (IRSA on AWS) leaves those keys empty: a
+    missing key would stall the pod on backends that drop `optional` (before KFP 2.15), and an
+    empty endpoint or key would make boto3 fail instead of using the regional endpoint and role."""
+    for name in SECRET_VARIABLES:
+        if os.environ.get(name) == "":
+            del os.environ[name]
+
+
 @functools.lru_cache(maxsize=None)
 def client(endpoint_url: str | None = None):
     """A boto3 S3 client from the standard AWS chain, cached per ``endpoint_url``.
@@ -127,6 +141,7 @@ def client(endpoint_url: str | None = None):
     """
     import boto3
 
+    _drop_empty_aws_variables()
     session = boto3.session.Session()  # one per client: the default session is not thread-safe
     s3 = session.client("s3", endpoint_url=endpoint_url, config=_config(endpoint_url is not None))
     if endpoint_url is None and not _is_aws(s3.meta.endpoint_url):

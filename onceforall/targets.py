@@ -197,22 +197,28 @@ def _parse_target(raw: Any, source: str | None, where: str, resolved_ok: bool = 
     if not isinstance(placement, dict) or set(placement) - {"node_selector", "tolerations"}:
         raise err("placement", "must be a mapping with node_selector and/or tolerations",
                   "write placement: {node_selector: {...}, tolerations: [...]}")
-    selector = placement.get("node_selector") or {}
+    selector, tolerations = check_placement(placement.get("node_selector") or {},
+                                            placement.get("tolerations") or [], err)
+    return Target(name, runtime, ints["threads"], ints["batch_size"],
+                  Constraint(c["kind"], None if budget is None else float(budget), float(headroom),
+                             None if of_max is None else float(of_max)), dict(selector),
+                  tuple(dict(t) for t in tolerations), str(raw.get("description", "")))
+
+
+def check_placement(selector: Any, tolerations: Any, err=None) -> tuple[dict[str, str], list[dict]]:
+    """A node selector (label -> string) and a list of Kubernetes tolerations, checked."""
+    err = err or (lambda f, what, fix: UserError(what, field=f, fix=fix))
     if not isinstance(selector, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in selector.items()):
         raise err("placement.node_selector", "must map label names to string values",
                   'write e.g. {kubernetes.io/arch: "arm64"} (quote numbers)')
-    tolerations = placement.get("tolerations") or []
     if not isinstance(tolerations, list):
         raise err("placement.tolerations", "must be a list", "write a list of toleration mappings")
     for i, tol in enumerate(tolerations):
         if not isinstance(tol, dict) or not set(tol) <= TOLERATION_KEYS or not tol:
             raise err(f"placement.tolerations[{i}]", f"not a Kubernetes toleration: {tol!r}",
                       f"use the keys {sorted(TOLERATION_KEYS)}")
-    return Target(name, runtime, ints["threads"], ints["batch_size"],
-                  Constraint(c["kind"], None if budget is None else float(budget), float(headroom),
-                             None if of_max is None else float(of_max)), dict(selector),
-                  tuple(dict(t) for t in tolerations), str(raw.get("description", "")))
+    return dict(selector), [dict(t) for t in tolerations]
 
 
 EXAMPLE_TARGETS = Path(__file__).parent / "resources" / "targets.yaml"

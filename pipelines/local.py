@@ -12,20 +12,23 @@ import collections
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from onceforall import store
+from onceforall.stages import RUN_ID_ENV
 
-# What reaches the terminal from kfp's log: task starts and ends, our progress lines, errors.
-SHOW = re.compile(r"Executing task|finished with status|^\s*\[[\w .:/-]+\] |Error|Traceback")
+# What reaches the terminal from kfp's log: task starts, ends and cache hits, our progress lines, errors.
+SHOW = re.compile(r"Executing task|finished with status|cache hit|^\s*\[[\w .:/-]+\] |Error|Traceback")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -116,7 +119,11 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     # One target at a time: two latency measurements sharing this machine's cores would both be wrong.
     # No retries: here a failure is not a lost node, and it should show at once.
     pipeline = build_pipeline(Options(target_parallelism=1, s3_secret="", retries=0, pushgateway="",
-                                      run_id="name"))
+                                      run_id_from_pod=False))
+    # The run id reaches the stages through the environment, as on a cluster (never a task parameter,
+    # so a second run reuses the cached stages), and names this run's folder of the pipeline root,
+    # where the targets' branches stage their models for the report (stages.run_root).
+    run_id = f"ofa-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     t0 = time.monotonic()
     term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}; "
                f"full log: {log_path}\n")
@@ -124,10 +131,10 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
         # The SubprocessRunner warns when an image name lacks "python"; here no image is used.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         sink = _Filter(log, term)
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-                   raise_on_error=True, enable_caching=cache)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / run_id),
+                   raise_on_error=True, enable_caching=cache, cache_root=str(root / ".kfp_cache"))
         try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _env(RUN_ID_ENV, run_id):
                 pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
                          publish_uri=out, seed=seed, predictor_subnets=predictor_subnets,
                          carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)
@@ -145,6 +152,19 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
 
     report = json.loads(store.read_text(store.join(out, REPORT_JSON)))
     return LocalRun(out, remote_root or str(root), log_path, round(wall, 2), report)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 class StageFailed(Exception):

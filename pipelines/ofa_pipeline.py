@@ -3,8 +3,9 @@
     dataset -> train-teacher -> shrink[kernel] -> ... -> shrink[width-2]    (the supernet)
     dataset -> train-scratch                  (one architecture alone: the savings baseline)
     supernet -> fit-accuracy-predictor
-    for each target (dsl.ParallelFor):  profile-target -> search -> export (published)
-    all targets (dsl.Collected) -> report: publishes every model (card last), then the report
+    for each target (dsl.ParallelFor):  placement -> profile-target -> search -> export -> stage-model
+    after all targets -> report: reads the staged models by target name, publishes every model
+                                 (card last), then the report
 
 ``build_pipeline(options)`` returns the pipeline function; everything that differs between a laptop
 and a cluster (image, GPUs, S3 secret, resources, how many targets run at once) is an ``Options``
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onceforall.energy import DEFAULT_CARBON
-from onceforall.stages import SHRINK_PHASES
+from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
 from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
 
 PIPELINE_NAME = "onceforall"
@@ -29,19 +30,30 @@ COMPILED = Path(__file__).with_name("onceforall.yaml")
 # The Secret of manifests/base/s3-credentials.yaml; each key becomes the env var of the same name,
 # which boto3's standard credential chain reads in every stage.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+# The pod label the KFP API server puts on every pod of a run (argo_template.go: SetPodMetadataLabels
+# of util.LabelKeyWorkflowRunId, 2.5 to 2.17): the run's UUID.
+RUN_ID_FIELD_PATH = "metadata.labels['pipeline/runid']"
+# Tasks that only move a few files (placement, stage-model).
+SMALL_CPU, SMALL_MEMORY = "500m", "1Gi"
 
 
 @dataclass(frozen=True)
 class Options:
-    """Compile-time options. The defaults compile the committed YAML."""
+    """Compile-time options. The defaults compile the committed YAML, which runs on every backend of
+    ``backends.SUPPORTED`` (docs/deploy.md says which backend gets what)."""
 
     image: str = ""  # "" means components.DEFAULT_IMAGE
     gpus: int = 0  # GPUs per training stage (teacher, shrink); 0: CPU only
     gpu_resource: str = "nvidia.com/gpu"
-    s3_secret: str = "ofa-s3-credentials"  # "" to run without (e.g. IRSA / workload identity)
+    # The S3 settings as environment variables from this Secret; every key of S3_SECRET_KEYS must
+    # exist in it (an empty value counts as unset: onceforall.store). Not `optional`: backends before
+    # 2.15 drop that field, and a missing key then stalls the pod. "": no Secret (IRSA and the like).
+    s3_secret: str = "ofa-s3-credentials"
     target_parallelism: int = 0  # targets in flight at once; 0: all
     train_cpu: str = "2"
     train_memory: str = "6Gi"
+    # Profile, search and export measure latency: CPU limit = request in whole cores, so the pod is
+    # in the Guaranteed QoS class and (with the kubelet's static CPU manager) gets cores of its own.
     stage_cpu: str = "2"
     stage_memory: str = "4Gi"
     retries: int = 2
@@ -49,10 +61,10 @@ class Options:
     # Every stage gets OFA_PUSHGATEWAY=this (the Service of manifests/base, same namespace); the
     # pipeline parameter `pushgateway`, when not empty, wins. "" sets no variable.
     pushgateway: str = "ofa-pushgateway:9091"
-    # The run_id label of every metric: the run's UUID on a cluster, the value the `pipeline/runid`
-    # pod label carries (docs/energy.md joins Kepler's pod energy on it). kfp's local runner draws a
-    # fresh UUID per task, so local runs use the run name instead ("name").
-    run_id: str = "uuid"
+    # On a cluster every pod reads its run id from its `pipeline/runid` label (a field-path
+    # environment variable, OFA_RUN_ID); kfp's local runner has no pods, so `ofa run` sets
+    # OFA_RUN_ID in its own environment instead (False).
+    run_id_from_pod: bool = True
 
     def with_(self, **changes) -> "Options":
         return dataclasses.replace(self, **changes)
@@ -71,23 +83,36 @@ def build_pipeline(options: Options = Options()):
 
     c = build(options.image or DEFAULT_IMAGE)
 
-    def configure(task, name: str, *, train: bool = False):
+    def configure(task, name: str, *, train: bool = False, measures: bool = False, small: bool = False,
+                  cache: bool = True):
         task.set_display_name(name)
-        task.set_caching_options(True)
+        task.set_caching_options(cache)
         if options.retries:
             task.set_retry(num_retries=options.retries, backoff_duration=options.retry_backoff,
                            backoff_factor=2.0, backoff_max_duration="1800s")
-        task.set_cpu_request(options.train_cpu if train else options.stage_cpu)
-        task.set_memory_request(options.train_memory if train else options.stage_memory)
-        task.set_memory_limit(options.train_memory if train else options.stage_memory)
+        cpu, memory = ((options.train_cpu, options.train_memory) if train else
+                       (SMALL_CPU, SMALL_MEMORY) if small else (options.stage_cpu, options.stage_memory))
+        task.set_cpu_request(cpu)
+        if measures:
+            task.set_cpu_limit(cpu)
+        task.set_memory_request(memory)
+        task.set_memory_limit(memory)
         if train and options.gpus:
             task.set_accelerator_type(options.gpu_resource)
             task.set_accelerator_limit(options.gpus)
         if options.pushgateway:
             task.set_env_variable("OFA_PUSHGATEWAY", options.pushgateway)
+        if options.run_id_from_pod:
+            k8s.use_field_path_as_env(task, env_name=RUN_ID_ENV, field_path=RUN_ID_FIELD_PATH)
         if options.s3_secret:
             k8s.use_secret_as_env(task, secret_name=options.s3_secret,
-                                  secret_key_to_env={k: k for k in S3_SECRET_KEYS}, optional=True)
+                                  secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+        return task
+
+    def place(task, placement):
+        # Latency is only true on the target's own hardware: its pods go to the target's nodes.
+        k8s.add_node_selector_json(task, placement.outputs["node_selector"])
+        k8s.add_toleration_json(task, placement.outputs["tolerations"])
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME, description=(
@@ -96,9 +121,8 @@ def build_pipeline(options: Options = Options()):
     def onceforall(data: str = "fashion-mnist", space: str = "fashion-mnist", schedule: str = "quick",
                    targets: list = default_targets(), publish_uri: str = "", seed: int = 0,
                    predictor_subnets: int = 0, carbon: str = DEFAULT_CARBON, pushgateway: str = ""):
-        # every stage: the run id (metric labels), carbon intensity and Pushgateway
-        run = dict(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER if options.run_id == "uuid"
-                   else dsl.PIPELINE_JOB_NAME_PLACEHOLDER, carbon=carbon, pushgateway=pushgateway)
+        # every stage: carbon intensity and Pushgateway (the run id comes from the pod: Options)
+        run = dict(carbon=carbon, pushgateway=pushgateway)
         teacher = configure(c.train_teacher(data=data, space=space, schedule=schedule, seed=seed, **run),
                             "train-teacher", train=True)
         supernet = teacher.outputs["teacher"]
@@ -115,28 +139,28 @@ def build_pipeline(options: Options = Options()):
                         "fit-accuracy-predictor")
 
         with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
-            prof = configure(c.profile_target(target=target.spec, space=space, schedule=schedule, seed=seed,
-                                              **run),
-                             "profile-target")
-            # Latency tables are only true on the target's own hardware: place the pod there.
-            k8s.add_node_selector_json(prof, target.node_selector)
-            k8s.add_toleration_json(prof, target.tolerations)
-            found = configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
-                                       seed=seed,
-                                       predictor=fit.outputs["predictor"],
-                                       latency=prof.outputs["latency"], supernet=supernet, **run),
-                              "search")
+            placement = configure(c.placement(node_selector=target.node_selector,
+                                              tolerations=target.tolerations), "placement", small=True)
+            prof = place(configure(c.profile_target(target=target.spec, space=space, schedule=schedule,
+                                                    seed=seed, **run), "profile-target", measures=True),
+                         placement)
             # A latency search measures its pick on the target's hardware before it settles.
-            k8s.add_node_selector_json(found, target.node_selector)
-            k8s.add_toleration_json(found, target.tolerations)
-            exp = configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
-                                     search=found.outputs["result"], **run), "export")
+            found = place(configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
+                                             seed=seed, predictor=fit.outputs["predictor"],
+                                             latency=prof.outputs["latency"], supernet=supernet, **run),
+                                    "search", measures=True), placement)
             # The card's measured latency is taken on the target's hardware too.
-            k8s.add_node_selector_json(exp, target.node_selector)
-            k8s.add_toleration_json(exp, target.tolerations)
+            exp = place(configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
+                                           search=found.outputs["result"], **run), "export", measures=True),
+                        placement)
+            # Never cached: it puts this run's copy of the (possibly cached) model where the report
+            # reads it.
+            staged = configure(c.stage_model(target=target.spec, model=exp.outputs["model"]), "stage-model",
+                               small=True, cache=False)
 
-        configure(c.report(publish_uri=publish_uri, models=dsl.Collected(exp.outputs["model"]),
-                           scratch=scratch.outputs["model"], **run), "report")
+        report = configure(c.report(publish_uri=publish_uri, targets=targets,
+                                    scratch=scratch.outputs["model"], **run), "report", cache=False)
+        report.after(staged)
 
     return onceforall
 
@@ -152,4 +176,10 @@ def compile_pipeline(path: str | Path = COMPILED, options: Options = Options()) 
     text = re.sub(r"^(#\s+\w+: (?:list|dict)) \[Default: .*\]$",
                   r"\1 [Default: see root.inputDefinitions]", path.read_text(), flags=re.M)
     path.write_text(text)
+    from .fidelity import RULES, check, load
+
+    problems = [str(i) for v in RULES for i in check(load(path), RULES[v]) if i.severity == "error"]
+    if problems:
+        raise ValueError("the compiled pipeline would not run on every supported KFP backend:\n  "
+                         + "\n  ".join(problems))
     return path

@@ -1,6 +1,7 @@
 """The pipeline layer: components through ``.python_func``, the compiled DAG, and ``ofa run``."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import yaml
 from kfp import dsl
 
 from onceforall.export import CARD
-from onceforall.stages import LEDGER, REPORT_JSON, REPORT_MD, SHRINK_PHASES
+from onceforall.errors import UserError
+from onceforall.stages import LEDGER, REPORT_JSON, REPORT_MD, RUN_ID_ENV, SHRINK_PHASES, STAGED_MODELS
 from onceforall.targets import EXAMPLE_TARGETS, load_targets
 from onceforall_components import build
 from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
@@ -25,10 +27,11 @@ def artifact(cls, path):
     return cls(name=Path(path).name, uri=str(path), metadata={})
 
 
-def test_components_chain_through_python_func(tmp_path):
+def test_components_chain_through_python_func(tmp_path, monkeypatch):
     """Every component body, called as KFP calls it, on the smoke schedule."""
     c = build()
-    run = dict(run_id="run-1", carbon="475", pushgateway="")
+    monkeypatch.setenv(RUN_ID_ENV, "run-1")  # as the pod's field-path variable sets it
+    run = dict(carbon="475", pushgateway="")
     data, common = "synthetic:600", dict(space="fashion-mnist", schedule="smoke", seed=0, **run)
     teacher, m0 = artifact(dsl.Model, tmp_path / "teacher"), artifact(dsl.Metrics, tmp_path / "m0")
     c.train_teacher.python_func(data=data, teacher=teacher, metrics=m0, **common)
@@ -77,10 +80,29 @@ def test_components_chain_through_python_func(tmp_path):
     assert m5.metadata["within_budget"] == 1 and m5.metadata["macs"] <= 4.0e6
     assert not (tmp_path / "pub").exists()  # nothing is published before the report
 
-    summary, md, m6 = (artifact(dsl.Dataset, tmp_path / "summary"), artifact(dsl.Markdown, tmp_path / "r.md"),
-                       artifact(dsl.Metrics, tmp_path / "m6"))
-    c.report.python_func(publish_uri=str(tmp_path / "pub"), models=[model], scratch=scratch,
-                         report=md, summary=summary, metrics=m6, **run)
+    # placement: the loop item's fields, checked, as task outputs for the pods' nodeSelectorJson
+    placed = c.placement.python_func(node_selector={"kubernetes.io/arch": "arm64"},
+                                     tolerations=[{"key": "edge", "operator": "Exists"}])
+    assert placed.node_selector == {"kubernetes.io/arch": "arm64"} and len(placed.tolerations) == 1
+    with pytest.raises(UserError, match="placement.tolerations"):
+        c.placement.python_func(node_selector={}, tolerations=[{"colour": "red"}])
+
+    # the run's own folder holds the run id as a folder, as the backend's output URIs do
+    run_dir = tmp_path / "root" / "onceforall" / "run-1"
+    receipt = artifact(dsl.Artifact, run_dir / "stage-model" / "3f2a" / "receipt")
+    receipt_path = Path(receipt.uri)
+    receipt_path.parent.mkdir(parents=True)
+    c.stage_model.python_func(target=MACS_TARGET, model=model, receipt=receipt)
+    staged = run_dir / STAGED_MODELS / "phone-macs"
+    assert (staged / CARD).is_file() and receipt_path.read_text().strip() == str(staged)
+
+    summary, md, m6 = (artifact(dsl.Dataset, run_dir / "report" / "9c1e" / "summary"),
+                       artifact(dsl.Markdown, tmp_path / "r.md"), artifact(dsl.Metrics, tmp_path / "m6"))
+    with pytest.raises(UserError, match="no staged model for target 'edge'"):
+        c.report.python_func(publish_uri=str(tmp_path / "pub"), targets=[{"name": "edge"}], scratch=scratch,
+                             report=md, summary=summary, metrics=m6, **run)
+    c.report.python_func(publish_uri=str(tmp_path / "pub"), targets=[{"name": "phone-macs"}],
+                         scratch=scratch, report=md, summary=summary, metrics=m6, **run)
     published = tmp_path / "pub" / "models" / "phone-macs"
     assert (published / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
     assert (published / CARD).is_file()
@@ -123,24 +145,35 @@ def test_dag_shape_and_cluster_settings(tmp_path):
     loop = next(t for t in root.values() if "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("targets")
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert {t["taskInfo"]["name"] for t in body.values()} == {"profile-target", "search", "export"}
+    assert {t["taskInfo"]["name"] for t in body.values()} == {"placement", "profile-target", "search",
+                                                              "export", "stage-model"}
     report = next(t for t in root.values() if t["taskInfo"]["name"] == "report")
-    assert "models" in report["inputs"]["artifacts"]  # dsl.Collected over the loop's exports
+    assert "models" not in report["inputs"].get("artifacts", {})  # no fan-in: backends < 2.14 have none
+    assert loop["taskInfo"]["name"] in report["dependentTasks"]
+    uncached = {"stage-model", "report"}  # they act on this run's folder
     for task in [*root.values(), *body.values()]:
         if "componentRef" in task and "parameterIterator" not in task:
-            assert task["retryPolicy"]["maxRetryCount"] == 2 and task["cachingOptions"]["enableCache"]
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+            cached = task["cachingOptions"].get("enableCache", False)
+            assert cached == (task["taskInfo"]["name"] not in uncached)
     executors = spec["deploymentSpec"]["executors"]
-    for ex in executors.values():
+    for name, ex in executors.items():
         assert ex["container"]["image"] == "reg/x:1"
-        assert ex["container"]["resources"]["resourceCpuRequest"] == "2"
+        small = name in ("exec-placement", "exec-stage-model")
+        assert ex["container"]["resources"]["resourceCpuRequest"] == ("500m" if small else "2")
     assert executors["exec-train-teacher"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     assert "accelerator" not in executors["exec-search"]["container"]["resources"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-profile-target", "exec-search", "exec-export"):  # measure on the target
-        assert "nodeSelectorJson" in k8s[name]["nodeSelector"]
-        assert k8s[name]["tolerations"]
-    assert {e["keyToEnv"][0]["envVar"] for e in k8s["exec-train-teacher"]["secretAsEnv"]} \
-        or k8s["exec-train-teacher"]["secretAsEnv"]
+        res = executors[name]["container"]["resources"]
+        assert res["resourceCpuLimit"] == res["resourceCpuRequest"] == "2"  # Guaranteed, whole cores
+        for field in (k8s[name]["nodeSelector"]["nodeSelectorJson"],
+                      k8s[name]["tolerations"][0]["tolerationJson"]):
+            assert field["taskOutputParameter"]["producerTask"] == "placement"
+    for name, ex in k8s.items():
+        assert ex["fieldPathAsEnv"] == [{"name": RUN_ID_ENV,
+                                         "fieldPath": "metadata.labels['pipeline/runid']"}]
+        assert not any(e.get("optional") for e in ex["secretAsEnv"])  # dropped by backends < 2.15
 
 
 def ofa(*args, env=None, timeout=900):
@@ -155,8 +188,9 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     Pushgateway that a real Prometheus scrapes."""
     out, root = tmp_path / "published", tmp_path / "root"
     proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
-               "--pushgateway", prometheus_stack.pushgateway)
+               "--pushgateway", prometheus_stack.pushgateway, "--cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cache hit" not in proc.stderr
     for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
         card = json.loads((out / "models" / name / CARD).read_text())
         assert (out / "models" / name / "model.onnx").is_file() and card["target"]["name"] == name
@@ -173,7 +207,7 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
 
     # Prometheus has every stage's figures, labelled with the run, the stage and the target
     run = doc["run_id"]
-    targets = ["edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"]
+    targets = expected_targets = ["edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"]
     expected = {(s, "shared") for s in ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES),
                                         "train-scratch", "fit-accuracy-predictor", "report")}
     expected |= {(s, t) for s in ("profile-target", "search", "export") for t in targets}
@@ -191,3 +225,19 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
         f'ofa_subnet_val_accuracy_percent{{run_id="{run}",stage="shrink-width-2"}}')} >= {"max", "min"}
     # ... and the report has the same numbers, with the savings against training from scratch
     assert doc["energy"]["savings"]["targets"] == 4 and "savings ratio" in (out / REPORT_MD).read_text()
+
+    # A second run with one more target reuses every training stage and every earlier target's
+    # branch: the run id reaches the stages from the environment, never as a task parameter.
+    targets = yaml.safe_load(EXAMPLE_TARGETS.read_text())["targets"]
+    targets.append({"name": "watch-macs", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+                    "constraint": {"kind": "macs", "budget": 5.0e6}})
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump({"targets": targets}))
+    again = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
+                "--targets", str(more), "--cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    hits = set(re.findall(r"Task ([\w-]+) cache hit", again.stderr))
+    shared = {"train-teacher", "train-scratch", "fit-accuracy-predictor", "shrink"}
+    assert shared <= hits, again.stderr[-3000:]
+    assert json.loads((out / REPORT_JSON).read_text())["run_id"] != run
+    assert set(json.loads((out / REPORT_JSON).read_text())["targets"]) == {*expected_targets, "watch-macs"}

@@ -1,0 +1,96 @@
+"""The compiled pipeline against the KFP backend driver's own rules, for every supported version.
+
+tests/fixtures/onceforall-3643940.yaml is the pipeline as committed before it was made to run on a
+cluster: the checker must find what kept it from starting there, or it proves nothing.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from onceforall_pipelines.fidelity import PER_RUN, RULES, check, load
+from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
+
+OLD = Path(__file__).parent / "fixtures" / "onceforall-3643940.yaml"
+
+
+def errors(path, version):
+    return [str(i) for i in check(load(path), RULES[version]) if i.severity == "error"]
+
+
+@pytest.mark.parametrize("version", sorted(RULES))
+def test_committed_pipeline_runs_on_every_supported_backend(version):
+    assert errors(COMPILED, version) == []
+
+
+@pytest.mark.parametrize("options", [Options(gpus=8, image="reg/x:1"), Options(s3_secret="", pushgateway=""),
+                                     Options(target_parallelism=2, retries=0)])
+@pytest.mark.parametrize("version", sorted(RULES))
+def test_compile_options_keep_it_runnable(tmp_path, options, version):
+    assert errors(compile_pipeline(tmp_path / "p.yaml", options), version) == []
+
+
+def test_supported_range_is_the_rules_range():
+    from onceforall_pipelines.backends import MAX_BACKEND, MIN_BACKEND
+
+    versions = sorted(tuple(map(int, v.split("."))) for v in RULES)
+    assert versions[0] == MIN_BACKEND and versions[-1][:2] == MAX_BACKEND
+
+
+def test_old_pipeline_fails_where_it_failed_on_clusters():
+    old25, old217 = errors(OLD, "2.5.0"), errors(OLD, "2.17.0")
+    for found in (old25, old217):
+        # the loop's placement read a field of the loop item: the driver has no such parameter
+        assert any("profile-target nodeSelectorJson: parent DAG does not have input parameter "
+                   "targets-loop-item-subvar-node_selector" in e for e in found)
+        assert any("tolerationJson: parent DAG does not have input parameter" in e for e in found)
+        # the run id as a parameter: no stage is ever reused by another run
+        assert any("train-teacher: input run_id = '{{$.pipeline_job_uuid}}'" in e for e in found)
+    # dsl.Collected of artifacts and secretAsEnv.optional are newer than 2.5
+    assert any("report input models: collects the outputs of the ParallelFor" in e for e in old25)
+    assert any("secretAsEnv.optional" in e for e in old25)
+    assert not any("collects the outputs" in e or "optional" in e for e in old217)
+
+
+def test_training_stages_cache_across_runs():
+    """Nothing per run and nothing about the targets reaches a training stage's cache key."""
+    spec = load(COMPILED).spec
+    for name, task in spec.root.dag.tasks.items():
+        if not name.startswith(("train-", "shrink", "fit-accuracy-predictor")):
+            continue
+        assert task.caching_options.enable_cache, name
+        for pname, p in task.inputs.parameters.items():
+            assert p.component_input_parameter != "targets", name
+            assert not any(r in p.runtime_value.constant.string_value for r in PER_RUN), (name, pname)
+
+
+def test_checker_sees_each_rule(tmp_path):
+    """One deliberate breach per rule, so that no rule passes by being blind."""
+    from kfp import compiler, dsl
+    from kfp import kubernetes as k8s
+
+    @dsl.component(base_image="python:3.11")
+    def make(x: str) -> str:
+        return x
+
+    @dsl.component(base_image="python:3.11")
+    def take(xs: list) -> str:
+        return str(xs)
+
+    @dsl.pipeline(name="breaches")
+    def breaches(items: list = [{"a": "1", "sel": {"k": "v"}}]):  # noqa: B006 (kfp default)
+        with dsl.ParallelFor(items) as item:
+            t = make(x=dsl.PIPELINE_TASK_ID_PLACEHOLDER)
+            k8s.add_node_selector_json(t, item.sel)
+            k8s.use_secret_as_env(t, secret_name="s", secret_key_to_env={"K": "K"}, optional=True)
+            t.set_retry(1)
+        take(xs=dsl.Collected(t.output)).set_caching_options(True)
+
+    path = tmp_path / "b.yaml"
+    compiler.Compiler().compile(breaches, str(path))
+    found25 = [str(i) for i in check(load(path), RULES["2.5.0"])]
+    assert any("parent DAG does not have input parameter items-loop-item-subvar-sel" in e for e in found25)
+    assert any("optional" in e for e in found25)
+    assert any("collects the outputs of the ParallelFor" in e for e in found25)
+    assert any("retries of a task inside a ParallelFor" in e for e in found25)
+    assert any("changes every run" in e for e in found25)

@@ -176,7 +176,7 @@ def test_dag_shape_and_cluster_settings(tmp_path):
         assert not any(e.get("optional") for e in ex["secretAsEnv"])  # dropped by backends < 2.15
 
 
-def ofa(*args, env=None, timeout=900):
+def ofa(*args, env=None, timeout=1500):
     return subprocess.run([sys.executable, "-m", "onceforall", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
 

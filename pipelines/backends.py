@@ -5,10 +5,11 @@ the fidelity test of the compiled YAML (hold it to the driver rules of every ver
 is Kubeflow 1.10's KFP 2.5.0; the high end is the newest KFP 2.x release the pipeline was checked
 against, every patch release of that minor version included.
 
-The version comes from the API server's ``GET /apis/v2beta1/healthz``: the API server answers
-``{"commit_sha", "tag_name", "multi_user"}`` (backend/src/apiserver/main.go, ``TAG_NAME`` of its
-image, "unknown" when the image was built without it); through ml-pipeline-ui the frontend answers
-instead, with ``apiServerTagName`` (frontend/server/handlers/healthz.ts).
+The version comes from ``GET /apis/v2beta1/healthz``: the API server answers ``{"commit_sha",
+"tag_name", "multi_user"}`` (2.17 adds "pipeline_store"; backend/src/apiserver/main.go at tags 2.5.0
+and 2.17.0, ``TAG_NAME`` of its image, "unknown" when the image was built without it); through
+ml-pipeline-ui the frontend answers for it with ``apiServerTagName``
+(frontend/server/handlers/healthz.ts, the same at both tags).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Works on any compiled KFP pipeline package (``.yaml``, ``.yml``, ``.zip``, ``.ta
   missing required ones and values of the wrong type are errors; strings are converted where the
   pipeline declares a number, bool, list or struct (so ``--param epochs=3`` from a command line works).
 
+Before anything is uploaded, the backend's version (its healthz ``tag_name``) is checked against
+:data:`onceforall_pipelines.backends.SUPPORTED_BACKENDS`. A token file is read again before every request
+(kfp's ServiceAccountTokenVolumeCredentials), so a rotated projected token is picked up during ``--wait``.
+
 Errors a user can fix (unreachable host, missing token, wrong endpoint, bad package, bad cron) are raised
 as :class:`onceforall.errors.UserError` with the host and the fix, and they come in seconds: the client
 does one health check with a 5 s connect timeout and no retry loop (see ``_connect``).

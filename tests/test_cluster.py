@@ -148,7 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"apiServerCommitHash": "abc", "apiServerTagName": s.tag_name,
                                         "apiServerMultiUser": s.multi_user, "multi_user": s.multi_user,
                                         "apiServerReady": True, "frontendTagName": s.tag_name})
-            return self._send(200, {"commit_sha": "abc", "tag_name": s.tag_name, "multi_user": s.multi_user})
+            return self._send(200, {"commit_sha": "abc", "tag_name": s.tag_name, "multi_user": s.multi_user,
+                                    "pipeline_store": "database"})  # pipeline_store: 2.17 and newer
         if (m, path) == ("GET", f"{API}/experiments"):
             found = [e for e in s.experiments if _matches(e, q.get("filter"))
                      and (not q.get("namespace") or e.get("namespace") == q["namespace"])]

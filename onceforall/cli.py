@@ -297,7 +297,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result = submit(args.host, _package(args), pipeline_name=args.pipeline_name,
                     params=_cluster_params(args), experiment=args.experiment, version=args.version,
                     run_name=args.run_name, namespace=args.namespace, token=args.token,
-                    wait=args.wait, timeout_s=args.timeout, service_account=args.service_account or None)
+                    wait=args.wait, timeout_s=args.timeout, service_account=args.service_account or None,
+                    check_backend=not args.skip_backend_check)
     print(json.dumps(result, indent=1))
     return 0 if result.get("state", "SUCCEEDED") == "SUCCEEDED" or not args.wait else 1
 
@@ -308,7 +309,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     result = schedule(args.host, _package(args), pipeline_name=args.pipeline_name, cron=args.cron,
                       params=_cluster_params(args), experiment=args.experiment, job_name=args.job_name,
                       max_concurrency=args.max_concurrency, namespace=args.namespace, token=args.token,
-                      version=args.version, service_account=args.service_account or None)
+                      version=args.version, service_account=args.service_account or None,
+                      check_backend=not args.skip_backend_check)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -322,7 +324,10 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="onceforall")
     p.add_argument("--version", help="pipeline version name (default: sha256 prefix + time)")
     p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
-    p.add_argument("--token", help="bearer token (default: $KF_PIPELINES_SA_TOKEN_PATH)")
+    p.add_argument("--token", help="bearer token (default: the token file $KF_PIPELINES_SA_TOKEN_PATH, "
+                                   "read again before every request)")
+    p.add_argument("--skip-backend-check", action="store_true",
+                   help="go on when the KFP backend's version is outside the supported range")
     p.add_argument("--service-account", default="ofa-pipeline-runner",
                    help="ServiceAccount of the run's pods (manifests/base/rbac.yaml; '' for the default)")
     p.add_argument("--data", help="pipeline parameter: fashion-mnist or s3://bucket/prefix")

@@ -1,15 +1,20 @@
 """Datasets held in memory as uint8 tensors, with batched augmentation on tensors.
 
-Sources: Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist``, a folder, or the official
-download where the network allows it), ImageFolder trees of small images, and a synthetic dataset
-for tests. A validation split is held out from the training set; the test set is for final numbers.
+Sources: Fashion-MNIST IDX files (baked into the image at /usr/share/datasets/fashion-mnist, where
+Debian's ``dataset-fashion-mnist`` puts them too, or any folder or ``s3://`` prefix holding them),
+ImageFolder trees of small images, and a synthetic dataset for tests. A validation split is held out
+from the training set; the test set is for final numbers.
+
+Nothing is downloaded over HTTP: a pod of a cluster without egress could not, and the official files
+are served over plain HTTP. Fashion-MNIST files are checked against the sha256 of the release wherever
+they are found (:data:`FASHION_MNIST_SHA256`); a mismatch is an error, not a silently different dataset.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -22,11 +27,24 @@ from .errors import UserError
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
-FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),
-                      Path.home() / ".cache" / "onceforall" / "fashion-mnist")
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+#: Where ``--data fashion-mnist`` finds the IDX files: the project's image bakes them in here, and
+#: Debian's ``dataset-fashion-mnist`` (``make`` installs it on a laptop) puts them here as well.
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+#: sha256 of each Fashion-MNIST IDX file's decompressed bytes. Hashing the IDX bytes, not the .gz, keeps
+#: them valid for recompressed copies (Debian's .gz differ from Zalando's, their contents do not) and
+#: for uncompressed ones. Computed from Debian's package and equal to the sha256 others publish for
+#: the raw files of Zalando's release (whose .gz match Zalando's published MD5 sums).
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+_FASHION_MNIST_FIX = ("the file is damaged or not Fashion-MNIST's: copy the four original IDX files "
+                      "again (apt-get install --reinstall dataset-fashion-mnist, or Zalando's release; "
+                      "a copy of s3:// data is cached under $OFA_CACHE: delete it)")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -75,12 +93,18 @@ class Dataset:
 # Loading
 
 
-def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0, download: bool = True,
+def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0,
                  image_size: int | None = None) -> Dataset:
-    """``fashion-mnist``, ``synthetic[:N]``, or a folder holding IDX files or an ImageFolder tree."""
+    """``fashion-mnist``, ``synthetic[:N]``, or a folder holding IDX files or an ImageFolder tree.
+
+    IDX files of Fashion-MNIST are checked against :data:`FASHION_MNIST_SHA256`: always for
+    ``fashion-mnist``, and in a folder as soon as one of its files is Fashion-MNIST's (so a damaged copy
+    fails, while another IDX dataset such as MNIST, with the same file names, loads as it is).
+    """
     if spec == "fashion-mnist":
-        train, test, source = _find_fashion_mnist(download)
-        return _finish("fashion-mnist", source, FASHION_MNIST_CLASSES, train, test, val_size, seed)
+        folder = _find_fashion_mnist()
+        train, test, _ = _read_idx_folder(folder, require_fashion_mnist=True)
+        return _finish("fashion-mnist", str(folder), FASHION_MNIST_CLASSES, train, test, val_size, seed)
     if spec.startswith("synthetic"):
         n = int(spec.split(":", 1)[1]) if ":" in spec else 2000
         return synthetic_dataset(n, seed=seed, val_size=min(val_size, n // 5))
@@ -93,7 +117,9 @@ def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0, download: bo
         raise UserError("dataset must be a folder", source=spec, field="data",
                         fix="give the folder that holds the IDX files or train/ and test/")
     if _idx_present(path):
-        train, test = _read_idx_folder(path)
+        train, test, fashion = _read_idx_folder(path, require_fashion_mnist=False)
+        if fashion:
+            return _finish("fashion-mnist", str(path), FASHION_MNIST_CLASSES, train, test, val_size, seed)
         return _finish(path.name, str(path), tuple(str(i) for i in range(int(train.labels.max()) + 1)),
                        train, test, val_size, seed)
     if (path / "train").is_dir():
@@ -131,11 +157,18 @@ def _idx_present(folder: Path) -> bool:
 
 def read_idx(path: Path) -> np.ndarray:
     """One IDX file (optionally gzipped) as a numpy array; malformed files raise UserError."""
+    return _parse_idx(_idx_bytes(path), path)
+
+
+def _idx_bytes(path: Path) -> bytes:
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise UserError(f"cannot read ({exc})", source=str(path),
-                        fix="re-download the file; it is damaged") from None
+                        fix="copy the file again; it is damaged") from None
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError("not an IDX file of unsigned bytes (bad magic number)", source=str(path),
                         field="header", fix="use the original IDX files of the dataset")
@@ -144,18 +177,27 @@ def read_idx(path: Path) -> np.ndarray:
     body = raw[4 + 4 * ndim:]
     if len(body) != int(np.prod(dims)):
         raise UserError(f"header says {dims} = {int(np.prod(dims))} bytes, body has {len(body)}",
-                        source=str(path), field="body", fix="the file is truncated; re-download it")
+                        source=str(path), field="body", fix="the file is truncated; copy it again")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def _read_idx_folder(folder: Path) -> tuple[ImageSet, ImageSet]:
-    arrays = {}
+def _read_idx_folder(folder: Path, *, require_fashion_mnist: bool) -> tuple[ImageSet, ImageSet, bool]:
+    """Train and test sets of an IDX folder, and whether it is Fashion-MNIST (every sha256 matched)."""
+    raws, paths = {}, {}
     for key, stem in IDX_FILES.items():
         path = _idx_path(folder, stem)
         if path is None:
             raise UserError(f"missing {stem}[.gz]", source=str(folder), field="data",
                             fix=f"the folder needs all of {', '.join(IDX_FILES.values())}")
-        arrays[key] = read_idx(path)
+        raws[stem], paths[stem] = _idx_bytes(path), path
+    digests = {stem: hashlib.sha256(raw).hexdigest() for stem, raw in raws.items()}
+    fashion = [digests[stem] == want for stem, want in FASHION_MNIST_SHA256.items()]
+    if require_fashion_mnist or any(fashion):
+        for stem, want in FASHION_MNIST_SHA256.items():
+            if digests[stem] != want:
+                raise UserError(f"sha256 {digests[stem][:16]}... is not Fashion-MNIST's {want[:16]}...",
+                                source=str(paths[stem]), field="data", fix=_FASHION_MNIST_FIX)
+    arrays = {key: _parse_idx(raws[stem], paths[stem]) for key, stem in IDX_FILES.items()}
     sets = []
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -165,32 +207,17 @@ def _read_idx_folder(folder: Path) -> tuple[ImageSet, ImageSet]:
                             fix="use the matching images and labels files")
         sets.append(ImageSet(torch.from_numpy(images.copy()).unsqueeze(1),
                              torch.from_numpy(labels.astype(np.int64))))
-    return sets[0], sets[1]
+    return sets[0], sets[1], all(fashion)
 
 
-def _find_fashion_mnist(download: bool) -> tuple[ImageSet, ImageSet, str]:
+def _find_fashion_mnist() -> Path:
     for folder in FASHION_MNIST_DIRS:
         if folder.is_dir() and all(_idx_path(folder, s) for s in IDX_FILES.values()):
-            train, test = _read_idx_folder(folder)
-            return train, test, str(folder)
-    target = FASHION_MNIST_DIRS[-1]
-    if download:
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            for stem in IDX_FILES.values():
-                dest = target / f"{stem}.gz"
-                if not dest.exists():
-                    tmp = dest.with_suffix(".part")
-                    with urllib.request.urlopen(FASHION_MNIST_URL + dest.name, timeout=20) as r:
-                        tmp.write_bytes(r.read())
-                    tmp.rename(dest)
-            train, test = _read_idx_folder(target)
-            return train, test, FASHION_MNIST_URL
-        except OSError:
-            pass
-    raise UserError("Fashion-MNIST not found in " + ", ".join(map(str, FASHION_MNIST_DIRS))
-                    + " and it could not be downloaded", field="data",
-                    fix="`apt-get install dataset-fashion-mnist`, or pass --data DIR with its IDX files")
+            return folder
+    raise UserError("Fashion-MNIST is not in " + ", ".join(map(str, FASHION_MNIST_DIRS)), field="data",
+                    fix="use the project's image (it holds the files), `apt-get install "
+                        "dataset-fashion-mnist` on a laptop, or pass the four IDX files as a folder or "
+                        "s3://bucket/prefix")
 
 
 def _load_image_folder(root: Path, *, val_size: int, seed: int, image_size: int | None) -> Dataset:

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .bn import recalibrate_bn
+from .cpu_allotment import cpu_allotment
 from .data import Dataset, calibration_images, normalize, resize
 from .efficiency import subnet_macs, subnet_params
 from .evaluate import accuracy
@@ -172,6 +173,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     "host_probe_ms": None if probe_ms is None else round(probe_ms, 5),
                     "host_probe_reference_ms": host_probe_reference_ms,
                     "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                    # the cgroup's CPU quota it was measured under (a pod's CPU limit; None: no limit)
+                    "cpu_allotment": cpu_allotment(),
                     "what": "the whole graph above, normalization and resize included"},
         "macs": subnet_macs(space, cfg),
         "params": subnet_params(space, cfg),

@@ -12,6 +12,10 @@ Works on any compiled KFP pipeline package (``.yaml``, ``.yml``, ``.zip``, ``.ta
   missing required ones and values of the wrong type are errors; strings are converted where the
   pipeline declares a number, bool, list or struct (so ``--param epochs=3`` from a command line works).
 
+Before anything is uploaded, the backend's version (its healthz ``tag_name``) is checked against
+:data:`onceforall_pipelines.backends.SUPPORTED_BACKENDS`. A token file is read again before every request
+(kfp's ServiceAccountTokenVolumeCredentials), so a rotated projected token is picked up during ``--wait``.
+
 Errors a user can fix (unreachable host, missing token, wrong endpoint, bad package, bad cron) are raised
 as :class:`onceforall.errors.UserError` with the host and the fix, and they come in seconds: the client
 does one health check with a 5 s connect timeout and no retry loop (see ``_connect``).
@@ -39,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onceforall.errors import UserError
+from onceforall_pipelines.backends import (MIN_BACKEND, SUPPORTED_BACKENDS, format_version, is_supported,
+                                           parse_backend_version)
 
 #: Where a Kubeflow notebook/pod finds its projected KFP token when KF_PIPELINES_SA_TOKEN_PATH is unset.
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
@@ -61,17 +67,18 @@ def submit(host: str, package_path: str | os.PathLike, *, pipeline_name: str, pa
            experiment: str = "onceforall", version: str | None = None, run_name: str | None = None,
            namespace: str | None = None, token: str | None = None, wait: bool = False,
            timeout_s: float | None = None, poll_s: float = 5.0, service_account: str | None = None,
-           log: Callable[[str], Any] = print) -> dict:
+           check_backend: bool = True, log: Callable[[str], Any] = print) -> dict:
     """Upload the pipeline (or a new version of it) and start one run of that version.
 
-    Returns ``{"experiment_id", "pipeline_id", "version_id", "version_name", "run_id", "run_url"}``, plus
-    ``"state"`` when ``wait`` is true (and ``"timed_out": True`` when ``timeout_s`` passed first: the run
-    goes on on the cluster).
+    Returns ``{"backend_version", "experiment_id", "pipeline_id", "version_id", "version_name", "run_id",
+    "run_url"}``, plus ``"state"`` when ``wait`` is true (and ``"timed_out": True`` when ``timeout_s``
+    passed first: the run goes on on the cluster). A backend outside :data:`SUPPORTED_BACKENDS` is refused
+    before anything is uploaded unless ``check_backend`` is false.
     """
     prep = _prepare(host, package_path, pipeline_name, params)
-    client, ns = _connect(prep.host, namespace, token)
+    client, ns, backend = _connect(prep.host, namespace, token, check_backend, log)
     with _api(prep.host):
-        ids = _upload(client, prep, experiment, version, ns, log)
+        ids = {"backend_version": backend, **_upload(client, prep, experiment, version, ns, log)}
         run_name = run_name or f"{pipeline_name} {_utc_stamp()}"
         run = _quiet(client.run_pipeline, experiment_id=ids["experiment_id"], job_name=run_name,
                                   params=prep.params, pipeline_id=ids["pipeline_id"],
@@ -87,13 +94,14 @@ def submit(host: str, package_path: str | os.PathLike, *, pipeline_name: str, pa
 def schedule(host: str, package_path: str | os.PathLike, *, pipeline_name: str, cron: str,
              params: dict | None = None, experiment: str = "onceforall", job_name: str | None = None,
              max_concurrency: int = 1, namespace: str | None = None, token: str | None = None,
-             version: str | None = None, service_account: str | None = None,
+             version: str | None = None, service_account: str | None = None, check_backend: bool = True,
              log: Callable[[str], Any] = print) -> dict:
     """Upload the pipeline (or a new version) and create an enabled recurring run on a cron schedule.
 
     ``cron`` goes through :func:`validate_cron` (sent in 6-field form); ``no_catchup`` is true, so a
-    paused and re-enabled schedule runs once, not once per missed slot. Returns ``{"experiment_id",
-    "pipeline_id", "version_id", "version_name", "recurring_run_id", "recurring_run_url", "cron"}``.
+    paused and re-enabled schedule runs once, not once per missed slot. Returns ``{"backend_version",
+    "experiment_id", "pipeline_id", "version_id", "version_name", "recurring_run_id", "recurring_run_url",
+    "cron"}``. The backend's version is checked as in :func:`submit`.
     """
     cron6 = validate_cron(cron)
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) \
@@ -101,9 +109,9 @@ def schedule(host: str, package_path: str | os.PathLike, *, pipeline_name: str, 
         raise UserError(f"{max_concurrency!r} is not an integer from 1 to 10", field="max_concurrency",
                         fix="KFP runs at most 10 runs of one recurring run at once; 1 runs them one by one")
     prep = _prepare(host, package_path, pipeline_name, params)
-    client, ns = _connect(prep.host, namespace, token)
+    client, ns, backend = _connect(prep.host, namespace, token, check_backend, log)
     with _api(prep.host):
-        ids = _upload(client, prep, experiment, version, ns, log)
+        ids = {"backend_version": backend, **_upload(client, prep, experiment, version, ns, log)}
         job_name = job_name or f"{pipeline_name} ({cron})"
         job = client.create_recurring_run(
             experiment_id=ids["experiment_id"], job_name=job_name, cron_expression=cron6,
@@ -335,8 +343,9 @@ def _coerce(value, kind: int) -> tuple[bool, Any]:
 
 # ----------------------------------------------------------------------------------------------- connect
 
-def _connect(host: str, namespace: str | None, token: str | None):
-    """A kfp.Client that fails in seconds, and the namespace to use (None on single-user KFP).
+def _connect(host: str, namespace: str | None, token: str | None, check_backend: bool, log):
+    """A kfp.Client that fails in seconds, the namespace to use (None on single-user KFP) and the backend's
+    version ("2.5.0"; None when it does not say).
 
     kfp.Client's constructor calls ``get_kfp_healthz`` when no namespace is known, and that method retries
     5 times with 5 s sleeps on any ApiException (401, 403, 404...), i.e. 25 s before a TimeoutError. The
@@ -347,18 +356,42 @@ def _connect(host: str, namespace: str | None, token: str | None):
     import warnings
 
     client_cls = _client_class()
-    token = _resolve_token(token)
+    existing_token, credentials = _credentials(token)
     with _api(host), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with KFP v2.0.0-beta.2+"
         # namespace "kubeflow" is kfp's "not given"; the constructor then runs the health check itself
-        client = _quiet(client_cls, host=host, namespace=namespace or "kubeflow", existing_token=token)
+        client = _quiet(client_cls, host=host, namespace=namespace or "kubeflow",
+                        existing_token=existing_token, credentials=credentials)
         health = client._ofa_health if client._ofa_health is not None else client.get_kfp_healthz()
+    backend = _check_backend(host, client._ofa_tag, check_backend, log)
     _bound_timeouts(client)
     ns = namespace or client.get_user_namespace() or None
     if health.multi_user and not ns:
         raise UserError(f"KFP at {host} is multi-user and no namespace was given", field="namespace",
                         fix="pass your Kubeflow profile namespace with --namespace")
-    return client, ns
+    return client, ns, backend
+
+
+def _check_backend(host: str, tag: str | None, check: bool, log) -> str | None:
+    """Refuse a backend outside the supported range (the compiled YAML would fail on it, maybe hours in).
+
+    A backend that does not say its version (TAG_NAME "unknown": an API server image built from source
+    or by a distribution without the release tag) is let through with a warning: refusing it would block
+    backends that may well be in range, and the check exists to stop known-bad ones.
+    """
+    version = parse_backend_version(tag)
+    if version is None:
+        log(f"warning: KFP at {host} does not say its version (tag_name {tag!r}); this pipeline is made "
+            f"for {SUPPORTED_BACKENDS}")
+        return None
+    name = format_version(version)
+    if check and not is_supported(version):
+        side = "older" if version < MIN_BACKEND else "newer"
+        fix = ("upgrade Kubeflow Pipelines (Kubeflow 1.10 ships 2.5.0)" if side == "older" else
+               "use an onceforall-kfp release made for it (pipelines/backends.py)")
+        raise UserError(f"KFP at {host} is backend {name}, {side} than the supported {SUPPORTED_BACKENDS}",
+                        field="host", fix=f"{fix}, or pass --skip-backend-check to go on anyway")
+    return name
 
 
 def _bound_timeouts(client) -> None:
@@ -373,19 +406,46 @@ def _bound_timeouts(client) -> None:
     rest.request = request
 
 
-def _resolve_token(token: str | None) -> str | None:
+def _credentials(token: str | None):
+    """``(existing_token, credentials)`` for kfp.Client.
+
+    A ``--token`` is sent as given. A token file (``KF_PIPELINES_SA_TOKEN_PATH``, else the projected
+    token's default path when it exists) goes through kfp's ServiceAccountTokenVolumeCredentials, which
+    reads the file again before every request: the kubelet rotates a projected token (by default within
+    an hour), and a ``--wait`` that outlives it must send the new one.
+    """
     if token:
-        return token.strip()
+        return token.strip(), None
     env_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
     path = env_path or (DEFAULT_TOKEN_PATH if os.path.isfile(DEFAULT_TOKEN_PATH) else None)
     if not path:
-        return None
+        return None, None
+    _read_token(path)  # fail now, with the fix, rather than inside kfp's first request
+    return None, _token_file_credentials(path)
+
+
+def _read_token(path: str) -> str:
     try:
-        return Path(path).read_text().strip() or None
+        token = Path(path).read_text().strip()
     except OSError as e:
         raise UserError(f"cannot read the token file {path}: {e.strerror}",
                         field="KF_PIPELINES_SA_TOKEN_PATH",
                         fix="point it at a readable token file or pass --token") from None
+    if not token:
+        raise UserError(f"the token file {path} is empty", field="KF_PIPELINES_SA_TOKEN_PATH",
+                        fix="point it at the projected KFP token or pass --token")
+    return token
+
+
+def _token_file_credentials(path: str):
+    """kfp's refreshing file credentials, with our one-line error when the file cannot be read."""
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+    class _TokenFile(ServiceAccountTokenVolumeCredentials):
+        def _get_token(self) -> str:
+            return _read_token(path)
+
+    return _TokenFile(path)
 
 
 _CLIENT_CLASS = None
@@ -401,6 +461,7 @@ def _client_class():
 
     class _FastClient(kfp.Client):
         _ofa_health = None
+        _ofa_tag = None
 
         def _load_config(self, *args, **kwargs):
             config = super()._load_config(*args, **kwargs)
@@ -425,6 +486,8 @@ def _client_class():
                                 f"(Content-Type {ctype}): not the KFP API, or a login page", field="host",
                                 fix=f"use the KFP API/UI endpoint (e.g. http://localhost:8080 after "
                                     f"`{_PORT_FORWARD}`); behind an auth proxy, {_TOKEN_FIX}")
+            # the API server says tag_name; ml-pipeline-ui answers for it with apiServerTagName
+            self._ofa_tag = body.get("tag_name", body.get("apiServerTagName"))
             self._ofa_health = kfp_server_api.V2beta1GetHealthzResponse(
                 multi_user=bool(body.get("multi_user", body.get("multiUser", False))),
                 pipeline_store=body.get("pipeline_store", body.get("pipelineStore")))

@@ -50,6 +50,8 @@ class StandInKFP(ThreadingHTTPServer):
         self.runs: dict[str, dict] = {}
         self.recurring: list[dict] = []
         self.multi_user = False
+        self.tag_name = "2.5.0"  # the API server's TAG_NAME (Kubeflow 1.10's KFP)
+        self.via_ui = False  # answer healthz as ml-pipeline-ui does (apiServerTagName), not the API server
         self.run_states = ["RUNNING", "SUCCEEDED"]  # what GET /runs/{id} answers, one per poll, last repeats
         self.faults: list[tuple] = []  # (path prefix, status, body bytes, headers)
         self.delays: dict[str, float] = {}  # path -> seconds to wait before answering
@@ -141,8 +143,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, req: Req, s: StandInKFP):
         m, path, q = req.method, req.path, req.query
-        if (m, path) == ("GET", f"{API}/healthz"):
-            return self._send(200, {"multi_user": s.multi_user, "pipeline_store": "database"})
+        if (m, path) == ("GET", f"{API}/healthz"):  # the shapes of apiserver/main.go and the UI's healthz.ts
+            if s.via_ui:
+                return self._send(200, {"apiServerCommitHash": "abc", "apiServerTagName": s.tag_name,
+                                        "apiServerMultiUser": s.multi_user, "multi_user": s.multi_user,
+                                        "apiServerReady": True, "frontendTagName": s.tag_name})
+            return self._send(200, {"commit_sha": "abc", "tag_name": s.tag_name, "multi_user": s.multi_user,
+                                    "pipeline_store": "database"})  # pipeline_store: 2.17 and newer
         if (m, path) == ("GET", f"{API}/experiments"):
             found = [e for e in s.experiments if _matches(e, q.get("filter"))
                      and (not q.get("namespace") or e.get("namespace") == q["namespace"])]
@@ -566,3 +573,94 @@ def test_bad_package_and_host_fail_before_any_request(kfp_server, package, tmp_p
     assert e.value.field == "host"
     assert s.requests == []
 
+
+
+# ----------------------------------------------------------------------------------- backend version
+
+@pytest.mark.parametrize("tag, via_ui", [("2.5.0", False), ("2.17.3", True), ("v2.14.0-rc.1", False)])
+def test_backend_in_range_is_accepted_and_reported(kfp_server, package, tag, via_ui):
+    kfp_server.tag_name, kfp_server.via_ui = tag, via_ui
+    lines = []
+    out = cluster.schedule(kfp_server.url, package, pipeline_name="ofa", cron="@daily", params={"a": 1},
+                           log=lines.append)
+    assert out["backend_version"] == tag.lstrip("v").split("-")[0]
+    assert kfp_server.calls("POST", f"{API}/recurringruns") and not any("warning" in x for x in lines)
+
+
+@pytest.mark.parametrize("tag, side", [("2.4.1", "older"), ("1.8.5", "older"), ("2.18.0", "newer"),
+                                       ("3.0.0", "newer")])
+def test_backend_outside_the_range_fails_in_one_line_before_any_upload(kfp_server, package, tag, side):
+    kfp_server.tag_name = tag
+    with pytest.raises(UserError) as e:
+        cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1}, log=_nolog)
+    line = str(e.value)
+    assert "\n" not in line and f"backend {tag}, {side} than" in line
+    assert "KFP backend 2.5.0 to 2.17.x (Kubeflow 1.10 and later)" in line
+    assert "--skip-backend-check" in e.value.fix and e.value.field == "host"
+    assert [r.path for r in kfp_server.requests] == [f"{API}/healthz"]  # nothing listed, nothing uploaded
+    # the override goes on, and says which backend it ran on
+    out = cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1},
+                         check_backend=False, log=_nolog)
+    assert out["backend_version"] == tag and kfp_server.calls("POST", f"{API}/runs")
+
+
+@pytest.mark.parametrize("tag", ["unknown", "", None, "master"])
+def test_backend_that_does_not_say_its_version_warns_and_goes_on(kfp_server, package, tag):
+    # TAG_NAME defaults to "unknown" in API server images built without the release tag
+    kfp_server.tag_name = tag
+    lines = []
+    out = cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1}, log=lines.append)
+    assert out["backend_version"] is None and kfp_server.calls("POST", f"{API}/runs")
+    (warning,) = [x for x in lines if x.startswith("warning:")]
+    assert "does not say its version" in warning and "KFP backend 2.5.0 to 2.17.x" in warning
+
+
+def test_cli_refuses_an_old_backend_in_one_line(kfp_server, package, capsys):
+    from onceforall.cli import main
+
+    kfp_server.tag_name = "2.4.1"
+    code = main(["submit", "--host", kfp_server.url, "--package", str(package), "--param", "a=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "2.4.1" in err and "2.5.0 to 2.17.x" in err
+    assert not kfp_server.calls("POST", f"{API}/pipelines/upload")
+
+
+# ------------------------------------------------------------------------------------------ token file
+
+def test_wait_sends_the_rotated_token_of_the_token_file(kfp_server, package, tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-1\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    kfp_server.run_states = ["RUNNING", "RUNNING", "SUCCEEDED"]
+
+    def log(line):  # the kubelet swaps the projected token while the run is being waited on
+        if line.endswith(": RUNNING"):
+            new = tmp_path / "token.new"
+            new.write_text("tok-2\n")
+            new.replace(token_file)
+
+    out = cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1}, wait=True,
+                         poll_s=0.05, log=log)
+    assert out["state"] == "SUCCEEDED"
+    polls = [r.headers.get("authorization") for r in kfp_server.calls("GET", f"{API}/runs/{out['run_id']}")]
+    assert polls == ["Bearer tok-1", "Bearer tok-2", "Bearer tok-2"]
+    assert kfp_server.calls("POST", f"{API}/runs")[0].headers["authorization"] == "Bearer tok-1"
+
+
+def test_token_file_that_vanishes_or_is_empty_is_a_one_line_error(kfp_server, package, tmp_path,
+                                                                  monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("  \n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    with pytest.raises(UserError, match="is empty") as e:
+        cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1}, log=_nolog)
+    assert e.value.field == "KF_PIPELINES_SA_TOKEN_PATH" and kfp_server.requests == []
+    token_file.write_text("tok-1")
+
+    def log(line):  # the token file goes away once the run is created, before the first poll
+        if " started: " in line:
+            token_file.unlink()
+
+    with pytest.raises(UserError, match="cannot read the token file"):
+        cluster.submit(kfp_server.url, package, pipeline_name="ofa", params={"a": 1}, wait=True,
+                       poll_s=0.05, log=log)

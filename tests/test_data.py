@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from onceforall.data import (FASHION_MNIST_DIRS, augment, epoch_order, load_dataset,
-                             step_generator, train_batch)
+from onceforall.data import (FASHION_MNIST_DIRS, FASHION_MNIST_SHA256, augment, epoch_order,
+                             load_dataset, step_generator, train_batch)
 from onceforall.errors import UserError
 
 
@@ -29,12 +29,88 @@ def test_idx_folder_loads_with_a_held_out_validation_split(tmp_path):
     assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (1, 28, 28)
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIRS[0].is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_fashion_mnist_from_the_debian_package():
-    data = load_dataset("fashion-mnist", download=False)
+FASHION = FASHION_MNIST_DIRS[0]
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+
+@needs_fashion
+def test_fashion_mnist_from_the_image_path_is_checksum_verified():
+    import hashlib
+
+    for stem, want in FASHION_MNIST_SHA256.items():  # the constants are those of the installed files
+        assert hashlib.sha256(gzip.decompress((FASHION / f"{stem}.gz").read_bytes())).hexdigest() == want
+    data = load_dataset("fashion-mnist")
     assert (len(data.train), len(data.val), len(data.test)) == (55000, 5000, 10000)
-    assert data.classes[0] == "T-shirt/top"
+    assert data.classes[0] == "T-shirt/top" and data.source == str(FASHION)
     assert abs(data.mean[0] - 0.286) < 0.01
+
+
+def _fashion_copy(folder, damage=None, gunzip=()):
+    """Fashion-MNIST's four files in ``folder``: ``gunzip`` ones uncompressed, ``damage`` one changed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem in FASHION_MNIST_SHA256:
+        raw = gzip.decompress((FASHION / f"{stem}.gz").read_bytes())
+        if stem == damage:
+            raw = raw[:-1] + bytes([(raw[-1] + 1) % 10])  # one label of one image: still a valid IDX file
+        if stem in gunzip:
+            (folder / stem).write_bytes(raw)
+        else:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(raw, compresslevel=1))  # not Debian's .gz
+    return folder
+
+
+@needs_fashion
+def test_a_folder_holding_fashion_mnist_is_recognised_by_content(tmp_path):
+    data = load_dataset(str(_fashion_copy(tmp_path / "copy", gunzip={"t10k-labels-idx1-ubyte"})))
+    assert data.name == "fashion-mnist" and data.classes[9] == "Ankle boot"
+
+
+@needs_fashion
+def test_a_damaged_fashion_mnist_file_is_a_clear_error(tmp_path):
+    _fashion_copy(tmp_path, damage="t10k-labels-idx1-ubyte")
+    with pytest.raises(UserError, match=r"sha256 .* is not Fashion-MNIST's") as e:
+        load_dataset(str(tmp_path))
+    assert e.value.source.endswith("t10k-labels-idx1-ubyte.gz") and "dataset-fashion-mnist" in e.value.fix
+
+
+@needs_fashion
+def test_fashion_mnist_in_s3_is_checksum_verified(s3_server, tmp_path, monkeypatch):
+    from onceforall.stages import open_data
+
+    monkeypatch.setenv("OFA_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server.bucket()
+    s3 = s3_server.client()
+    for name, folder in (("good", _fashion_copy(tmp_path / "good")),
+                         ("bad", _fashion_copy(tmp_path / "bad", damage="train-labels-idx1-ubyte"))):
+        for f in folder.iterdir():
+            s3.upload_file(str(f), bucket[5:], f"datasets/{name}/{f.name}")
+    data = open_data(f"{bucket}/datasets/good", val_size=100)
+    assert data.name == "fashion-mnist" and data.source == f"{bucket}/datasets/good"
+    with pytest.raises(UserError, match="not Fashion-MNIST's") as e:
+        open_data(f"{bucket}/datasets/bad")
+    assert "train-labels-idx1-ubyte" in e.value.source
+
+
+def test_fashion_mnist_is_never_downloaded(tmp_path, monkeypatch):
+    import onceforall.data as data_mod
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("load_dataset tried the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIRS", (tmp_path / "empty",))
+    with pytest.raises(UserError, match="Fashion-MNIST is not in") as e:
+        load_dataset("fashion-mnist")
+    assert e.value.field == "data" and "s3://" in e.value.fix and "image" in e.value.fix
+
+
+def test_fashion_mnist_requires_all_four_checksums(tmp_path, monkeypatch):
+    import onceforall.data as data_mod
+
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIRS", (_idx_folder(tmp_path),))  # random IDX files
+    with pytest.raises(UserError, match="is not Fashion-MNIST's"):
+        load_dataset("fashion-mnist")
 
 
 def test_missing_folder(tmp_path):

@@ -231,6 +231,10 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     assert card["latency"]["protocol"] == protocol and rep["protocol"] == {**protocol, "repeats": 3}
     # the host probe was timed with the card and again with the reproduction, which compares them
     assert card["latency"]["host_probe_ms"] > 0
+    # and the CPU allotment (cgroup quota) it was measured under, as this process sees it
+    from onceforall.cpu_allotment import cpu_allotment
+
+    assert card["latency"]["cpu_allotment"] == cpu_allotment()
     assert rep["card_host_probe_ms"] == card["latency"]["host_probe_ms"]
     assert rep["host_slowdown"] == pytest.approx(rep["host_probe_ms"] / rep["card_host_probe_ms"], rel=1e-3)
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -5,6 +7,9 @@ from onceforall.errors import UserError
 from onceforall.targets import Target, load_targets, parse_targets
 
 EXAMPLE = "examples/targets.yaml"
+CLUSTER_EXAMPLE = "examples/targets-cluster.yaml"
+# labels the kubelet puts on every node: a selector of these alone schedules on any such cluster
+WELL_KNOWN_LABELS = {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}
 
 
 def test_example_file_has_four_clearly_different_targets():
@@ -12,8 +17,22 @@ def test_example_file_has_four_clearly_different_targets():
     assert len(targets) >= 4
     assert {t.constraint.kind for t in targets} == {"latency_ms", "macs", "params"}
     assert {t.threads for t in targets} == {1, 2}
-    t = targets[0]
-    assert t.to_dict()["placement"]["tolerations"][0]["key"] == "dedicated"
+
+
+def test_the_defaults_carry_no_placement():
+    # a node selector no cluster has leaves the pods Pending: placement lives in the cluster example
+    assert all(not t.node_selector and not t.tolerations for t in load_targets(EXAMPLE))
+
+
+def test_the_cluster_example_is_the_defaults_plus_a_placement_that_schedules():
+    defaults = {t.name: t for t in load_targets(EXAMPLE)}
+    cluster = load_targets(CLUSTER_EXAMPLE)
+    assert [t.name for t in cluster] == list(defaults)  # no drift of budgets or runtimes either
+    for t in cluster:
+        assert replace(t, node_selector={}, tolerations=()) == defaults[t.name]
+        assert set(t.node_selector.items()) <= set(WELL_KNOWN_LABELS.items())
+    latency = [t for t in cluster if t.constraint.kind == "latency_ms"]
+    assert latency and all(t.node_selector and t.tolerations for t in latency)
 
 
 def _one(**override):

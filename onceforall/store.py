@@ -107,7 +107,7 @@ def _config(custom_endpoint: bool):
 
     extra = {}
     if custom_endpoint:
-        # MinIO, SeaweedFS and moto serve buckets as paths, not as DNS names. boto3 >= 1.36 also adds
+        # MinIO and SeaweedFS serve buckets as paths, not as DNS names. boto3 >= 1.36 also adds
         # CRC32 checksums to every upload as an aws-chunked trailer, which some of them store inside
         # the object (seaweedfs/seaweedfs#6548) or reject: only send checksums an operation requires.
         extra = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",

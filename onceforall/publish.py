@@ -71,7 +71,7 @@ def _claim(publish_uri: str, release: str, release_uri: str) -> str | None:
     pointer = store.join(publish_uri, POINTER)
     for _ in range(CLAIM_ATTEMPTS):
         seen = store.read_versioned(pointer)
-        doc = json.loads(seen[0]) if seen else {"release": None, "history": []}
+        doc = _pointer_doc(seen[0], pointer) if seen else {"release": None, "history": []}
         if doc["release"] == release:
             return None  # claimed by an earlier attempt of this run
         if release in doc["history"]:
@@ -99,6 +99,18 @@ def _refresh_fixed_paths(publish_uri: str, release: str, release_uri: str, targe
 
 
 def _newer_release(publish_uri: str, release: str) -> str | None:
-    seen = store.read_versioned(store.join(publish_uri, POINTER))
-    current = json.loads(seen[0])["release"] if seen else None
+    pointer = store.join(publish_uri, POINTER)
+    seen = store.read_versioned(pointer)
+    current = _pointer_doc(seen[0], pointer)["release"] if seen else None
     return None if current == release else current
+
+
+def _pointer_doc(text: str, pointer: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+        if isinstance(doc["release"], str) and isinstance(doc["history"], list):
+            return doc
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise UserError(f"not a {POINTER} that ofa wrote", source=pointer,
+                    fix="publish to another prefix, or remove the file if nothing reads it")

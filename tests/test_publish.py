@@ -102,6 +102,18 @@ def test_a_retry_of_the_same_run_uploads_nothing_again(pub, tmp_path):
     assert _tree(pub) == before  # the sealed release stands; one copy, unchanged
 
 
+def test_foreign_pointer_file_is_a_clear_error(tmp_path):
+    from onceforall.errors import UserError
+
+    m1, r1 = _run_output(tmp_path, "run-1")
+    pub = tmp_path / "published"
+    pub.mkdir()
+    (pub / POINTER).write_text('{"version": 3}')
+    with pytest.raises(UserError, match=f"{POINTER}: not a {POINTER} that ofa wrote.*another prefix"):
+        publish_run(str(pub), "run-1", m1, r1)
+    assert (pub / POINTER).read_text() == '{"version": 3}'
+
+
 def test_write_if_is_compare_and_swap(pub):
     uri = store.join(pub, "pointer.json")
     assert store.read_versioned(uri) is None

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,14 @@ def pytest_collection_modifyitems(config, items):
 
 # The admin identity of the S3 server (SeaweedFS checks every request's signature against it).
 S3_KEY, S3_SECRET = "ofa-test-admin", "ofa-test-secret"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if pytest dies, so no server outlives a killed session."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
 def _weed() -> str:
@@ -70,11 +79,14 @@ class S3Server:
                 "-master.telemetry=false",  # it reports usage to the internet otherwise
                 "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-s3.config={self.work / 's3.json'}",
+                # its local sockets default to /tmp/seaweedfs-*-<port>.sock and outlive it: keep them here
+                f"-s3.localSocket={self.work / 's3.sock'}", f"-filer.localSocket={self.work / 'filer.sock'}",
                 "-s3.autoCreateBucket=false",  # AWS S3 does not create a missing bucket on upload
                 "-s3.iam.readOnly=false",  # tests create users with narrower policies (IAM API)
                 *(f"-{k}={v}" for k, v in self.ports.items())]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.work)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
+                                         preexec_fn=_die_with_parent)
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -113,6 +125,13 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        # the admin server's socket has no flag to move it: remove this server's own one
+        Path(f"/tmp/seaweedfs-admin-grpc-{self.ports['admin.port'] + 10000}.sock").unlink(missing_ok=True)
+
+    def ensure_running(self) -> None:
+        """Start it again if a test stopped it and failed before restarting it."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
 
     def client(self, attempts: int = 5):
         """A client with the fixture's own credentials, whatever a test did to the environment."""

@@ -133,7 +133,8 @@ def s3_pub(s3_server, monkeypatch):
     """An s3 publish URI; models of 11 MiB go multipart in 5 MiB parts (3 parts each)."""
     monkeypatch.setattr(store, "MULTIPART_THRESHOLD", 5 * 2**20)
     monkeypatch.setattr(store, "MULTIPART_CHUNKSIZE", 5 * 2**20)
-    return s3_server.bucket() + "/ofa"
+    yield s3_server.bucket() + "/ofa"
+    s3_server.ensure_running()  # a fault test that failed halfway must not take the server from the rest
 
 
 def _kill_server_on(s3_server, event: str, when):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ CLAIM_ATTEMPTS = 5  # compare-and-swap rounds against other publishers before gi
 
 
 def release_name(run_id: str) -> str:
-    """A run's release folder name: its run id made path-safe; a timestamp for a run without one."""
+    """A run's release folder name: its run id made path-safe. A run without one gets a time and a
+    random part: two such runs in one second must not find each other's release sealed."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-.")
-    return name or time.strftime("local-%Y%m%dT%H%M%SZ", time.gmtime())
+    return name or time.strftime("local-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(4)
 
 
 def publish_run(publish_uri: str, release: str, models: dict[str, str | Path],

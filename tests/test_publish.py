@@ -64,7 +64,7 @@ def pub(request, tmp_path):
 
 def test_release_name():
     assert release_name("ofa-pipeline-2026 12/06") == "ofa-pipeline-2026-12-06"
-    assert release_name("").startswith("local-")
+    assert release_name("").startswith("local-") and release_name("") != release_name("")
 
 
 def test_two_runs_publish_two_releases(pub, tmp_path):

@@ -60,6 +60,7 @@ class S3Server:
         self.work = work
         self.log = work / "weed.log"
         self.proc = None
+        self.started = False  # whether a start has written the probe object yet
         self._made = 0
         (work / "data").mkdir()
         (work / "s3.json").write_text(json.dumps({"identities": [
@@ -90,7 +91,9 @@ class S3Server:
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Poll with a signed request until the filer behind the S3 gateway answers, within bounds."""
+        """Poll with signed requests until stored data can be read and new data written, within
+        bounds. Listing buckets is not enough: right after a restart the filer answers while the
+        volume server has not yet rejoined the master, and reads of stored objects fail with 500."""
         import time
 
         from botocore.exceptions import BotoCoreError, ClientError
@@ -100,7 +103,7 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}:\n{self._log_tail()}")
             try:
-                s3.list_buckets()
+                self._probe(s3)
                 return
             except (BotoCoreError, ClientError) as e:
                 if time.monotonic() > deadline:
@@ -108,6 +111,14 @@ class S3Server:
                     raise RuntimeError(f"S3 at {self.endpoint} not ready after {timeout_s} s ({e}):\n"
                                        f"{self._log_tail()}") from e
                 time.sleep(0.2)
+
+    def _probe(self, s3) -> None:
+        if "probe" not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+            s3.create_bucket(Bucket="probe")
+        if self.started:  # a restart: what the last start wrote must be readable
+            assert s3.get_object(Bucket="probe", Key="probe")["Body"].read() == b"probe"
+        s3.put_object(Bucket="probe", Key="probe", Body=b"probe")
+        self.started = True
 
     def _log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

@@ -425,11 +425,12 @@ def report(export_dirs: list[str | Path], out_dir: str | Path, *, scratch_dir: s
     """Stage report: every target's card, every stage's record, energy and the savings against
     training each target's model from scratch, in one JSON and one Markdown page.
 
-    With ``publish_uri`` it publishes ``models/<target>/`` for every target (each model's card last),
-    then the report (``report.json`` last). Publishing happens here, once every target has succeeded,
-    so a run that fails anywhere publishes nothing and what an earlier run published stays intact."""
-    from . import store
+    With ``publish_uri`` it publishes the run as a release: ``releases/<run>/``, then
+    ``current.json`` (compare-and-swap), then ``models/<target>/`` and the report at fixed paths
+    (see onceforall.publish). Publishing happens here, once every target has succeeded, so a run
+    that fails anywhere publishes nothing and what an earlier run published stays intact."""
     from .export import CARD
+    from .publish import publish_run, release_name
 
     out_dir = Path(out_dir)
     cards = [json.loads((Path(d) / CARD).read_text()) for d in export_dirs]
@@ -444,11 +445,9 @@ def report(export_dirs: list[str | Path], out_dir: str | Path, *, scratch_dir: s
         (out_dir / REPORT_MD).write_text(report_markdown(doc))
         record["metrics"] = {"targets": len(cards)}
         if publish_uri:
-            for card, folder in zip(cards, export_dirs):
-                store.publish_dir(folder, store.join(publish_uri, "models", card["target"]["name"]),
-                                  last=CARD)
-            store.publish_dir(out_dir, publish_uri, last=REPORT_JSON)
-            record["published"] = publish_uri
+            models = {card["target"]["name"]: folder for card, folder in zip(cards, export_dirs)}
+            record["published"] = {"uri": publish_uri, **publish_run(
+                publish_uri, release_name(run.run_id), models, out_dir)}
     return record
 
 

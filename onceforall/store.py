@@ -16,6 +16,7 @@ Every boto/botocore failure comes out as a :class:`UserError` that names the URI
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import tempfile
@@ -107,7 +108,7 @@ def _config(custom_endpoint: bool):
 
     extra = {}
     if custom_endpoint:
-        # MinIO, SeaweedFS and moto serve buckets as paths, not as DNS names. boto3 >= 1.36 also adds
+        # MinIO and SeaweedFS serve buckets as paths, not as DNS names. boto3 >= 1.36 also adds
         # CRC32 checksums to every upload as an aws-chunked trailer, which some of them store inside
         # the object (seaweedfs/seaweedfs#6548) or reject: only send checksums an operation requires.
         extra = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
@@ -414,7 +415,7 @@ def publish_dir(local_dir: str | Path, dest_uri: str | Path, *, last: str | None
             raise UserError(f"no {last} in the folder to publish", source=str(src),
                             fix=f"write {last} before publishing")
         rels = [r for r in rels if r != last] + [last]
-        _remove(join(dest_uri, last))
+        remove(join(dest_uri, last))
     written = []
     for rel in rels:
         written.append(join(dest_uri, rel))
@@ -422,10 +423,114 @@ def publish_dir(local_dir: str | Path, dest_uri: str | Path, *, last: str | None
     return written
 
 
-def _remove(uri: str) -> None:
+def remove(uri: str) -> None:
+    """Delete a file or object; no error if it is not there."""
     if not is_s3(uri):
         _local(uri).unlink(missing_ok=True)
         return
     bucket, key = split_s3(uri)
     with _s3_errors(uri, "removing the previous copy"):
         client().delete_object(Bucket=bucket, Key=key)  # no error if absent
+
+
+# ------------------------------------------------------------------------ conditional writes
+# S3 conditional writes (If-None-Match: * creates only; If-Match: <ETag> replaces only that version)
+# let publishers that never see each other agree on one small pointer object without a lock server.
+# Local paths get the same semantics under an flock of the folder.
+
+def read_versioned(uri: str | Path) -> tuple[str, str] | None:
+    """A small text file and its version (S3: the ETag; local: sha256 of the bytes), or None if absent."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    with _s3_errors(str(uri), "reading"):
+        try:
+            obj = client().get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchKey":
+                raise
+            return None
+        return obj["Body"].read().decode("utf-8"), obj["ETag"]
+
+
+def write_if(uri: str | Path, text: str, version: str | None) -> bool:
+    """Compare-and-swap: write ``text`` only if the file is still at ``version`` (from
+    :func:`read_versioned`; None: only if it does not exist). False if another writer came first."""
+    if not is_s3(uri):
+        return _write_if_local(_local(uri), text, version)
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+    with _s3_errors(str(uri), "writing"):
+        try:
+            client().put_object(Bucket=bucket, Key=key, Body=text.encode("utf-8"), **condition)
+        except ClientError as e:
+            # 412: the condition failed; 409: AWS's answer to two conditional writes racing
+            if _status(e) in (409, 412):
+                return False
+            raise
+    return True
+
+
+def _write_if_local(path: Path, text: str, version: str | None) -> bool:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # a lock on the folder: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        now = read_versioned(path)
+        if (now[1] if now else None) != version:
+            return False
+        with _atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _files_under(uri: str) -> list[str]:
+    """Relative POSIX paths of every file under a local folder or an s3 prefix, sorted."""
+    if not is_s3(uri):
+        root = _local(uri)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/"
+    return sorted(k[len(prefix):] for k, _ in _list_objects(uri, bucket, prefix))
+
+
+def copy_dir(src_uri: str, dest_uri: str, *, last: str | None = None) -> list[str]:
+    """Copy every file under ``src_uri`` to ``dest_uri``, both local or both s3 (server-side copies,
+    nothing passes through this machine); ``last`` as in :func:`publish_dir`. Returns the destinations."""
+    if is_s3(src_uri) != is_s3(dest_uri):
+        raise UserError("cannot copy between a local folder and s3", source=f"{src_uri} -> {dest_uri}")
+    rels = _files_under(src_uri)
+    if not rels:
+        raise UserError("nothing to copy: no files there", source=src_uri)
+    if last is not None:
+        if last not in rels:
+            raise UserError(f"no {last} to copy", source=src_uri, fix=f"write {last} first")
+        rels = [r for r in rels if r != last] + [last]
+        remove(join(dest_uri, last))
+    written = []
+    for rel in rels:
+        written.append(join(dest_uri, rel))
+        copy_file(join(src_uri, rel), written[-1])
+    return written
+
+
+def copy_file(src: str, dest: str) -> None:
+    """Copy one file: local to local, or s3 to s3 server-side (multipart for large objects)."""
+    if not is_s3(src):
+        _copy_local(_local(src), _local(dest))
+        return
+    (sb, sk), (db, dk) = split_s3(src), split_s3(dest)
+    with _s3_errors(dest, f"copying {src}"):
+        client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config())

@@ -106,6 +106,8 @@ def test_components_chain_through_python_func(tmp_path, monkeypatch):
     published = tmp_path / "pub" / "models" / "phone-macs"
     assert (published / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
     assert (published / CARD).is_file()
+    current = json.loads((tmp_path / "pub" / "current.json").read_text())  # the run's release, whole
+    assert current["release"] == "run-1" and (tmp_path / "pub" / "releases" / "run-1" / REPORT_JSON).is_file()
     doc = json.loads((tmp_path / "pub" / REPORT_JSON).read_text())
     assert doc["run_id"] == "run-1" and set(doc["targets"]) == {"phone-macs"}
     assert [r["stage"] for r in doc["stages"]] == ["train-teacher", "shrink-kernel", "fit-accuracy-predictor",

@@ -91,7 +91,9 @@ def test_run_reads_data_from_s3_and_publishes_to_s3(s3_server, tmp_path, targets
             for o in page.get("Contents", [])}
     for name in ("phone-macs", "mcu-params"):
         assert {f"published/models/{name}/model.onnx", f"published/models/{name}/model_card.json"} <= keys
-    assert {"published/report.json", "published/report.md"} <= keys
+    assert {"published/report.json", "published/report.md", "published/current.json"} <= keys
+    release = json.loads(s3.get_object(Bucket=bucket[5:], Key="published/current.json")["Body"].read())
+    assert f"published/releases/{release['release']}/models/phone-macs/model.onnx" in keys
     assert any(k.startswith("pipeline-root/") and k.endswith("checkpoint.json") for k in keys)
     card = json.loads(s3.get_object(Bucket=bucket[5:], Key="published/models/phone-macs/model_card.json")
                       ["Body"].read())

@@ -1,4 +1,4 @@
-"""onceforall.store against a real S3 HTTP endpoint (moto's server on loopback) and local folders."""
+"""onceforall.store against a real S3 server (SeaweedFS on loopback, see conftest.py) and local folders."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 import os
 import socket
 import time
-import urllib.request
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,35 +54,6 @@ def _env(**env: str | None):
         yield
     finally:
         apply(saved)
-
-
-@contextmanager
-def _iam_auth(server, deny_put: str | None = None):
-    """Turn on moto's IAM checks (off by default: moto accepts any key) and yield the keys of a
-    user allowed everything on S3 except PutObject on ``deny_put`` (an ARN resource pattern)."""
-    import boto3
-
-    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    user = f"u{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=user)
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-    statements = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]
-    if deny_put:
-        statements.append({"Effect": "Deny", "Action": "s3:PutObject", "Resource": deny_put})
-    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": statements}))
-
-    def reset_auth(count: str) -> None:  # moto's own admin endpoint: authenticate after `count` calls
-        req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=count.encode(),
-                                     headers={"Content-Type": "text/plain"}, method="POST")
-        urllib.request.urlopen(req, timeout=10).read()
-
-    reset_auth("0")
-    try:
-        yield key["AccessKeyId"], key["SecretAccessKey"]
-    finally:
-        reset_auth("inf")
 
 
 # ------------------------------------------------------------------------------------------ URIs
@@ -208,8 +177,15 @@ def test_failed_publish_leaves_no_card(s3_server, tmp_path):
     store.publish_dir(v1, dest, last=CARD)
     assert store.exists(f"{dest}/{CARD}")
 
-    # sorted order: notes.md, sub/deep/table.json, sub/empty.txt, weights.bin, then the card
-    with _iam_auth(s3_server, deny_put=f"arn:aws:s3:::{bucket[5:]}/pub/sub/deep/*") as (key, secret):
+    # sorted order: notes.md, sub/deep/table.json, sub/empty.txt, weights.bin, then the card. The
+    # server's IAM takes Allow statements only: this user may write every file of the folder but one.
+    name = bucket[5:]
+    writable = [f"arn:aws:s3:::{name}/pub/{rel}"
+                for rel in ("notes.md", "sub/empty.txt", "weights.bin", CARD)]
+    with s3_server.user([{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                          "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]},
+                         {"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+                          "Resource": writable}]) as (key, secret):
         with _env(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret):
             with pytest.raises(UserError, match="AccessDenied") as e:
                 store.publish_dir(v2, dest, last=CARD)
@@ -238,13 +214,32 @@ def test_missing_bucket(s3_server, tmp_path):
 def test_wrong_credentials(s3_server):
     uri = s3_server.bucket() + "/x.json"
     store.write_text(uri, "{}")
-    with _iam_auth(s3_server) as (key, _secret):
+    with _env(AWS_ACCESS_KEY_ID="no-such-key"):
         with pytest.raises(UserError, match=r"InvalidAccessKeyId.*AWS_ACCESS_KEY_ID") as e:
-            store.read_text(uri)  # "testing" is no IAM user's key
+            store.read_text(uri)
         assert uri in str(e.value)
-        with _env(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY="wrong"):
-            with pytest.raises(UserError, match="SignatureDoesNotMatch.*bucket policy"):
-                store.read_text(uri)
+    with _env(AWS_SECRET_ACCESS_KEY="wrong"):
+        with pytest.raises(UserError, match="SignatureDoesNotMatch.*bucket policy"):
+            store.read_text(uri)
+        with pytest.raises(UserError, match="SignatureDoesNotMatch"):
+            store.write_text(uri, "overwritten?")
+    assert store.read_text(uri) == "{}"  # the refused write changed nothing
+
+
+def test_read_only_user_cannot_write(s3_server):
+    """Keys that are valid but lack a permission: the server's own policy check refuses, per action."""
+    bucket = s3_server.bucket()
+    uri = bucket + "/x.json"
+    store.write_text(uri, "{}")
+    read_only = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                  "Resource": [f"arn:aws:s3:::{bucket[5:]}", f"arn:aws:s3:::{bucket[5:]}/*"]}]
+    with s3_server.user(read_only) as (key, secret), \
+            _env(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret):
+        assert store.read_text(uri) == "{}"
+        with pytest.raises(UserError, match="AccessDenied.*bucket policy") as e:
+            store.write_text(uri, "[]")
+        assert uri in str(e.value)
+    assert store.read_text(uri) == "{}"
 
 
 def test_no_credentials(s3_server, tmp_path):

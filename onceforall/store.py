@@ -294,6 +294,16 @@ def write_text(uri: str | Path, text: str) -> str:
     return uri
 
 
+def remove(uri: str | Path) -> None:
+    """Delete one file or object; one that is not there is no error."""
+    if not is_s3(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(str(uri))
+    with _s3_errors(str(uri), "removing"):
+        client().delete_object(Bucket=bucket, Key=key)
+
+
 def upload_file(local_path: str | Path, uri: str | Path) -> str:
     """Copy one file to an object or local path (a ``uri`` ending in '/' is a folder to put it in).
 

@@ -5,7 +5,9 @@ teacher), samples ``subnets_per_step`` subnets of the phase's space at every ste
 gradients (label-smoothed cross-entropy plus distillation from the teacher), then takes one SGD step.
 Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
 generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
-same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end.
+same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end; with a
+``checkpoint_uri`` each is also copied there (durable.py), so that a pod that starts over on another
+node continues from the last one.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import durable
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
-from .dist import allreduce_gradients, broadcast_parameters, init_from_env, rank_checksums
+from .dist import DistInfo, allreduce_gradients, barrier, broadcast_parameters, init_from_env, rank_checksums
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
 from .progress import Progress, append_jsonl
@@ -119,6 +122,7 @@ class PhaseResult:
     images_per_s: float
     val_accuracy: dict[str, float]
     resumed_from_step: int
+    resumed_from: str = ""  # where the checkpoint it continued came from: its output folder or a URI
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -143,21 +147,42 @@ def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer,
             opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
 
 
+def _durable_start(uri: str | None, phase: str, out_dir: Path, info: DistInfo) -> dict[str, Any] | None:
+    """Check that ``uri`` takes writes; without a local checkpoint (a retried or rescheduled pod),
+    rank 0 copies the durable one into ``out_dir``. Returns the durable pointer (rank 0)."""
+    if uri is None:
+        return None
+    pointer = None
+    if info.is_main:
+        durable.check_writable(uri)
+        pointer = durable.latest(uri, phase)
+        if pointer is not None and not (out_dir / ckpt.SIDECAR).is_file():
+            durable.pull(uri, pointer, out_dir)
+    barrier(info)  # the other ranks read out_dir next
+    return pointer
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
-              progress: bool = True, stop_after_steps: int | None = None) -> PhaseResult:
+              progress: bool = True, stop_after_steps: int | None = None,
+              checkpoint_uri: str | None = None) -> PhaseResult:
     """Train one phase into ``out_dir``; resumes from ``out_dir`` if a previous run was cut short.
 
     ``init``: checkpoint folder of the previous phase (required except for the teacher).
     ``teacher``: checkpoint folder of the teacher, for distillation when the phase's kd_ratio > 0.
     ``stop_after_steps``: stop (with a checkpoint) after this many steps; used to test resuming.
+    ``checkpoint_uri``: durable storage (``s3://bucket/prefix`` or a folder) that every checkpoint is
+    copied to; when ``out_dir`` has none, the phase resumes from the newest one there. It must be
+    writable, checked before anything else.
     """
     phase = schedule.phase(phase_name)
     phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
     out_dir = Path(out_dir)
     dev = pick_device(device)
     info = init_from_env(dev)
+    had_local = (out_dir / ckpt.SIDECAR).is_file()
+    pointer = _durable_start(checkpoint_uri, phase.name, out_dir, info)
     data = subsample(data, schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
@@ -204,6 +229,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         elapsed_before = float(resume.meta.get("wall_s", 0.0))
         ckpt.set_rng_state(resume.meta["rng"])
     start_step = global_step
+    resumed_from = "" if resume is None else str(out_dir) if had_local else checkpoint_uri
 
     teacher_res = max(space.resolutions)
     calib = calibration_images(data, schedule.bn_calib_images, seed)
@@ -211,11 +237,14 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
     bar = Progress(phase.name, total_steps, enabled=progress and info.is_main, start_step=start_step)
+    if resume is not None:
+        bar.message(f"resumed at step {start_step}/{total_steps} from {resumed_from}")
     t_start = time.monotonic()
     images_seen, loss_sum, loss_n = 0, 0.0, 0
     val_acc: dict[str, float] = {}
 
     def save(completed: bool, epoch: int, result: dict | None = None, **extra: Any) -> None:
+        nonlocal pointer
         if not info.is_main:
             return
         meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
@@ -230,6 +259,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         meta.update(extra)
         ckpt.save_checkpoint(out_dir, net.state_dict(), meta,
                              optimizer=None if completed else _optimizer_tensors(net, opt))
+        if checkpoint_uri is not None:
+            pointer = durable.push(out_dir, checkpoint_uri, pointer)
 
     last_save = time.monotonic()
     while global_step < total_steps:
@@ -291,7 +322,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
             bar.close()
             return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
-                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step)
+                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
+                               resumed_from)
 
     bar.close()
     checksums = rank_checksums(net, info)
@@ -300,7 +332,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     wall = elapsed_before + time.monotonic() - t_start
     result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
                          round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,
-                         start_step)
+                         start_step, resumed_from)
     save(True, phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
          rank_checksums=checksums)
     return result

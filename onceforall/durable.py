@@ -107,8 +107,12 @@ def pull(uri: str, pointer: dict[str, Any], folder: Path) -> None:
     with tempfile.TemporaryDirectory(dir=folder, prefix=".restore-") as tmp:
         for name in names:
             _fetch(store.join(slot, name), Path(tmp) / name)
-        # every file's sha256 against the sidecar, before the copy counts
-        ckpt.load_checkpoint(tmp, with_optimizer=True)
+        try:  # every file's sha256 against the sidecar, before the copy counts
+            ckpt.load_checkpoint(tmp, with_optimizer=True)
+        except UserError as e:
+            raise UserError(f"the checkpoint in {pointer['slot']} is damaged: {e.what}", source=uri,
+                            field=FIELD, fix="remove the damaged checkpoint location or give another one") \
+                from None
         for name in names:
             os.replace(Path(tmp) / name, folder / name)
     log.info("restored the checkpoint of step %s from %s", pointer.get("global_step"), slot)

@@ -31,7 +31,7 @@ def train_scratch(data: str, space: str, schedule: str, seed: int, run_id: str, 
 
     run = stages.RunContext(run_id, carbon, pushgateway)
     record = stages.train_scratch(model.path, data=data, space=space, schedule=schedule, seed=seed,
-                                  run=run)
+                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(model.uri))
     stages.log_metrics(record, metrics)
 
 

@@ -212,15 +212,16 @@ def scratch_config(space: SearchSpace) -> SubnetConfig:
 
 def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
                   schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
-                  run: RunContext = RunContext()) -> dict[str, Any]:
+                  run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
     """Stage train-scratch: one architecture (the middle subnet) trained alone, from scratch, on the
-    teacher's recipe, and metered like every stage: what one more target costs without OFA."""
+    teacher's recipe, and metered like every stage: what one more target costs without OFA.
+    ``checkpoint_uri`` as in train_teacher."""
     from .train import train_static
 
     with _stage("train-scratch", out_dir, run) as record:
         sp, sch, ds = setup(space, schedule, data, seed=seed)
         result = train_static(sp, sch, scratch_config(sp), ds, out_dir, seed=seed, device=device,
-                              progress=progress)
+                              progress=progress, checkpoint_uri=checkpoint_uri)
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]

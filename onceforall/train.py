@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,10 +357,29 @@ def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_ro
     return results
 
 
+RESUME_DIR = "resume"  # train_static's mid-run checkpoints, removed when the run is done
+
+
+def _static_resume(folder: Path, space: SearchSpace, cfg: SubnetConfig, model: torch.nn.Module,
+                   opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """Continue train_static from its mid-run checkpoint in ``folder``, if any: (step, seconds so far)."""
+    if not (folder / ckpt.SIDECAR).is_file():
+        return 0, 0.0
+    state = ckpt.load_checkpoint(folder, space=space, with_optimizer=True)
+    if state.meta.get("config") != cfg.to_dict():
+        raise UserError(f"holds a run of another architecture {state.meta.get('config')}",
+                        source=str(folder), field="config", fix="give each architecture its own folder")
+    model.load_state_dict(state.weights)
+    _load_optimizer_tensors(model, opt, state.optimizer or {})
+    ckpt.set_rng_state(state.meta["rng"])
+    return int(state.meta["global_step"]), float(state.meta["wall_s"])
+
+
 def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
                  out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
                  init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
-                 seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                 seed: int = 0, device: str = "auto", progress: bool = True,
+                 checkpoint_uri: str | None = None) -> dict[str, Any]:
     """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
     from ``init`` (an extracted subnet), a fine-tune.
 
@@ -367,7 +387,9 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     weight decay on BN and biases, the same data order and augmentation) at the config's own
     resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer epochs, no warm-up). With
     ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``). Writes
-    ``model.safetensors`` and ``result.json``; a finished folder is not trained again.
+    ``model.safetensors`` and ``result.json``; a finished folder is not trained again. Mid-run
+    checkpoints (every ``schedule.checkpoint_every_s``) go to ``out_dir/resume``, copied to
+    ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
     """
     from safetensors.torch import save_file
 
@@ -382,17 +404,22 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     dev = pick_device(device)
     data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
+    name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
+    resume_dir = out_dir / RESUME_DIR
+    pointer = _durable_start(checkpoint_uri, name, resume_dir, DistInfo())
     torch.manual_seed(seed * 1000 + 99)
     model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
     model = model.to(dev, memory_format=torch.channels_last).train()
     kd_net = load_teacher(teacher, space, dev) if teacher is not None else None
     opt, steps_per_epoch = sgd(model, schedule, phase, data)
     total = phase.epochs * steps_per_epoch
+    start, elapsed_before = _static_resume(resume_dir, space, cfg, model, opt)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-    bar = Progress(f"{'finetune' if init is not None else 'scratch'}{'-kd' if kd_net is not None else ''}",
-                   total, enabled=progress)
-    t0, loss_sum = time.monotonic(), 0.0
-    for step in range(total):
+    bar = Progress(name, total, enabled=progress, start_step=start)
+    if start:
+        bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pointer else resume_dir}")
+    t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
+    for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
         x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch)
@@ -409,19 +436,31 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         loss.backward()
         opt.step()
         loss_sum += float(loss.detach())
-        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / (step + 1),
-                   res=cfg.r, **{"img/s": round((step + 1) * schedule.batch_size
-                                                / max(time.monotonic() - t0, 1e-9))})
+        steps_done = step + 1 - start
+        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / steps_done, res=cfg.r,
+                   **{"img/s": round(steps_done * schedule.batch_size / max(time.monotonic() - t0, 1e-9))})
+        if step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
+            meta = {"phase": name, "space": space.to_dict(), "config": cfg.to_dict(), "seed": seed,
+                    "global_step": step + 1, "wall_s": elapsed_before + time.monotonic() - t0,
+                    "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(resume_dir, model.state_dict(), meta,
+                                 optimizer=_optimizer_tensors(model, opt))
+            if checkpoint_uri is not None:
+                pointer = durable.push(resume_dir, checkpoint_uri, pointer)
+            last_save = time.monotonic()
     bar.close()
-    wall = time.monotonic() - t0
+    wall = elapsed_before + time.monotonic() - t0
     model.eval()
     result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
-              "images_per_s": round(total * schedule.batch_size / max(wall, 1e-9), 1),
+              "images_per_s": round((total - start) * schedule.batch_size
+                                    / max(time.monotonic() - t0, 1e-9), 1),
               "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
               "test_acc": round(accuracy(model, data, "test", cfg.r), 3),
-              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed}
+              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed,
+              "resumed_from_step": start}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))
     done.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the output is what it was before checkpoints
     return result

@@ -170,3 +170,26 @@ def test_components_keep_checkpoints_next_to_their_output():
         "s3://mlpipeline/v2/artifacts/x/teacher.checkpoints"
     assert checkpoint_uri_for("/tmp/root/teacher/") == "/tmp/root/teacher.checkpoints"  # kfp.local
     assert checkpoint_uri_for("gs://b/x/teacher") is None  # not spoken by onceforall.store
+
+
+def test_scratch_baseline_resumes_from_its_durable_checkpoint(s3_server, tiny_data, tmp_path):
+    import dataclasses
+
+    from onceforall.train import RESUME_DIR, reference_configs, train_static
+
+    schedule = dataclasses.replace(smoke(), checkpoint_every_s=0.0)
+    cfg, uri = reference_configs(SPACE)["mid"], f"{s3_server.bucket()}/scratch.checkpoints"
+    first = train_static(SPACE, schedule, cfg, tiny_data, tmp_path / "pod-1", progress=False,
+                         checkpoint_uri=uri)
+    assert first["resumed_from_step"] == 0 and not (tmp_path / "pod-1" / RESUME_DIR).exists()
+    # the last mid-run checkpoint (one step before the end) stays in S3: a pod that starts over with
+    # an empty folder trains that one step only, and ends with the same weights
+    assert durable.latest(uri, "scratch")["global_step"] == first["steps"] - 1
+    again = train_static(SPACE, schedule, cfg, tiny_data, tmp_path / "pod-2", progress=False,
+                         checkpoint_uri=uri)
+    assert again["resumed_from_step"] == first["steps"] - 1
+    timing = ("train_wall_s", "images_per_s", "resumed_from_step")
+    assert {k: v for k, v in again.items() if k not in timing} == \
+        {k: v for k, v in first.items() if k not in timing}
+    weights = [tmp_path / pod / "model.safetensors" for pod in ("pod-1", "pod-2")]
+    assert _sha256(weights[0]) == _sha256(weights[1])

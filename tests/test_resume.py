@@ -136,23 +136,33 @@ def test_a_damaged_or_foreign_durable_checkpoint_is_refused(tiny_data, tmp_path)
     assert info.value.field == "checkpoint_uri"
 
 
+# Refused on any S3 server: a bucket that is not there, with a secret the server does not know. A
+# server that ignores credentials (moto) refuses the bucket; one that creates a bucket on its first
+# PUT (SeaweedFS) refuses the secret.
+REFUSED = "s3://no-such-bucket-for-ofa/teacher.checkpoints"
+WRONG_SECRET = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+
+
 def test_unwritable_checkpoint_uri_fails_before_training(s3_server, tiny_data, tmp_path):
     (tmp_path / "a-file").write_text("in the way")
-    for uri in ("s3://no-such-bucket-for-ofa/teacher.checkpoints", str(tmp_path / "a-file" / "ckpt")):
-        with pytest.raises(UserError) as info:
+    for uri, env in ((REFUSED, WRONG_SECRET), (str(tmp_path / "a-file" / "ckpt"), {})):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(UserError) as info:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            store.client.cache_clear()
             run_phase(SPACE, smoke(), "teacher", tiny_data, tmp_path / "out", progress=False,
                       checkpoint_uri=uri)
+        store.client.cache_clear()  # the fixture's credentials again
         assert info.value.field == "checkpoint_uri" and info.value.source == uri
         assert "not writable" in info.value.what and info.value.fix
         assert not (tmp_path / "out").exists()  # no step trained, nothing written
     # through the CLI: one line naming the field and the fix, exit 2
     proc = subprocess.run([sys.executable, "-m", "onceforall", "phase", "teacher", "--schedule", "smoke",
                            "--data", "synthetic:600", "--val-size", "120", "--out", str(tmp_path / "out"),
-                           "--checkpoint-uri", "s3://no-such-bucket-for-ofa/ckpt"],
+                           "--checkpoint-uri", REFUSED], env={**os.environ, **WRONG_SECRET},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    line = proc.stderr.strip()
-    assert line.startswith("ofa: error: s3://no-such-bucket-for-ofa/ckpt: checkpoint_uri: not writable")
+    assert proc.stderr.startswith(f"ofa: error: {REFUSED}: checkpoint_uri: not writable")
     assert "(fix: " in proc.stderr and not (tmp_path / "out").exists()
     # durable storage that works is left as it was found: the probe is gone
     uri = f"{s3_server.bucket()}/probe-only"

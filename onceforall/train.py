@@ -163,6 +163,16 @@ def _durable_start(uri: str | None, phase: str, out_dir: Path, info: DistInfo) -
     return pointer
 
 
+def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
+    """A checkpoint continues only the run that wrote it: the same seed and schedule."""
+    theirs = {"seed": meta.get("seed"), "schedule": meta.get("schedule", {}).get("name")}
+    ours = {"seed": seed, "schedule": schedule.name}
+    if theirs != ours:
+        raise UserError(f"holds a checkpoint of another run ({theirs}, this one is {ours})", source=where,
+                        field="seed" if theirs["seed"] != seed else "schedule",
+                        fix="give this run its own --out (and --checkpoint-uri), or the same settings")
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -198,6 +208,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                             source=str(out_dir), field="phase",
                             fix="give each phase its own output folder")
         resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
+        _check_same_run(resume.meta, seed, schedule, str(out_dir) if had_local else checkpoint_uri)
         if resume.meta.get("completed"):
             return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
         ckpt.load_weights(net, resume)

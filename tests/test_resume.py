@@ -122,6 +122,10 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint(s3_server, tiny_data
 def test_a_damaged_or_foreign_durable_checkpoint_is_refused(tiny_data, tmp_path):
     uri = str(tmp_path / "durable")  # a folder works as a checkpoint URI too
     _cut(tiny_data, tmp_path / "pod-1", uri)
+    with pytest.raises(UserError, match="another run") as info:  # seed 0's, continued with seed 1
+        run_phase(SPACE, smoke(), "teacher", tiny_data, tmp_path / "seed-1", progress=False, seed=1,
+                  checkpoint_uri=uri)
+    assert info.value.field == "seed" and info.value.source == uri
     pointer = durable.latest(uri, "teacher")
     weights = Path(uri) / pointer["slot"] / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)

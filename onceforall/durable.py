@@ -99,8 +99,9 @@ def _prune(uri: str, pointer: dict[str, Any]) -> None:
 
 
 def pull(uri: str, pointer: dict[str, Any], folder: Path) -> None:
-    """Copy the checkpoint ``pointer`` names into ``folder``, verified, the sidecar last (a kill
-    during the copy leaves no local sidecar, so the next start pulls again)."""
+    """Copy the checkpoint ``pointer`` names into ``folder``, verified, over any older one there: its
+    sidecar goes first and the new one comes last, so a kill during the copy leaves no local sidecar
+    (the next start pulls again), never one that does not match its files."""
     folder.mkdir(parents=True, exist_ok=True)
     slot = store.join(uri, pointer["slot"])
     names = [n for n in pointer["files"] if n != ckpt.SIDECAR] + [ckpt.SIDECAR]
@@ -113,6 +114,7 @@ def pull(uri: str, pointer: dict[str, Any], folder: Path) -> None:
             raise UserError(f"the checkpoint in {pointer['slot']} is damaged: {e.what}", source=uri,
                             field=FIELD, fix="remove the damaged checkpoint location or give another one") \
                 from None
+        (folder / ckpt.SIDECAR).unlink(missing_ok=True)
         for name in names:
             os.replace(Path(tmp) / name, folder / name)
     log.info("restored the checkpoint of step %s from %s", pointer.get("global_step"), slot)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,19 +149,28 @@ def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer,
             opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
 
 
-def _durable_start(uri: str | None, phase: str, out_dir: Path, info: DistInfo) -> dict[str, Any] | None:
-    """Check that ``uri`` takes writes; without a local checkpoint (a retried or rescheduled pod),
-    rank 0 copies the durable one into ``out_dir``. Returns the durable pointer (rank 0)."""
+def _progress_of(meta: dict[str, Any]) -> int:
+    return sys.maxsize if meta.get("completed") else int(meta.get("global_step", -1))
+
+
+def _durable_start(uri: str | None, phase: str, out_dir: Path,
+                   info: DistInfo) -> tuple[dict[str, Any] | None, bool]:
+    """Check that ``uri`` takes writes; when its checkpoint is further on than the one in ``out_dir``
+    (none: a retried or rescheduled pod), rank 0 copies it there (never over another phase's).
+    Returns the durable pointer (rank 0) and whether it was copied."""
     if uri is None:
-        return None
-    pointer = None
+        return None, False
+    pointer, pulled = None, False
     if info.is_main:
         durable.check_writable(uri)
         pointer = durable.latest(uri, phase)
-        if pointer is not None and not (out_dir / ckpt.SIDECAR).is_file():
+        local = ckpt.read_meta(out_dir) if (out_dir / ckpt.SIDECAR).is_file() else {"phase": phase}
+        newer = pointer is not None and _progress_of(pointer) > _progress_of(local)
+        if newer and local.get("phase") == phase:
             durable.pull(uri, pointer, out_dir)
+            pulled = True
     barrier(info)  # the other ranks read out_dir next
-    return pointer
+    return pointer, pulled
 
 
 def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
@@ -192,8 +202,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     out_dir = Path(out_dir)
     dev = pick_device(device)
     info = init_from_env(dev)
-    had_local = (out_dir / ckpt.SIDECAR).is_file()
-    pointer = _durable_start(checkpoint_uri, phase.name, out_dir, info)
+    pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
+    resumed_from = checkpoint_uri if pulled else str(out_dir)
     data = subsample(data, schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
@@ -208,7 +218,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                             source=str(out_dir), field="phase",
                             fix="give each phase its own output folder")
         resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
-        _check_same_run(resume.meta, seed, schedule, str(out_dir) if had_local else checkpoint_uri)
+        _check_same_run(resume.meta, seed, schedule, resumed_from)
         if resume.meta.get("completed"):
             return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
         ckpt.load_weights(net, resume)
@@ -241,7 +251,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         elapsed_before = float(resume.meta.get("wall_s", 0.0))
         ckpt.set_rng_state(resume.meta["rng"])
     start_step = global_step
-    resumed_from = "" if resume is None else str(out_dir) if had_local else checkpoint_uri
+    if resume is None:
+        resumed_from = ""
 
     teacher_res = max(space.resolutions)
     calib = calibration_images(data, schedule.bn_calib_images, seed)
@@ -417,7 +428,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     cfg = space.validate_config(cfg)
     name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
     resume_dir = out_dir / RESUME_DIR
-    pointer = _durable_start(checkpoint_uri, name, resume_dir, DistInfo())
+    pointer, pulled = _durable_start(checkpoint_uri, name, resume_dir, DistInfo())
     torch.manual_seed(seed * 1000 + 99)
     model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
     model = model.to(dev, memory_format=torch.channels_last).train()
@@ -428,7 +439,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
     bar = Progress(name, total, enabled=progress, start_step=start)
     if start:
-        bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pointer else resume_dir}")
+        bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
     t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
     for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -119,6 +119,17 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint(s3_server, tiny_data
     assert not list((tmp_path / "pod-2").glob(".restore-*"))
 
 
+def test_a_durable_checkpoint_further_on_than_the_local_one_wins(tiny_data, tmp_path):
+    import shutil
+
+    uri = str(tmp_path / "durable")
+    _cut(tiny_data, tmp_path / "pod-1", uri)
+    shutil.copytree(tmp_path / "pod-1", tmp_path / "stale")  # a node's leftover at step 2
+    _cut(tiny_data, tmp_path / "pod-1", uri)  # the run went on to step 4 elsewhere
+    result = _cut(tiny_data, tmp_path / "stale", uri, steps=1)
+    assert (result.resumed_from, result.resumed_from_step, result.steps) == (uri, 4, 5)
+
+
 def test_a_damaged_or_foreign_durable_checkpoint_is_refused(tiny_data, tmp_path):
     uri = str(tmp_path / "durable")  # a folder works as a checkpoint URI too
     _cut(tiny_data, tmp_path / "pod-1", uri)

@@ -149,7 +149,10 @@ def checkpoint_uri_for(output_uri: str) -> str | None:
     in driver.go at 2.4.1 and 2.5.0, container.go at 2.17.0), and passes them in the pod spec patch
     as ``--executor_input``. argocompiler/container.go puts the task's retryStrategy on the executor
     template, which takes that patch as an input: a retried pod of the task gets the same URIs; a
-    new run, or the same task in another run, gets new ones. ``minio://`` (KFP's default pipeline root)
+    new run, or the same task in another run, gets new ones. (That retryStrategy sets no Argo
+    retryPolicy, so Argo's default, OnFailure, applies (argo-workflows docs/retries.md): a pod that
+    failed, an OOM kill or a node's graceful shutdown, is retried; a deleted pod (a drain's, a lost
+    node's) is an Error and is not.) ``minio://`` (KFP's default pipeline root)
     is S3 at the same bucket and key; a local path (kfp.local) is a folder. Other schemes (``gs://``)
     are not spoken by onceforall.store: None, and the phase keeps its checkpoints in its pod only.
     """

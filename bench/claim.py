@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
     from onceforall.export import load_supernet
     from onceforall.schedule import get_schedule
     from onceforall.space import SubnetConfig
-    from onceforall.train import train_static
+    from onceforall.train import RESUME_DIR, train_static
 
     out = WORK / "claim" / name / f"{kind}-s{seed}"
     net = load_supernet(SUPERNET)
@@ -134,6 +135,8 @@ def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
     elif kind == "scratch_kd":
         kwargs.update(teacher=TEACHER)
     fresh = not (out / "result.json").is_file()
+    # a training cut short starts over, so that its energy is metered whole
+    shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
     with Meter() as meter:
         result = train_static(net.space, schedule, cfg, data, out, **kwargs)
     if fresh:

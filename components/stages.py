@@ -18,8 +18,9 @@ def train_teacher(data: str, space: str, schedule: str, seed: int, carbon: str,
     from onceforall import stages
 
     run = stages.RunContext.from_env(carbon, pushgateway)
+    # mid-phase checkpoints next to the output, which a retried pod of this task gets again
     record = stages.train_teacher(teacher.path, data=data, space=space, schedule=schedule, seed=seed,
-                                  run=run)
+                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(teacher.uri))
     stages.log_metrics(record, metrics)
 
 
@@ -30,7 +31,7 @@ def train_scratch(data: str, space: str, schedule: str, seed: int, carbon: str,
 
     run = stages.RunContext.from_env(carbon, pushgateway)
     record = stages.train_scratch(model.path, data=data, space=space, schedule=schedule, seed=seed,
-                                  run=run)
+                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(model.uri))
     stages.log_metrics(record, metrics)
 
 
@@ -42,7 +43,8 @@ def shrink(phase: str, data: str, space: str, schedule: str, seed: int, carbon: 
 
     run = stages.RunContext.from_env(carbon, pushgateway)
     record = stages.shrink(phase, supernet.path, init_dir=init.path, teacher_dir=teacher.path,
-                           data=data, space=space, schedule=schedule, seed=seed, run=run)
+                           data=data, space=space, schedule=schedule, seed=seed, run=run,
+                           checkpoint_uri=stages.checkpoint_uri_for(supernet.uri))
     stages.log_metrics(record, metrics)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,9 +51,14 @@ def cmd_phase(args: argparse.Namespace) -> int:
     from .train import run_phase
 
     space, schedule, data = _setup(args)
+    if args.checkpoint_every_s is not None:
+        if args.checkpoint_every_s < 0:
+            raise UserError(f"{args.checkpoint_every_s} is negative", field="--checkpoint-every-s",
+                            fix="give seconds >= 0 (0: a checkpoint after every step)")
+        schedule = dataclasses.replace(schedule, checkpoint_every_s=args.checkpoint_every_s)
     result = run_phase(space, schedule, args.name, data, args.out, init=args.init,
                        teacher=args.teacher, seed=args.seed, device=args.device,
-                       progress=not args.quiet)
+                       progress=not args.quiet, checkpoint_uri=args.checkpoint_uri)
     print(json.dumps(result.to_dict(), indent=1))
     return 0
 
@@ -401,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="this phase's checkpoint folder")
     p.add_argument("--init", help="previous phase's checkpoint folder")
     p.add_argument("--teacher", help="teacher checkpoint folder (for distillation)")
+    p.add_argument("--checkpoint-uri",
+                   help="durable copy of every checkpoint (s3://bucket/prefix or a folder); a run whose "
+                        "--out has no checkpoint resumes from the newest one there")
+    p.add_argument("--checkpoint-every-s", type=float,
+                   help="seconds between mid-phase checkpoints (default: the schedule's checkpoint_every_s)")
     p.set_defaults(func=cmd_phase)
 
     p = sub.add_parser("space", help="show a search space or count its architectures")

@@ -69,3 +69,9 @@ def rank_checksums(module: torch.nn.Module, info: DistInfo) -> list[float]:
     if len(set(values)) != 1:
         raise RuntimeError(f"data-parallel ranks diverged: parameter checksums {values}")
     return values
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has restored a checkpoint)."""
+    if info.world > 1:
+        dist.barrier()

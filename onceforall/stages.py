@@ -147,27 +147,56 @@ def _accuracy_metrics(val_accuracy: dict[str, float]) -> dict[str, float]:
     return {f"val_acc_{k.replace('-', '_')}": round(float(v), 3) for k, v in val_accuracy.items()}
 
 
+def checkpoint_uri_for(output_uri: str) -> str | None:
+    """Where a training component keeps its durable checkpoints: ``<its output artifact's URI>.checkpoints``.
+
+    KFP's driver fixes a task's output URIs once, before the pod starts (kubeflow/pipelines,
+    backend/src/v2/driver: ``provisionOutputs(pipelineRoot, taskName, outputs, uuid.NewString(), ..)``
+    in driver.go at 2.4.1 and 2.5.0, container.go at 2.17.0), and passes them in the pod spec patch
+    as ``--executor_input``. argocompiler/container.go puts the task's retryStrategy on the executor
+    template, which takes that patch as an input: a retried pod of the task gets the same URIs; a
+    new run, or the same task in another run, gets new ones. (That retryStrategy sets no Argo
+    retryPolicy, so Argo's default, OnFailure, applies (argo-workflows docs/retries.md): a pod that
+    failed, an OOM kill or a node's graceful shutdown, is retried; a deleted pod (a drain's, a lost
+    node's) is an Error and is not.) ``minio://`` (KFP's default pipeline root)
+    is S3 at the same bucket and key; a local path (kfp.local) is a folder. Other schemes (``gs://``)
+    are not spoken by onceforall.store: None, and the phase keeps its checkpoints in its pod only.
+    """
+    from . import store
+
+    if output_uri.startswith("minio://"):
+        output_uri = "s3://" + output_uri[len("minio://"):]
+    if "://" in output_uri and not store.is_s3(output_uri):
+        log.warning("no durable checkpoints: %s is not s3://, minio:// or a local path", output_uri)
+        return None
+    return output_uri.rstrip("/") + ".checkpoints"
+
+
 def train_teacher(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
                   schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
-                  run: RunContext = RunContext()) -> dict[str, Any]:
-    """Stage train-teacher: the full network, trained alone."""
-    return _train("teacher", out_dir, None, None, data, space, schedule, seed, device, progress, run)
+                  run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
+    """Stage train-teacher: the full network, trained alone. ``checkpoint_uri``: durable storage for
+    its mid-phase checkpoints, and where a restarted stage resumes from (train.run_phase)."""
+    return _train("teacher", out_dir, None, None, data, space, schedule, seed, device, progress, run,
+                  checkpoint_uri)
 
 
 def shrink(phase: str, out_dir: str | Path, *, init_dir: str | Path, teacher_dir: str | Path,
            data: str = "fashion-mnist", space: str = "fashion-mnist", schedule: str = "quick",
            seed: int = 0, device: str = "auto", progress: bool = True,
-           run: RunContext = RunContext()) -> dict[str, Any]:
-    """Stage shrink: one progressive-shrinking phase, from the previous phase's supernet."""
+           run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
+    """Stage shrink: one progressive-shrinking phase, from the previous phase's supernet
+    (``checkpoint_uri`` as in train_teacher)."""
     if phase not in SHRINK_PHASES:
         raise UserError(f"unknown shrinking phase {phase!r}", field="phase",
                         fix=f"use one of {list(SHRINK_PHASES)}")
     return _train(phase, out_dir, init_dir, teacher_dir, data, space, schedule, seed, device, progress,
-                  run)
+                  run, checkpoint_uri)
 
 
 def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, schedule: str,
-           seed: int, device: str, progress: bool, run: RunContext) -> dict[str, Any]:
+           seed: int, device: str, progress: bool, run: RunContext,
+           checkpoint_uri: str | None) -> dict[str, Any]:
     from .train import run_phase
 
     name = "train-teacher" if phase == "teacher" else f"shrink-{phase}"
@@ -176,7 +205,7 @@ def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, sc
         kd = sch.phase(phase).kd_ratio > 0
         result = run_phase(sp, sch, phase, ds, out_dir, init=init_dir,
                            teacher=teacher_dir if kd else None, seed=seed, device=device,
-                           progress=progress)
+                           progress=progress, checkpoint_uri=checkpoint_uri)
         record["metrics"] = {"epochs": result.epochs, "steps": result.steps,
                              "train_wall_s": result.wall_s, "images_per_s": result.images_per_s,
                              **_accuracy_metrics(result.val_accuracy)}
@@ -192,15 +221,16 @@ def scratch_config(space: SearchSpace) -> SubnetConfig:
 
 def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
                   schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
-                  run: RunContext = RunContext()) -> dict[str, Any]:
+                  run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
     """Stage train-scratch: one architecture (the middle subnet) trained alone, from scratch, on the
-    teacher's recipe, and metered like every stage: what one more target costs without OFA."""
+    teacher's recipe, and metered like every stage: what one more target costs without OFA.
+    ``checkpoint_uri`` as in train_teacher."""
     from .train import train_static
 
     with _stage("train-scratch", out_dir, run) as record:
         sp, sch, ds = setup(space, schedule, data, seed=seed)
         result = train_static(sp, sch, scratch_config(sp), ds, out_dir, seed=seed, device=device,
-                              progress=progress)
+                              progress=progress, checkpoint_uri=checkpoint_uri)
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]

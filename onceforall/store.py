@@ -310,6 +310,16 @@ def write_text(uri: str | Path, text: str) -> str:
     return uri
 
 
+def remove(uri: str | Path) -> None:
+    """Delete one file or object; one that is not there is no error."""
+    if not is_s3(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(str(uri))
+    with _s3_errors(str(uri), "removing"):
+        client().delete_object(Bucket=bucket, Key=key)
+
+
 def upload_file(local_path: str | Path, uri: str | Path) -> str:
     """Copy one file to an object or local path (a ``uri`` ending in '/' is a folder to put it in).
 
@@ -421,16 +431,6 @@ def publish_dir(local_dir: str | Path, dest_uri: str | Path, *, last: str | None
         written.append(join(dest_uri, rel))
         _put_file(src / rel, written[-1])
     return written
-
-
-def remove(uri: str) -> None:
-    """Delete a file or object; no error if it is not there."""
-    if not is_s3(uri):
-        _local(uri).unlink(missing_ok=True)
-        return
-    bucket, key = split_s3(uri)
-    with _s3_errors(uri, "removing the previous copy"):
-        client().delete_object(Bucket=bucket, Key=key)  # no error if absent
 
 
 # ------------------------------------------------------------------------ conditional writes

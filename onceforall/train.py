@@ -5,7 +5,9 @@ teacher), samples ``subnets_per_step`` subnets of the phase's space at every ste
 gradients (label-smoothed cross-entropy plus distillation from the teacher), then takes one SGD step.
 Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
 generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
-same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end.
+same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end; with a
+``checkpoint_uri`` each is also copied there (durable.py), so that a pod that starts over on another
+node continues from the last one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import durable
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
-from .dist import allreduce_gradients, broadcast_parameters, init_from_env, rank_checksums
+from .dist import DistInfo, allreduce_gradients, barrier, broadcast_parameters, init_from_env, rank_checksums
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
 from .progress import Progress, append_jsonl
@@ -119,6 +124,7 @@ class PhaseResult:
     images_per_s: float
     val_accuracy: dict[str, float]
     resumed_from_step: int
+    resumed_from: str = ""  # where the checkpoint it continued came from: its output folder or a URI
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -143,21 +149,61 @@ def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer,
             opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
 
 
+def _progress_of(meta: dict[str, Any]) -> int:
+    return sys.maxsize if meta.get("completed") else int(meta.get("global_step", -1))
+
+
+def _durable_start(uri: str | None, phase: str, out_dir: Path,
+                   info: DistInfo) -> tuple[dict[str, Any] | None, bool]:
+    """Check that ``uri`` takes writes; when its checkpoint is further on than the one in ``out_dir``
+    (none: a retried or rescheduled pod), rank 0 copies it there (never over another phase's).
+    Returns the durable pointer (rank 0) and whether it was copied."""
+    if uri is None:
+        return None, False
+    pointer, pulled = None, False
+    if info.is_main:
+        durable.check_writable(uri)
+        pointer = durable.latest(uri, phase)
+        local = ckpt.read_meta(out_dir) if (out_dir / ckpt.SIDECAR).is_file() else {"phase": phase}
+        newer = pointer is not None and _progress_of(pointer) > _progress_of(local)
+        if newer and local.get("phase") == phase:
+            durable.pull(uri, pointer, out_dir)
+            pulled = True
+    barrier(info)  # the other ranks read out_dir next
+    return pointer, pulled
+
+
+def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
+    """A checkpoint continues only the run that wrote it: the same seed and schedule."""
+    theirs = {"seed": meta.get("seed"), "schedule": meta.get("schedule", {}).get("name")}
+    ours = {"seed": seed, "schedule": schedule.name}
+    if theirs != ours:
+        raise UserError(f"holds a checkpoint of another run ({theirs}, this one is {ours})", source=where,
+                        field="seed" if theirs["seed"] != seed else "schedule",
+                        fix="give this run its own --out (and --checkpoint-uri), or the same settings")
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
-              progress: bool = True, stop_after_steps: int | None = None) -> PhaseResult:
+              progress: bool = True, stop_after_steps: int | None = None,
+              checkpoint_uri: str | None = None) -> PhaseResult:
     """Train one phase into ``out_dir``; resumes from ``out_dir`` if a previous run was cut short.
 
     ``init``: checkpoint folder of the previous phase (required except for the teacher).
     ``teacher``: checkpoint folder of the teacher, for distillation when the phase's kd_ratio > 0.
     ``stop_after_steps``: stop (with a checkpoint) after this many steps; used to test resuming.
+    ``checkpoint_uri``: durable storage (``s3://bucket/prefix`` or a folder) that every checkpoint is
+    copied to; when ``out_dir`` has none, the phase resumes from the newest one there. It must be
+    writable, checked before anything else.
     """
     phase = schedule.phase(phase_name)
     phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
     out_dir = Path(out_dir)
     dev = pick_device(device)
     info = init_from_env(dev)
+    pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
+    resumed_from = checkpoint_uri if pulled else str(out_dir)
     data = subsample(data, schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
@@ -172,6 +218,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                             source=str(out_dir), field="phase",
                             fix="give each phase its own output folder")
         resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
+        _check_same_run(resume.meta, seed, schedule, resumed_from)
         if resume.meta.get("completed"):
             return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
         ckpt.load_weights(net, resume)
@@ -204,6 +251,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         elapsed_before = float(resume.meta.get("wall_s", 0.0))
         ckpt.set_rng_state(resume.meta["rng"])
     start_step = global_step
+    if resume is None:
+        resumed_from = ""
 
     teacher_res = max(space.resolutions)
     calib = calibration_images(data, schedule.bn_calib_images, seed)
@@ -211,11 +260,14 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
     bar = Progress(phase.name, total_steps, enabled=progress and info.is_main, start_step=start_step)
+    if resume is not None:
+        bar.message(f"resumed at step {start_step}/{total_steps} from {resumed_from}")
     t_start = time.monotonic()
     images_seen, loss_sum, loss_n = 0, 0.0, 0
     val_acc: dict[str, float] = {}
 
     def save(completed: bool, epoch: int, result: dict | None = None, **extra: Any) -> None:
+        nonlocal pointer
         if not info.is_main:
             return
         meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
@@ -230,6 +282,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         meta.update(extra)
         ckpt.save_checkpoint(out_dir, net.state_dict(), meta,
                              optimizer=None if completed else _optimizer_tensors(net, opt))
+        if checkpoint_uri is not None:
+            pointer = durable.push(out_dir, checkpoint_uri, pointer)
 
     last_save = time.monotonic()
     while global_step < total_steps:
@@ -291,7 +345,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
             bar.close()
             return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
-                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step)
+                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
+                               resumed_from)
 
     bar.close()
     checksums = rank_checksums(net, info)
@@ -300,7 +355,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     wall = elapsed_before + time.monotonic() - t_start
     result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
                          round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,
-                         start_step)
+                         start_step, resumed_from)
     save(True, phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
          rank_checksums=checksums)
     return result
@@ -324,10 +379,29 @@ def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_ro
     return results
 
 
+RESUME_DIR = "resume"  # train_static's mid-run checkpoints, removed when the run is done
+
+
+def _static_resume(folder: Path, space: SearchSpace, cfg: SubnetConfig, model: torch.nn.Module,
+                   opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """Continue train_static from its mid-run checkpoint in ``folder``, if any: (step, seconds so far)."""
+    if not (folder / ckpt.SIDECAR).is_file():
+        return 0, 0.0
+    state = ckpt.load_checkpoint(folder, space=space, with_optimizer=True)
+    if state.meta.get("config") != cfg.to_dict():
+        raise UserError(f"holds a run of another architecture {state.meta.get('config')}",
+                        source=str(folder), field="config", fix="give each architecture its own folder")
+    model.load_state_dict(state.weights)
+    _load_optimizer_tensors(model, opt, state.optimizer or {})
+    ckpt.set_rng_state(state.meta["rng"])
+    return int(state.meta["global_step"]), float(state.meta["wall_s"])
+
+
 def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
                  out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
                  init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
-                 seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                 seed: int = 0, device: str = "auto", progress: bool = True,
+                 checkpoint_uri: str | None = None) -> dict[str, Any]:
     """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
     from ``init`` (an extracted subnet), a fine-tune.
 
@@ -335,7 +409,9 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     weight decay on BN and biases, the same data order and augmentation) at the config's own
     resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer epochs, no warm-up). With
     ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``). Writes
-    ``model.safetensors`` and ``result.json``; a finished folder is not trained again.
+    ``model.safetensors`` and ``result.json``; a finished folder is not trained again. Mid-run
+    checkpoints (every ``schedule.checkpoint_every_s``) go to ``out_dir/resume``, copied to
+    ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
     """
     from safetensors.torch import save_file
 
@@ -350,17 +426,22 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     dev = pick_device(device)
     data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
+    name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
+    resume_dir = out_dir / RESUME_DIR
+    pointer, pulled = _durable_start(checkpoint_uri, name, resume_dir, DistInfo())
     torch.manual_seed(seed * 1000 + 99)
     model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
     model = model.to(dev, memory_format=torch.channels_last).train()
     kd_net = load_teacher(teacher, space, dev) if teacher is not None else None
     opt, steps_per_epoch = sgd(model, schedule, phase, data)
     total = phase.epochs * steps_per_epoch
+    start, elapsed_before = _static_resume(resume_dir, space, cfg, model, opt)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-    bar = Progress(f"{'finetune' if init is not None else 'scratch'}{'-kd' if kd_net is not None else ''}",
-                   total, enabled=progress)
-    t0, loss_sum = time.monotonic(), 0.0
-    for step in range(total):
+    bar = Progress(name, total, enabled=progress, start_step=start)
+    if start:
+        bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
+    t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
+    for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
         x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch)
@@ -377,19 +458,31 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         loss.backward()
         opt.step()
         loss_sum += float(loss.detach())
-        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / (step + 1),
-                   res=cfg.r, **{"img/s": round((step + 1) * schedule.batch_size
-                                                / max(time.monotonic() - t0, 1e-9))})
+        steps_done = step + 1 - start
+        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / steps_done, res=cfg.r,
+                   **{"img/s": round(steps_done * schedule.batch_size / max(time.monotonic() - t0, 1e-9))})
+        if step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
+            meta = {"phase": name, "space": space.to_dict(), "config": cfg.to_dict(), "seed": seed,
+                    "global_step": step + 1, "wall_s": elapsed_before + time.monotonic() - t0,
+                    "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(resume_dir, model.state_dict(), meta,
+                                 optimizer=_optimizer_tensors(model, opt))
+            if checkpoint_uri is not None:
+                pointer = durable.push(resume_dir, checkpoint_uri, pointer)
+            last_save = time.monotonic()
     bar.close()
-    wall = time.monotonic() - t0
+    wall = elapsed_before + time.monotonic() - t0
     model.eval()
     result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
-              "images_per_s": round(total * schedule.batch_size / max(wall, 1e-9), 1),
+              "images_per_s": round((total - start) * schedule.batch_size
+                                    / max(time.monotonic() - t0, 1e-9), 1),
               "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
               "test_acc": round(accuracy(model, data, "test", cfg.r), 3),
-              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed}
+              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed,
+              "resumed_from_step": start}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))
     done.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the output is what it was before checkpoints
     return result

@@ -37,6 +37,9 @@ def test_components_chain_through_python_func(tmp_path, monkeypatch):
     c.train_teacher.python_func(data=data, teacher=teacher, metrics=m0, **common)
     assert m0.metadata["epochs"] == 1 and "val_acc_max" in m0.metadata and m0.metadata["wall_s"] > 0
     assert m0.metadata["energy_total_j"] > 0 and m0.metadata["emissions_g"] > 0
+    # its checkpoints also went next to its output artifact (durable: a retried pod resumes there)
+    durable = json.loads((tmp_path / "teacher.checkpoints" / "latest.json").read_text())
+    assert durable["phase"] == "teacher" and durable["completed"]
 
     scratch, ms = artifact(dsl.Model, tmp_path / "scratch"), artifact(dsl.Metrics, tmp_path / "ms")
     c.train_scratch.python_func(data=data, model=scratch, metrics=ms, **common)

@@ -90,14 +90,31 @@ def sandwich_ends(phase: PhaseConfig, phase_space: SearchSpace, resolution: int)
     return ends
 
 
+def spread_sample(phase_space: SearchSpace, rng: np.random.Generator, resolution: int,
+                  n: int) -> list[SubnetConfig]:
+    """Subnets whose sizes span the whole range: each draws a size ``t`` uniform in [0, 1], then every
+    depth, kernel and expand choice independently as Binomial(choices - 1, t) into its sorted options.
+    (Per-block uniform choices average out to the middle: they almost never come near the max.)"""
+    t = rng.uniform(size=(n, 1))  # (n, 1)
+
+    def pick(options, width: int) -> np.ndarray:  # (n, width)
+        opts = np.asarray(sorted(options))
+        return opts[rng.binomial(len(opts) - 1, np.broadcast_to(t, (n, width)))]
+
+    d = pick(phase_space.depths, len(phase_space.units))
+    k, e = pick(phase_space.kernels, phase_space.num_slots), pick(phase_space.expands, phase_space.num_slots)
+    return [SubnetConfig(resolution, tuple(map(int, d[i])), tuple(map(int, k[i])),
+                         tuple(map(int, e[i]))).canonical(phase_space) for i in range(n)]
+
+
 def cost_stratified(phase_space: SearchSpace, rng: np.random.Generator, resolution: int, n: int,
                     candidates: int, costs: CostTable) -> list[SubnetConfig]:
     """AttentiveNAS's sampling: for each subnet a MACs level uniform between the phase's min and max
-    subnet at this resolution, then the closest to it of ``candidates`` uniform subnets."""
+    subnet at this resolution, then the closest to it of ``candidates`` subnets (spread_sample)."""
     at_r = lambda c: dataclasses.replace(c, r=resolution)  # noqa: E731
     lo, hi = costs.macs([at_r(phase_space.min_config()), at_r(phase_space.max_config())])
     levels = rng.uniform(float(lo), float(hi), size=n)  # (n,)
-    pool = [at_r(c) for c in phase_space.sample_many(rng, n * candidates)]
+    pool = spread_sample(phase_space, rng, resolution, n * candidates)
     macs = costs.macs(pool).reshape(n, candidates)
     picked = np.abs(macs - levels[:, None]).argmin(axis=1)  # (n,)
     return [pool[i * candidates + int(j)] for i, j in enumerate(picked)]

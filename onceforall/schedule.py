@@ -84,7 +84,7 @@ class PhaseConfig:
     kd_inplace: float = 0.0
     # "uniform": every block's choice uniform (the step's resolution uniform); "cost": AttentiveNAS's
     # stratified sampling, a MACs level uniform between the min and max subnet first, then the
-    # closest of cost_candidates uniform subnets to it
+    # closest to it of cost_candidates subnets drawn across the size range (recipe.spread_sample)
     sampler: str = "uniform"
     cost_candidates: int = 8
     # the step resolution's probabilities, smallest resolution first (None: uniform)

@@ -294,8 +294,12 @@ def paper() -> Schedule:
 SCHEDULES = {"smoke": smoke, "quick": quick, "standard": standard, "paper": paper}
 
 
+ONE_STAGE = "-one-stage"  # a preset's name with this suffix: its one-stage variant (Schedule.one_stage)
+
+
 def get_schedule(name: str) -> Schedule:
-    if name not in SCHEDULES:
+    base = name.removesuffix(ONE_STAGE)
+    if base not in SCHEDULES:
         raise UserError(f"unknown schedule {name!r}", field="schedule",
-                        fix=f"use one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name]()
+                        fix=f"use one of {sorted(SCHEDULES)}, each also with the suffix {ONE_STAGE!r}")
+    return SCHEDULES[base]().one_stage() if name.endswith(ONE_STAGE) else SCHEDULES[base]()

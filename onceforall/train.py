@@ -2,7 +2,8 @@
 
 ``run_phase`` is one stage: it starts from the previous phase's checkpoint (or from scratch for the
 teacher), samples ``subnets_per_step`` subnets of the phase's space at every step, accumulates their
-gradients (label-smoothed cross-entropy plus distillation from the teacher), then takes one SGD step.
+gradients (label-smoothed cross-entropy plus distillation from the teacher, split as the phase's
+recipe fields say: recipe.py), then takes one SGD step.
 Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
 generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
 same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end; with a
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import durable
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
-from .efficiency import CostTable
 from .dist import DistInfo, allreduce_gradients, barrier, broadcast_parameters, init_from_env, rank_checksums
+from .efficiency import CostTable
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
 from .progress import Progress, append_jsonl
@@ -257,8 +258,10 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
     total_steps = phase.epochs * steps_per_epoch
     span = schedule_span(schedule, phase, steps_per_epoch)
-    lr_of = lambda step: lr_at(step, phase, steps_per_epoch, teacher_lr=schedule.teacher.lr,  # noqa: E731
-                               span=span)
+
+    def lr_of(step: int) -> float:
+        return lr_at(step, phase, steps_per_epoch, teacher_lr=schedule.teacher.lr, span=span)
+
     global_step, elapsed_before = 0, 0.0
     if resume is not None:
         _load_optimizer_tensors(net, opt, resume.optimizer or {})

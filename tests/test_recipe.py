@@ -220,7 +220,7 @@ def test_inplace_distillation_learns_from_the_max_subnets_detached_outputs(ce_ma
     max_logits = net(inputs[cfgs[0].r], cfgs[0])
     loss = criterion(max_logits, y)
     loss.backward()
-    expect += float(loss)
+    expect += float(loss.detach())
     target = torch.softmax(max_logits.detach(), 1)
     for cfg in cfgs[1:]:
         logits = net(inputs[cfg.r], cfg)
@@ -324,6 +324,7 @@ def test_one_stage_is_the_teacher_then_everything_elastic(name):
     assert one.teacher == s.teacher and [p.name for p in one.phases] == ["all"]
     assert one.phases[0].space(SPACE) == SPACE and not one.phases[0].sort_channels
     assert one.phases[0].epochs == sum(p.epochs for p in s.phases)
+    assert get_schedule(f"{name}-one-stage") == one and one.name == f"{name}-one-stage"
 
 
 def test_one_stage_trains(tiny_data, tmp_path):

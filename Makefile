@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-kernel bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
+.PHONY: help install run compile test lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedul
 
 bench-kernel: install ## benchmark: what the kernel phase costs the max subnet, one change at a time (~15 min; after bench-ps)
 	$(BIN)/python bench/kernel_phase.py
+
+bench-recipe: install ## benchmark: the shrinking recipe's ablation at equal wall time, test read once for the winner (hours; resumable)
+	$(BIN)/python bench/recipe.py
 
 bench-pipeline: install ## benchmark: local kfp run vs the same stages called in one process (quick)
 	$(BIN)/python bench/pipeline.py

@@ -100,6 +100,39 @@ def kernel_phase(r: dict) -> list[str]:
     return lines + [f"\n{n}" for n in r.get("notes", [])]
 
 
+def recipe(r: dict) -> list[str]:
+    """bench/recipe.py: the ablation's validation scores, and the final recipe's test accuracy."""
+    runs = {(x["name"], x["seed"]): x for x in r["runs"]}
+    base = runs.get(("base", 0))
+    lines = ["## The shrinking recipe, one change at a time (issue #21)", "",
+             f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}  ",
+             f"Code: `{r['code_commit'][:12]}`", "",
+             f"Score: {r['score']} (validation split; a second seed where a change is within "
+             f"{r['close_points']} points of the base). Wall: the whole training, teacher included; "
+             "planned = the variant's measured seconds per step times its steps over the base's "
+             "(whole epochs cannot always match it).", "",
+             "| recipe | seeds | val score (seed 0) | gain (mean over seeds) | max | min | wall "
+             "| planned wall |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    if base is not None:
+        lines.append(f"| base | 0 | {base['val_score']:.2f} | | {base['val_accuracy']['max']:.2f} | "
+                     f"{base['val_accuracy']['min']:.2f} | {_fmt_s(base['wall_s'])} | 1.00 |")
+    for name, g in r.get("gains", {}).items():
+        first = runs[(name, 0)]
+        lines.append(f"| {name} | {', '.join(map(str, g['seeds']))} | {first['val_score']:.2f} | "
+                     f"{g['gain']:+.2f} | {first['val_accuracy']['max']:.2f} | "
+                     f"{first['val_accuracy']['min']:.2f} | {_fmt_s(first['wall_s'])} | "
+                     f"{first['planned_wall_ratio']:.2f} |")
+    final = r.get("final", {})
+    if "test_accuracy" in final:
+        t = final["test_accuracy"]
+        lines += ["", f"Final recipe: the base with {', '.join(final['changes']) or 'no change'}"
+                  + (f" (left out: {'; '.join(final['left_out'])})" if final["left_out"] else "")
+                  + ". Test accuracy (%), read once: "
+                  + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
+    return lines
+
+
 def _plot_ps(r: dict) -> bool:
     plt = _pyplot()
     phases = r.get("phases", [])
@@ -532,6 +565,7 @@ def host_probe(r: dict) -> list[str]:
 
 
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
+            "recipe.json": recipe,
             "specialize.json": specialize, "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
             "claim.json": claim}

@@ -4,6 +4,14 @@ A phase says which elastic choices are open (the largest ``n`` of each dimension
 how many subnets are sampled per step and whether the phase's largest and smallest subnets are two of
 them (the sandwich rule), its epochs and learning rate, and whether hidden channels are re-sorted by
 importance when it starts. The paper's five phases are five of these.
+
+The recipe's other knobs (issue #21) are fields too, each defaulting to what training did before
+they existed, so that the presets and the checkpoints written with them train bit-identically:
+the learning rate as a fraction of the teacher's, its decay per phase or across the whole training
+and its floor, momentum carried between phases, which ends the sandwich trains and at which
+resolution, the loss split (cross-entropy on the max subnet only, in-place distillation from its
+detached outputs), the sampler (uniform per block, or a MACs level first), the kernel mode and a
+weight EMA. recipe.py reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,26 @@ from .errors import UserError
 from .space import SearchSpace
 
 PHASE_ORDER = ("teacher", "kernel", "depth-1", "depth-2", "width-1", "width-2")
+
+LR_SPANS = ("phase", "training")
+MOMENTUM = ("fresh", "carry")
+SANDWICH_ENDS = ("both", "max", "min")
+SANDWICH_RESOLUTIONS = ("own", "batch")
+SAMPLERS = ("uniform", "cost")
+KERNEL_MODES = ("transform", "fixed", "coupled")
+
+
+def _one_of(phase: str, field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"phase {phase!r}: {field} {value!r} is not one of {list(allowed)}",
+                        field=field, fix=f"use one of {list(allowed)}")
+
+
+def _at_least(phase: str, field: str, value: float, low: float, fix: str, *,
+              high: float | None = None) -> None:
+    if not (value >= low and (high is None or value < high)):
+        bounds = f">= {low}" + ("" if high is None else f" and < {high}")
+        raise UserError(f"phase {phase!r}: {field} {value} must be {bounds}", field=field, fix=fix)
 
 
 @dataclass(frozen=True)
@@ -32,14 +60,82 @@ class PhaseConfig:
     sort_channels: bool = False
     n_resolutions: int | None = None
     # Every step trains the phase's largest and smallest subnet besides the random ones (BigNAS's
-    # sandwich rule); needs subnets_per_step >= 3.
+    # sandwich rule); needs subnets_per_step >= 3 (2 with one end).
     sandwich: bool = False
+    # -- recipe knobs (issue #21); the defaults are the recipe before them -------------------------
+    # ``lr`` is a fraction of the teacher's peak lr (the reference's phases use 3-9% of it)
+    lr_of_teacher: bool = False
+    # "phase": warm-up and cosine decay within the phase (a restart at every phase); "training": the
+    # cosine's shape spans the whole schedule (teacher and every phase), the phase's lr its height,
+    # so that phases at the teacher's lr (lr_of_teacher, lr 1.0) make one continuous schedule
+    lr_span: str = "phase"
+    # the cosine ends at this fraction of the phase's peak lr, not at 0 (BigNAS: a small constant)
+    lr_floor: float = 0.0
+    # "carry": start from the previous phase's momentum buffers (its final checkpoint keeps them)
+    momentum: str = "fresh"
+    # which ends the sandwich trains, and whether at their own resolutions (the largest and the
+    # smallest; "own") or at the step's batch resolution ("batch")
+    sandwich_ends: str = "both"
+    sandwich_resolution: str = "own"
+    # the loss split: cross-entropy (label-smoothed) on every subnet, or on the max subnet only
+    # (the sandwich's max end; the others then learn from distillation alone); kd_ratio weighs
+    # distillation from the frozen teacher, kd_inplace from the max subnet's detached outputs
+    ce_max_only: bool = False
+    kd_inplace: float = 0.0
+    # "uniform": every block's choice uniform (the step's resolution uniform); "cost": AttentiveNAS's
+    # stratified sampling, a MACs level uniform between the min and max subnet first, then the
+    # closest to it of cost_candidates subnets drawn across the size range (recipe.spread_sample)
+    sampler: str = "uniform"
+    cost_candidates: int = 8
+    # the step resolution's probabilities, smallest resolution first (None: uniform)
+    resolution_probs: tuple[float, ...] | None = None
+    # "transform": a smaller kernel is the centre of the larger through learned matrices (OFA);
+    # "fixed": the plain centre crop, the matrices frozen at identity; "coupled": as transform, with
+    # each block's kernel tied to its expand ratio (the i-th smallest with the i-th smallest,
+    # CompOFA's compound coupling), so that kernel and width shrink together
+    kernel_mode: str = "transform"
+    # a weight EMA with this decay (0: none); the phase's evaluations and its output are the EMA's
+    # weights, BN statistics recalibrated before every evaluation
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.sandwich and self.subnets_per_step < 3:
-            raise UserError(f"phase {self.name!r}: the sandwich rule trains the largest, the smallest "
-                            f"and random subnets, {self.subnets_per_step} per step is too few",
-                            field="subnets_per_step", fix="sample at least 3 subnets per step")
+        ends = 2 if self.sandwich_ends == "both" else 1
+        if self.sandwich and self.subnets_per_step < ends + 1:
+            raise UserError(f"phase {self.name!r}: the sandwich rule trains {self.sandwich_ends} "
+                            f"end(s) and random subnets, {self.subnets_per_step} per step is too few",
+                            field="subnets_per_step", fix=f"sample at least {ends + 1} subnets per step")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        for field, allowed in (("lr_span", LR_SPANS), ("momentum", MOMENTUM),
+                               ("sandwich_ends", SANDWICH_ENDS),
+                               ("sandwich_resolution", SANDWICH_RESOLUTIONS), ("sampler", SAMPLERS),
+                               ("kernel_mode", KERNEL_MODES)):
+            _one_of(self.name, field, getattr(self, field), allowed)
+        _at_least(self.name, "lr_floor", self.lr_floor, 0.0, "a fraction of the peak lr in [0, 1)",
+                  high=1.0)
+        _at_least(self.name, "ema_decay", self.ema_decay, 0.0, "0 (no EMA) or a decay like 0.999",
+                  high=1.0)
+        _at_least(self.name, "kd_inplace", self.kd_inplace, 0.0, "a weight >= 0")
+        _at_least(self.name, "cost_candidates", self.cost_candidates, 1, "draw at least 1 candidate")
+        has_max = self.sandwich and self.sandwich_ends in ("both", "max")
+        if (self.kd_inplace > 0 or self.ce_max_only) and not has_max:
+            raise UserError(f"phase {self.name!r}: in-place distillation and ce_max_only need the max "
+                            "subnet trained first at every step", field="sandwich",
+                            fix="set sandwich=True with sandwich_ends 'both' or 'max'")
+        if self.ce_max_only and self.kd_inplace <= 0 and self.kd_ratio <= 0:
+            raise UserError(f"phase {self.name!r}: with ce_max_only the other subnets need a "
+                            "distillation loss", field="ce_max_only",
+                            fix="set kd_inplace or kd_ratio > 0, or ce_max_only=False")
+        if self.resolution_probs is not None and (
+                min(self.resolution_probs, default=-1) < 0 or abs(sum(self.resolution_probs) - 1) > 1e-6):
+            raise UserError(f"phase {self.name!r}: resolution_probs {list(self.resolution_probs)} are "
+                            "not probabilities", field="resolution_probs",
+                            fix="give one probability >= 0 per resolution, summing to 1, or None")
+
+    def peak_lr(self, teacher_lr: float) -> float:
+        """The phase's absolute peak learning rate."""
+        return self.lr * teacher_lr if self.lr_of_teacher else self.lr
 
     def space(self, full: SearchSpace) -> SearchSpace:
         """The sub-space this phase samples from: the largest ``n`` choices of each dimension."""
@@ -78,6 +174,18 @@ class Schedule:
     latency_window_s: float = 2.0
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        t = self.teacher
+        if t.lr_of_teacher or t.momentum != "fresh" or t.kd_inplace or t.ce_max_only:
+            raise UserError(f"schedule {self.name!r}: the teacher has no teacher and no previous phase",
+                            field="teacher", fix="keep lr absolute, momentum 'fresh', kd_inplace 0 "
+                                                 "and ce_max_only False in the teacher phase")
+        for p in self.phases:
+            if p.momentum == "carry" and p.sort_channels:
+                raise UserError(f"phase {p.name!r} re-sorts channels, so the previous phase's momentum "
+                                "no longer matches its weights", field="momentum",
+                                fix="use momentum 'fresh' in phases with sort_channels")
+
     def all_phases(self) -> tuple[PhaseConfig, ...]:
         return (self.teacher, *self.phases)
 
@@ -99,6 +207,16 @@ class Schedule:
                                          n_expands=None, sort_channels=False)
                      for i, p in enumerate(self.phases))
         return dataclasses.replace(self, name=f"{self.name}-no-ps", phases=flat)
+
+    def one_stage(self) -> "Schedule":
+        """The one-stage recipe: the teacher, then one phase with every dimension elastic for all the
+        shrinking phases' epochs, sampling as the last (everything elastic) phase does."""
+        last = self.phases[-1]
+        stage = dataclasses.replace(last, name="all", epochs=sum(p.epochs for p in self.phases),
+                                    warmup_epochs=self.phases[0].warmup_epochs, n_kernels=None,
+                                    n_depths=None, n_expands=None, n_resolutions=None,
+                                    sort_channels=False)
+        return dataclasses.replace(self, name=f"{self.name}-one-stage", phases=(stage,))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,8 +294,12 @@ def paper() -> Schedule:
 SCHEDULES = {"smoke": smoke, "quick": quick, "standard": standard, "paper": paper}
 
 
+ONE_STAGE = "-one-stage"  # a preset's name with this suffix: its one-stage variant (Schedule.one_stage)
+
+
 def get_schedule(name: str) -> Schedule:
-    if name not in SCHEDULES:
+    base = name.removesuffix(ONE_STAGE)
+    if base not in SCHEDULES:
         raise UserError(f"unknown schedule {name!r}", field="schedule",
-                        fix=f"use one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name]()
+                        fix=f"use one of {sorted(SCHEDULES)}, each also with the suffix {ONE_STAGE!r}")
+    return SCHEDULES[base]().one_stage() if name.endswith(ONE_STAGE) else SCHEDULES[base]()

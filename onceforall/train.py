@@ -2,7 +2,8 @@
 
 ``run_phase`` is one stage: it starts from the previous phase's checkpoint (or from scratch for the
 teacher), samples ``subnets_per_step`` subnets of the phase's space at every step, accumulates their
-gradients (label-smoothed cross-entropy plus distillation from the teacher), then takes one SGD step.
+gradients (label-smoothed cross-entropy plus distillation from the teacher, split as the phase's
+recipe fields say: recipe.py), then takes one SGD step.
 Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
 generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
 same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end; with a
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -30,9 +30,12 @@ from . import checkpoint as ckpt
 from . import durable
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
 from .dist import DistInfo, allreduce_gradients, barrier, broadcast_parameters, init_from_env, rank_checksums
+from .efficiency import CostTable
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
 from .progress import Progress, append_jsonl
+from .recipe import (WeightEMA, freeze_transforms, lr_at, schedule_span, soft_cross_entropy,
+                     step_configs, step_resolution, train_step_losses)
 from .schedule import PhaseConfig, Schedule
 from .space import SearchSpace, SubnetConfig
 from .supernet import OFASupernet
@@ -60,33 +63,13 @@ def reference_configs(space: SearchSpace) -> dict[str, SubnetConfig]:
     }
 
 
-def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int) -> float:
-    """Linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 (per step)."""
-    warm = phase.warmup_epochs * steps_per_epoch
-    total = phase.epochs * steps_per_epoch
-    if step < warm:
-        return phase.lr * (step + 1) / warm
-    progress = (step - warm) / max(total - warm, 1)
-    return 0.5 * phase.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def step_configs(phase: PhaseConfig, phase_space: SearchSpace, rng: np.random.Generator,
-                 resolution: int) -> list[SubnetConfig]:
-    """The subnets one step trains, each with the resolution it sees: random ones at the batch's
-    ``resolution``, or with the sandwich rule the phase's largest subnet at its largest resolution and
-    its smallest at its smallest first, as BigNAS and AttentiveNAS train them (drawn from ``rng``
-    either way, so that the stream does not depend on it)."""
-    cfgs = [dataclasses.replace(c, r=resolution)
-            for c in phase_space.sample_many(rng, phase.subnets_per_step)]
-    if phase.sandwich:
-        cfgs[:2] = [phase_space.max_config(), phase_space.min_config()]
-    return cfgs
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on batch-norm parameters and biases (the paper's recipe)."""
+    """No weight decay on batch-norm parameters and biases (the paper's recipe); frozen parameters
+    (the fixed kernel mode's transforms) are not optimized at all."""
     decay, no_decay = [], []
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights and biases are the 1-D ones
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -108,10 +91,6 @@ def sgd(model: torch.nn.Module, schedule: Schedule, phase: PhaseConfig,
     opt = torch.optim.SGD(param_groups(model, schedule.weight_decay), lr=phase.lr,
                           momentum=schedule.momentum, nesterov=True)
     return opt, steps_per_epoch
-
-
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-target_probs * F.log_softmax(logits, dim=1), dim=1).mean()
 
 
 @dataclass
@@ -183,6 +162,53 @@ def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: 
                         fix="give this run its own --out (and --checkpoint-uri), or the same settings")
 
 
+def _start_weights(net: OFASupernet, space: SearchSpace, schedule: Schedule, phase: PhaseConfig,
+                   out_dir: Path, init: str | Path | None, seed: int,
+                   resumed_from: str) -> ckpt.Checkpoint | None:
+    """Load the weights the phase starts from: its own checkpoint (returned, to resume) or the previous
+    phase's (channels re-sorted if the phase says so); the teacher may start from scratch."""
+    if (out_dir / ckpt.SIDECAR).is_file():
+        meta = ckpt.read_meta(out_dir)
+        if meta.get("phase") != phase.name:
+            raise UserError(f"holds a checkpoint of phase {meta.get('phase')!r}, not {phase.name!r}",
+                            source=str(out_dir), field="phase",
+                            fix="give each phase its own output folder")
+        resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
+        _check_same_run(resume.meta, seed, schedule, resumed_from)
+        if not resume.meta.get("completed"):
+            ckpt.load_weights(net, resume)
+        return resume
+    if init is not None:
+        ckpt.load_weights(net, ckpt.load_checkpoint(init, space=space))
+        if phase.sort_channels:
+            prev = schedule.previous(phase.name)
+            net.sort_channels_(prev.space(space).expands if prev else ())
+    elif phase.name != schedule.teacher.name:
+        raise UserError(f"phase {phase.name!r} needs the previous phase's checkpoint", field="init",
+                        fix="pass --init with the previous phase's output folder")
+    return None
+
+
+def _carry_momentum(net: OFASupernet, opt: torch.optim.Optimizer, phase: PhaseConfig,
+                    init: str | Path | None) -> None:
+    """Momentum 'carry': start from the momentum buffers the previous phase's output kept."""
+    if phase.momentum != "carry" or init is None:
+        return
+    previous = ckpt.load_checkpoint(init, with_optimizer=True)
+    if previous.optimizer is None:
+        raise UserError(f"phase {phase.name!r} carries momentum, but the previous phase's output keeps "
+                        "none", source=str(init), field="momentum",
+                        fix="retrain the previous phase with this schedule, or use momentum 'fresh'")
+    _load_optimizer_tensors(net, opt, previous.optimizer)
+
+
+def _keeps_momentum(schedule: Schedule, phase: PhaseConfig) -> bool:
+    """Whether the phase after this one carries momentum, so this one's output must keep it."""
+    names = [p.name for p in schedule.all_phases()]
+    i = names.index(phase.name)
+    return i + 1 < len(names) and schedule.all_phases()[i + 1].momentum == "carry"
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -196,6 +222,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     ``checkpoint_uri``: durable storage (``s3://bucket/prefix`` or a folder) that every checkpoint is
     copied to; when ``out_dir`` has none, the phase resumes from the newest one there. It must be
     writable, checked before anything else.
+    With ``ema_decay`` the per-epoch validation and the saved output are the EMA's weights (mid-phase
+    checkpoints keep the live weights, the EMA beside the momentum buffers).
     """
     phase = schedule.phase(phase_name)
     phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
@@ -210,26 +238,10 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     # -- state: resume, or start from the previous phase -------------------------------------
     torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
     net = OFASupernet(space)
-    resume = None
-    if (out_dir / ckpt.SIDECAR).is_file():
-        meta = ckpt.read_meta(out_dir)
-        if meta.get("phase") != phase.name:
-            raise UserError(f"holds a checkpoint of phase {meta.get('phase')!r}, not {phase.name!r}",
-                            source=str(out_dir), field="phase",
-                            fix="give each phase its own output folder")
-        resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
-        _check_same_run(resume.meta, seed, schedule, resumed_from)
-        if resume.meta.get("completed"):
-            return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
-        ckpt.load_weights(net, resume)
-    elif init is not None:
-        ckpt.load_weights(net, ckpt.load_checkpoint(init, space=space))
-        if phase.sort_channels:
-            prev = schedule.previous(phase.name)
-            net.sort_channels_(prev.space(space).expands if prev else ())
-    elif phase.name != schedule.teacher.name:
-        raise UserError(f"phase {phase.name!r} needs the previous phase's checkpoint", field="init",
-                        fix="pass --init with the previous phase's output folder")
+    resume = _start_weights(net, space, schedule, phase, out_dir, init, seed, resumed_from)
+    if resume is not None and resume.meta.get("completed"):
+        return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
+    freeze_transforms(net, phase)
 
     kd_net = None
     if phase.kd_ratio > 0:
@@ -241,20 +253,31 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
 
     net = net.to(dev, memory_format=torch.channels_last).train()
     broadcast_parameters(net, info)
-    params = [p for p in net.parameters()]
+    params = [p for p in net.parameters() if p.requires_grad]
     opt, steps_per_epoch = sgd(net, schedule, phase, data)
+    ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
     total_steps = phase.epochs * steps_per_epoch
+    span = schedule_span(schedule, phase, steps_per_epoch)
+
+    def lr_of(step: int) -> float:
+        return lr_at(step, phase, steps_per_epoch, teacher_lr=schedule.teacher.lr, span=span)
+
     global_step, elapsed_before = 0, 0.0
     if resume is not None:
         _load_optimizer_tensors(net, opt, resume.optimizer or {})
+        if ema is not None:
+            ema.load(resume.optimizer or {})
         global_step = int(resume.meta["global_step"])
         elapsed_before = float(resume.meta.get("wall_s", 0.0))
         ckpt.set_rng_state(resume.meta["rng"])
-    start_step = global_step
-    if resume is None:
+    else:
+        _carry_momentum(net, opt, phase, init)
         resumed_from = ""
+    start_step = global_step
+    evaluated = ema.net if ema is not None else net
 
     teacher_res = max(space.resolutions)
+    costs = CostTable.build(space) if phase.sampler == "cost" else None
     calib = calibration_images(data, schedule.bn_calib_images, seed)
     refs = reference_configs(space)
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
@@ -273,15 +296,16 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
                 "schedule": schedule.to_dict(), "seed": seed, "completed": completed,
                 "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "lr": lr_at(min(global_step, total_steps - 1), phase,
-                                                        steps_per_epoch),
+                "total_steps": total_steps, "lr": lr_of(min(global_step, total_steps - 1)),
                 "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
                 "dataset": data.describe(), "world_size": info.world}
         if result is not None:
             meta["result"] = result
         meta.update(extra)
-        ckpt.save_checkpoint(out_dir, net.state_dict(), meta,
-                             optimizer=None if completed else _optimizer_tensors(net, opt))
+        buffers = _optimizer_tensors(net, opt) | (ema.tensors() if ema is not None else {})
+        ckpt.save_checkpoint(out_dir, (evaluated if completed else net).state_dict(), meta,
+                             optimizer=None if completed and not _keeps_momentum(schedule, phase)
+                             else buffers)
         if checkpoint_uri is not None:
             pointer = durable.push(out_dir, checkpoint_uri, pointer)
 
@@ -293,31 +317,26 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                            seed=seed * 1000 + phase_index, epoch=epoch, rank=info.rank,
                            world=info.world)
         rng = np.random.default_rng([seed, phase_index, global_step])
-        resolution = int(rng.choice(phase_space.resolutions))
-        cfgs = step_configs(phase, phase_space, rng, resolution)
+        resolution = step_resolution(phase, phase_space, rng)
+        cfgs = step_configs(phase, phase_space, rng, resolution, costs)
         x, y = x.to(dev), y.to(dev)
         # the batch at each resolution this step needs, resized once (the teacher's is often the
         # sandwich's largest subnet's too)
         needed = {c.r for c in cfgs} | ({teacher_res} if kd_net is not None else set())
         inputs = {r: resize(x, r) for r in needed}
         for group in opt.param_groups:
-            group["lr"] = lr_at(global_step, phase, steps_per_epoch)
+            group["lr"] = lr_of(global_step)
 
         soft = None
         if kd_net is not None:
             with torch.no_grad():  # the teacher sees the images at the largest resolution
                 soft = F.softmax(kd_net(inputs[teacher_res], space.max_config()), dim=1)
-        step_loss = 0.0
-        for cfg in cfgs:
-            logits = net(inputs[cfg.r], cfg)
-            loss = criterion(logits, y)
-            if soft is not None:
-                loss = loss + phase.kd_ratio * soft_cross_entropy(logits, soft)
-            loss.backward()
-            step_loss += float(loss.detach())
+        step_loss = train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
         allreduce_gradients(params, info)
         opt.step()
         opt.zero_grad(set_to_none=False)
+        if ema is not None:
+            ema.update(net)
         global_step += 1
         images_seen += len(y) * info.world
         loss_sum += step_loss / phase.subnets_per_step
@@ -328,7 +347,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
 
         end_of_epoch = global_step % steps_per_epoch == 0
         if end_of_epoch and info.is_main:
-            val_acc = evaluate_subnets(net, tracked, data, calib, split="val")
+            val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
             record = {"phase": phase.name, "epoch": epoch + 1, "global_step": global_step,
                       "train_loss": round(loss_sum / loss_n, 5), "images_per_s": round(rate, 1),
                       "lr": opt.param_groups[0]["lr"], "val_accuracy": val_acc,
@@ -351,7 +370,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     bar.close()
     checksums = rank_checksums(net, info)
     if not val_acc and info.is_main:
-        val_acc = evaluate_subnets(net, tracked, data, calib, split="val")
+        val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
     wall = elapsed_before + time.monotonic() - t_start
     result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
                          round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,

@@ -1,0 +1,363 @@
+"""Benchmark: which shrinking recipe gives subnets as good as training them alone (issue #21).
+
+An ablation from a base recipe (the `standard` schedule), one change at a time (VARIANTS), at equal
+wall time: each variant's shrinking epochs are scaled so that its measured seconds per step times its
+steps match the base's (epochs are whole numbers, so the planned ratio is recorded beside the
+measured wall times). Every variant is trained with seed 0; where its validation score is within
+0.3 points of the base's, both are trained again with seed 1 and compared on their means. The score
+is the mean validation accuracy of the reference subnets (max, mid, shallow-wide, deep-narrow, min;
+BN recalibrated), on the validation split only. The final recipe is the base with every change that
+won, applied in the order of their gains (one that cannot combine with the ones before it is left
+out, and said so); it is trained, validated, and then the test set is read, once, for it alone.
+
+Resumable: every stage is a checkpoint folder under --work (teachers shared by the variants that
+train the same teacher), and every result is written to the results file as soon as it exists.
+
+    python bench/recipe.py                       # hours on 2 cores: docs/results/recipe.json
+    python bench/recipe.py --tiny --work /tmp/r  # ~2 min on synthetic data: the harness end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from progressive_shrinking import machine, weights_sha256  # noqa: E402  (bench/)
+
+from onceforall import checkpoint as ckpt  # noqa: E402
+from onceforall.data import calibration_images, load_dataset, resize, subsample, train_batch  # noqa: E402
+from onceforall.efficiency import CostTable  # noqa: E402
+from onceforall.errors import UserError  # noqa: E402
+from onceforall.evaluate import evaluate_subnets  # noqa: E402
+from onceforall.recipe import step_configs, step_resolution, train_step_losses  # noqa: E402
+from onceforall.schedule import PhaseConfig, Schedule, get_schedule  # noqa: E402
+from onceforall.space import SearchSpace, UnitSpec, get_space  # noqa: E402
+from onceforall.supernet import OFASupernet  # noqa: E402
+from onceforall.train import reference_configs, run_phase, sgd  # noqa: E402
+
+DOCS_RESULTS = ROOT / "docs" / "results" / "recipe.json"
+CLOSE = 0.3  # points: under this difference from the base, a second seed decides
+SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    why: str
+    change: Callable[[Schedule], Schedule]
+
+
+def each_phase(fn: Callable[[PhaseConfig], PhaseConfig]) -> Callable[[Schedule], Schedule]:
+    """A change to every shrinking phase (the teacher stays as it is)."""
+    return lambda s: dataclasses.replace(s, phases=tuple(fn(p) for p in s.phases))
+
+
+def _sandwich(p: PhaseConfig, **more) -> PhaseConfig:
+    return dataclasses.replace(p, sandwich=True, subnets_per_step=max(3, p.subnets_per_step), **more)
+
+
+def _continuous(s: Schedule) -> Schedule:
+    """One cosine from the teacher's peak over the whole training, ending at 5% of it (BigNAS)."""
+    teacher = dataclasses.replace(s.teacher, lr_span="training", lr_floor=0.05)
+    return dataclasses.replace(s, teacher=teacher, phases=tuple(
+        dataclasses.replace(p, lr=1.0, lr_of_teacher=True, lr_span="training", lr_floor=0.05,
+                            warmup_epochs=0) for p in s.phases))
+
+
+VARIANTS = (
+    Variant("lr 5% of the teacher's", "the reference's phases use 3-9% of the teacher's lr, ours 10-30%",
+            each_phase(lambda p: dataclasses.replace(p, lr=0.05, lr_of_teacher=True))),
+    Variant("lr floor 5%", "BigNAS ends at a small constant, not 0",
+            each_phase(lambda p: dataclasses.replace(p, lr_floor=0.05))),
+    Variant("one continuous lr", "no restart: one cosine from the teacher's peak over the training",
+            _continuous),
+    # momentum cannot follow a channel re-sort (the buffers would not match the weights)
+    Variant("momentum carried", "no fresh momentum at every phase",
+            each_phase(lambda p: p if p.sort_channels else dataclasses.replace(p, momentum="carry"))),
+    Variant("sandwich everywhere", "the max subnet is almost never trained in the kernel and depth phases",
+            each_phase(_sandwich)),
+    Variant("in-place distillation", "only the max gets cross-entropy; the others learn from its outputs",
+            each_phase(lambda p: _sandwich(p, ce_max_only=True, kd_inplace=1.0, kd_ratio=0.0))),
+    Variant("in-place + teacher", "the max's outputs and the frozen teacher's, half each",
+            each_phase(lambda p: _sandwich(p, kd_inplace=0.5, kd_ratio=0.5))),
+    Variant("cost sampler", "a MACs level first, then a subnet near it (AttentiveNAS)",
+            each_phase(lambda p: dataclasses.replace(p, sampler="cost"))),
+    Variant("resolution bias", "the targets' subnets run at 24-28 px; 20 px drawn less",
+            each_phase(lambda p: p if p.n_resolutions == 1 else dataclasses.replace(
+                p, resolution_probs=(0.2, 0.4, 0.4)))),
+    Variant("kernel fixed", "a 7x7 kernel adds nothing on 2x2 and 4x4 maps; no transform to learn",
+            each_phase(lambda p: dataclasses.replace(p, kernel_mode="fixed"))),
+    Variant("kernel coupled", "kernel shrinks with width (CompOFA)",
+            each_phase(lambda p: dataclasses.replace(p, kernel_mode="coupled"))),
+    Variant("weight EMA", "an EMA of the weights, BN recalibrated before evaluation",
+            each_phase(lambda p: dataclasses.replace(p, ema_decay=0.995))),
+    Variant("one stage", "teacher, then everything elastic at once (Shipard et al. 2022)",
+            lambda s: s.one_stage()),
+)
+
+
+# -- equal wall time ------------------------------------------------------------------------------
+
+def seconds_per_step(space: SearchSpace, schedule: Schedule, phase: PhaseConfig, data, steps: int) -> float:
+    """Median seconds of one training step of ``phase`` (the first step, a warm-up, not counted)."""
+    torch.manual_seed(0)
+    net = OFASupernet(space).to(memory_format=torch.channels_last).train()
+    opt, _ = sgd(net, schedule, phase, data)
+    teacher = OFASupernet(space).eval().requires_grad_(False) if phase.kd_ratio > 0 else None
+    costs = CostTable.build(space) if phase.sampler == "cost" else None
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+    order, sub, times = np.arange(len(data.train)), phase.space(space), []
+    for step in range(steps + 1):
+        t = time.monotonic()
+        x, y = train_batch(data, order, step, schedule.batch_size, seed=0, epoch=0)
+        rng = np.random.default_rng(step)
+        cfgs = step_configs(phase, sub, rng, step_resolution(phase, sub, rng), costs)
+        inputs = {r: resize(x, r) for r in {c.r for c in cfgs} | {max(space.resolutions)}}
+        soft = None
+        if teacher is not None:
+            with torch.no_grad():
+                soft = torch.softmax(teacher(inputs[max(space.resolutions)], space.max_config()), 1)
+        train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        times.append(time.monotonic() - t)
+    return float(np.median(times[1:]))
+
+
+def equalize(space: SearchSpace, base: Schedule, variant: Schedule, data,
+             steps: int) -> tuple[Schedule, dict]:
+    """The variant with its shrinking epochs scaled to the base's shrinking time, and the plan."""
+    def cost(s: Schedule) -> tuple[float, list[float]]:
+        rates = [seconds_per_step(space, s, p, data, steps) for p in s.phases]
+        return sum(r * p.epochs for r, p in zip(rates, s.phases)), rates
+
+    base_s, _ = cost(base)
+    var_s, rates = cost(variant)
+    scale = base_s / var_s
+    phases = tuple(dataclasses.replace(p, epochs=max(1, round(p.epochs * scale))) for p in variant.phases)
+    planned = sum(r * p.epochs for r, p in zip(rates, phases))
+    return dataclasses.replace(variant, phases=phases), {
+        "scale": round(scale, 3), "epochs": [p.epochs for p in phases],
+        "planned_wall_ratio": round(planned / base_s, 3)}
+
+
+# -- training and scoring ---------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _teacher_key(schedule: Schedule, seed: int) -> str:
+    """Variants that train the same teacher share it (the momentum it keeps is part of it)."""
+    keeps = bool(schedule.phases) and schedule.phases[0].momentum == "carry"
+    raw = json.dumps([dataclasses.asdict(schedule.teacher), keeps, seed, schedule.batch_size,
+                      schedule.train_images], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def train(space: SearchSpace, schedule: Schedule, data, work: Path, folder: Path,
+          seed: int) -> tuple[Path, float]:
+    """The teacher (shared) and the schedule's phases; the last phase's folder and the total wall."""
+    teacher_dir = work / "teachers" / _teacher_key(schedule, seed) / schedule.teacher.name
+    wall = run_phase(space, schedule, schedule.teacher.name, data, teacher_dir, seed=seed).wall_s
+    prev = teacher_dir
+    for p in schedule.phases:
+        res = run_phase(space, schedule, p.name, data, folder / p.name, init=prev,
+                        teacher=teacher_dir if p.kd_ratio > 0 else None, seed=seed)
+        wall += res.wall_s
+        prev = folder / p.name
+    return prev, round(wall, 1)
+
+
+def accuracy(space: SearchSpace, folder: Path, data, calib, split: str) -> dict[str, float]:
+    net = OFASupernet(space)
+    ckpt.load_weights(net, ckpt.load_checkpoint(folder, space=space))
+    return evaluate_subnets(net.to(memory_format=torch.channels_last), reference_configs(space), data,
+                            calib, split=split)
+
+
+def score(acc: dict[str, float]) -> float:
+    return round(float(np.mean(list(acc.values()))), 3)
+
+
+# -- the ablation -----------------------------------------------------------------------------------
+
+class Bench:
+    """The results file, kept on disk after every measurement."""
+
+    def __init__(self, out: Path, header: dict):
+        self.out = out
+        self.r = json.loads(out.read_text()) if out.exists() else {}
+        if self.r.get("base") != json.loads(json.dumps(header["base"])):
+            self.r = {}  # another base recipe: start over
+        self.r.update(header)
+        self.r.setdefault("runs", [])
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.r, indent=1))
+
+    def run(self, name: str, seed: int) -> dict | None:
+        return next((x for x in self.r["runs"] if x["name"] == name and x["seed"] == seed), None)
+
+
+def measure(bench: Bench, name: str, schedule: Schedule, plan: dict, ctx: dict, seed: int) -> dict:
+    """Train and validate one recipe with one seed, unless the results already hold it."""
+    done = bench.run(name, seed)
+    if done is not None:
+        return done
+    folder = ctx["work"] / _slug(name) / f"seed{seed}"
+    folder, wall = train(ctx["space"], schedule, ctx["data"], ctx["work"], folder, seed)
+    val = accuracy(ctx["space"], folder, ctx["data"], ctx["calib"], "val")
+    row = {"name": name, "seed": seed, "wall_s": wall, "val_accuracy": val, "val_score": score(val),
+           "supernet_sha256": weights_sha256(folder), "folder": str(folder), "code_commit": ctx["commit"],
+           **plan}
+    bench.r["runs"].append(row)
+    bench.save()
+    print(f"[bench] {name} seed {seed}: {wall:.0f}s val {row['val_score']}", flush=True)
+    return row
+
+
+def mean_score(bench: Bench, name: str, seeds: list[int]) -> float:
+    return round(float(np.mean([bench.run(name, s)["val_score"] for s in seeds])), 3)
+
+
+def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant]]:
+    """Every variant against the base; the ones that won on validation, with their gains."""
+    measure(bench, "base", base, {}, ctx, SEEDS[0])
+    plans, winners = bench.r.setdefault("plans", {}), []
+    for v in VARIANTS:
+        if v.name not in plans:  # the probe is measured once: a rerun trains what it planned
+            plans[v.name] = equalize(ctx["space"], base, v.change(base), ctx["data"], ctx["probe_steps"])[1]
+            bench.save()
+        schedule = _with_epochs(v.change(base), plans[v.name]["epochs"], base.name)
+        measure(bench, v.name, schedule, plans[v.name], ctx, SEEDS[0])
+        seeds = [SEEDS[0]]
+        if abs(bench.run(v.name, SEEDS[0])["val_score"] - bench.run("base", SEEDS[0])["val_score"]) < CLOSE:
+            measure(bench, "base", base, {}, ctx, SEEDS[1])
+            measure(bench, v.name, schedule, plans[v.name], ctx, SEEDS[1])
+            seeds = list(SEEDS)
+        gain = round(mean_score(bench, v.name, seeds) - mean_score(bench, "base", seeds), 3)
+        bench.r.setdefault("gains", {})[v.name] = {"gain": gain, "seeds": seeds, "why": v.why}
+        bench.save()
+        if gain > 0:
+            winners.append((gain, v))
+    return sorted(winners, key=lambda gv: -gv[0])
+
+
+def _with_epochs(schedule: Schedule, epochs: list[int], name: str) -> Schedule:
+    """The planned epochs; every recipe keeps the base's name, so that the variants that train the same
+    teacher share it (a checkpoint continues only a run of its schedule's name; the folders differ)."""
+    return dataclasses.replace(schedule, name=name, phases=tuple(
+        dataclasses.replace(p, epochs=e) for p, e in zip(schedule.phases, epochs)))
+
+
+def final_recipe(base: Schedule,
+                 winners: list[tuple[float, Variant]]) -> tuple[Schedule, list[str], list[str]]:
+    """The base with every winning change, largest gain first; one that does not combine is left out."""
+    schedule, used, left_out = base, [], []
+    for _, v in winners:
+        try:
+            schedule = v.change(schedule)
+            used.append(v.name)
+        except UserError as exc:
+            left_out.append(f"{v.name}: {exc}")
+    return schedule, used, left_out
+
+
+def finish(bench: Bench, base: Schedule, winners, ctx: dict) -> None:
+    """Train the final recipe, validate it, then read the test set once, for it alone."""
+    final, used, left_out = final_recipe(base, winners)
+    if "final" not in bench.r:
+        _, plan = equalize(ctx["space"], base, final, ctx["data"], ctx["probe_steps"])
+        bench.r["final"] = {"changes": used, "left_out": left_out, "plan": plan,
+                            "schedule": final.to_dict()}
+        bench.save()
+    plan = bench.r["final"]["plan"]
+    final = _with_epochs(final, plan["epochs"], base.name)
+    row = measure(bench, "final", final, plan, ctx, SEEDS[0])
+    if "test_accuracy" not in bench.r["final"]:
+        bench.r["final"]["test_accuracy"] = accuracy(ctx["space"], Path(row["folder"]), ctx["data"],
+                                                     ctx["calib"], "test")
+        bench.save()
+
+
+# -- set-up -------------------------------------------------------------------------------------------
+
+def tiny_setup() -> tuple[SearchSpace, Schedule, object]:
+    """Synthetic images, a two-unit space and the smoke schedule on 128 images: the whole harness
+    in about two minutes (its numbers mean nothing)."""
+    space = dataclasses.replace(
+        get_space("fashion-mnist"), name="tiny", stem_width=8, first_block_width=8,
+        units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
+        resolutions=(16, 20, 24), final_expand_width=64, feature_width=64)
+    s = get_schedule("smoke")
+    base = dataclasses.replace(s, name="tiny", batch_size=32, train_images=64, val_images=None,
+                               bn_calib_images=64, bn_calib_batch=64)
+    return space, base, load_dataset("synthetic:400", val_size=100)
+
+
+def code_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=None, help="checkpoints (default bench/_work/recipe)")
+    ap.add_argument("--out", default=None, help=f"results (default {DOCS_RESULTS.relative_to(ROOT)}; "
+                                                "with --tiny, WORK/recipe.json)")
+    ap.add_argument("--tiny", action="store_true", help="synthetic data, a tiny space: the harness only")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        if args.work is None:
+            ap.error("--tiny needs --work (a scratch folder)")
+        out = Path(args.out) if args.out else Path(args.work) / "recipe.json"
+        if out.resolve() == DOCS_RESULTS.resolve():
+            ap.error(f"--tiny results are not benchmark results; do not write them to {DOCS_RESULTS}")
+        space, base, data = tiny_setup()
+    else:
+        out = Path(args.out) if args.out else DOCS_RESULTS
+        space, base = get_space("fashion-mnist"), get_schedule("standard")
+        data = load_dataset("fashion-mnist")
+    work = Path(args.work) if args.work else ROOT / "bench" / "_work" / "recipe"
+    # the training logs validate on the schedule's subset; the ablation scores on the whole split
+    calib = calibration_images(subsample(data, base.train_images, None), base.bn_calib_images, 0)
+    ctx = {"space": space, "data": data, "calib": calib, "work": work, "probe_steps": 1 if args.tiny else 8,
+           "commit": code_commit()}
+    bench = Bench(out, {"command": "python bench/recipe.py" + (" --tiny" if args.tiny else ""),
+                        "machine": machine(), "code_commit": ctx["commit"], "tiny": args.tiny,
+                        "dataset": data.describe(), "base": base.to_dict(),
+                        "score": "mean validation accuracy of the reference subnets, BN recalibrated",
+                        "close_points": CLOSE})
+    bench.save()
+    winners = ablate(bench, base, ctx)
+    finish(bench, base, winners, ctx)
+    if not args.tiny:
+        from render import render  # bench/render.py
+
+        render()
+    print(json.dumps({"gains": bench.r["gains"], "final": {k: bench.r["final"][k]
+                                                           for k in ("changes", "test_accuracy")}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,16 +20,16 @@ $(BIN)/ofa: pyproject.toml
 
 install: $(BIN)/ofa ## create .venv and install the project with its test tools
 
-test: install ## run the test suite (what CI runs); installs Debian's dataset + Prometheus if it can
+test: install ## run the test suite but the container tests; installs Debian's dataset + Prometheus if it can
 	bash scripts/system_deps.sh
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not containers"
 
 image: install ## build the CPU image here with buildah (Debian base by mmdebstrap, offline wheelhouse); root + apt
 	bash scripts/build_image.sh $(BIN)/python
 
-test-containers: image ## the smoke pipeline with every stage in the image (ofa run --runner container; CI runs it)
+test-containers: image ## what CI runs: the whole suite, its end-to-end smoke run with every stage in the image
 	bash scripts/system_deps.sh
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m containers
+	OMP_NUM_THREADS=2 OFA_E2E_RUNNER=container $(BIN)/python -m pytest -q
 
 lint: install ## ruff over the code
 	$(BIN)/ruff check onceforall components pipelines tests bench

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -104,15 +105,46 @@ def image_user(image: str) -> tuple[int, int]:
     return int(uid), int(gid or uid)
 
 
-def runner(image: str, mounts: list[tuple[Path, bool]]):
+def runner(image: str, mounts: list[tuple[Path, bool]], label: str):
     """kfp's DockerRunner for ``image``: host network, the image's own user, ``mounts`` as
-    (path, read_only) bound at their own paths, the stage-relevant environment passed through."""
+    (path, read_only) bound at their own paths, the stage-relevant environment passed through, every
+    container labelled ``label`` (``stop_labelled`` ends what a failed or interrupted run left)."""
     import docker
     from kfp import local
 
     env = {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES) or k in PASS_ENV}
     binds = [docker.types.Mount(str(p), str(p), type="bind", read_only=ro) for p, ro in mounts]
-    return local.DockerRunner(network_mode="host", environment=env, mounts=binds)
+    return local.DockerRunner(network_mode="host", environment=env, mounts=binds, labels={LABEL: label})
+
+
+LABEL = "org.onceforall.run"
+
+
+@contextlib.contextmanager
+def stop_on_signal(label: str) -> Iterator[None]:
+    """SIGINT or SIGTERM stops this run's containers, then interrupts the run. Without it kfp's
+    worker thread keeps reading the running stage's log, so an interrupted run would end only when
+    that stage did (and a terminated one would leave it running)."""
+    def handler(signum, frame):
+        stop_labelled(label)
+        raise KeyboardInterrupt(f"signal {signum}: stopped the run's containers")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_labelled(label: str) -> None:
+    """Stop the containers of this run that still run (kfp leaves a stage's container running when
+    the run is interrupted)."""
+    import docker
+
+    with contextlib.closing(docker.from_env()) as client:
+        for c in client.containers.list(filters={"label": f"{LABEL}={label}"}):
+            c.stop(timeout=5)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -183,9 +184,12 @@ def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: 
     if Path(data).is_dir():
         mounts.append((Path(data), True))
     stack.enter_context(containers.owned_by(writes, uid, gid))
+    label = root.name + "-" + str(os.getpid())
+    stack.callback(containers.stop_labelled, label)  # on the way out, before ownership goes back
+    stack.enter_context(containers.stop_on_signal(label))
     # kfp mounts the pipeline root itself; a folder inside it is already there
     mounts = [(p, ro) for p, ro in mounts if not p.is_relative_to(root)]
-    return containers.runner(image, mounts)
+    return containers.runner(image, mounts, label)
 
 
 class StageFailed(Exception):

@@ -1,8 +1,9 @@
 """The image and `ofa run --runner container`: every stage in the project's image through podman.
 
 The tests marked `containers` need the image that `make image` builds (scripts/build_image.sh) and run
-in `make test-containers` (CI runs it after `make test`); without the image they fail, they do not
-skip. The others check the runner's input errors and run everywhere.
+in `make test-containers` (what CI runs), which also runs tests/test_pipeline.py's end-to-end smoke
+run in containers (OFA_E2E_RUNNER=container; check_container_run below). Without the image they fail,
+they do not skip. The others check the runner's input errors and run everywhere.
 """
 
 import contextlib
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,6 @@ from onceforall.stages import REPORT_JSON
 from onceforall_pipelines import containers
 from onceforall_pipelines.local import LOCAL_IMAGE, run_local
 
-ROOT = Path(__file__).resolve().parents[1]
 FASHION = "/usr/share/datasets/fashion-mnist"
 TARGETS = ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params")
 
@@ -66,29 +67,42 @@ def test_image_runs_as_its_user_with_the_dataset_baked_in(docker_client):
     assert torch_version == "2.13.0+cpu"
 
 
-@pytest.mark.containers
-@pytest.mark.slow
-def test_ofa_run_smoke_in_containers_publishes_cards_that_reproduce(tmp_path):
-    """The smoke pipeline with every stage in the image: four models and a report are published,
-    every card reproduces with onnxruntime and the IDX files alone, and the folders end up owned by
-    whoever ran it (the stages wrote them as the image's user)."""
-    out, root = tmp_path / "published", tmp_path / "root"
-    env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}  # podman started by `ofa run`
-    proc = subprocess.run([sys.executable, "-m", "onceforall", "run", "--runner", "container",
-                           "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root)],
-                          capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stderr[-1200:])  # the run's wall time and models (pytest -s shows it)
+def check_container_run(proc, out: Path, root: Path) -> None:
+    """What a smoke run with every stage in the image must show besides what any run shows
+    (tests/test_pipeline.py test_ofa_run_smoke_end_to_end runs it with OFA_E2E_RUNNER=container):
+    every task ran in the image, every card reproduces with onnxruntime and the IDX files alone,
+    and the folders the stages wrote as the image's user are back with whoever ran it."""
     assert f"in containers of {LOCAL_IMAGE}" in proc.stderr
+    print(proc.stderr[-1200:])  # the run's wall time and models (pytest -s shows it)
     log = next(root.glob("ofa-run-*.log")).read_text()
-    # every task ran in the image (kfp's DockerRunner names it once per task): teacher, 5 shrinking
-    # phases, scratch, predictor, 3 per target, report
+    # kfp's DockerRunner names the image once per task: teacher, 5 shrinking phases, scratch,
+    # predictor, 3 per target, report
     assert log.count(f"Found image '{LOCAL_IMAGE}'") == 7 + 1 + 3 * len(TARGETS) + 1
-    doc = json.loads((out / REPORT_JSON).read_text())
-    assert sorted(doc["targets"]) == sorted(TARGETS)
+    assert sorted(json.loads((out / REPORT_JSON).read_text())["targets"]) == sorted(TARGETS)
     for name in TARGETS:
         rep = reproduce(out / "models" / name / CARD, FASHION, repeats=3)
         assert rep["sha256_ok"] and rep["acc_diff"] <= 0.02, rep
         assert rep["within_budget"] or rep.get("latency_verdict", "").startswith("inconclusive"), rep
     me = (os.getuid(), os.getgid())
     assert {(p.stat().st_uid, p.stat().st_gid) for p in [*out.rglob("*"), *root.rglob("*")]} == {me}
+
+
+@pytest.mark.containers
+def test_terminated_container_run_stops_its_stage_and_hands_the_folders_back(tmp_path, docker_client):
+    """SIGTERM while a stage runs in its container: the container is stopped at once (kfp alone would
+    wait for the stage to finish), and the folders are back with whoever ran it."""
+    out, root = tmp_path / "published", tmp_path / "root"
+    proc = subprocess.Popen([sys.executable, "-m", "onceforall", "run", "--runner", "container",
+                             "--schedule", "smoke", "--data", "synthetic:600", "--out", str(out),
+                             "--pipeline-root", str(root)], stderr=subprocess.DEVNULL)
+    label = {"label": f"{containers.LABEL}={root.name}-{proc.pid}"}
+    deadline = time.monotonic() + 120
+    while not docker_client.containers.list(filters=label) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert docker_client.containers.list(filters=label), "no stage container started within 120 s"
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert docker_client.containers.list(filters=label) == []
+    me = (os.getuid(), os.getgid())
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in [root, out, *root.rglob("*")]} == {me}

@@ -1,6 +1,7 @@
 """The pipeline layer: components through ``.python_func``, the compiled DAG, and ``ofa run``."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,12 @@ def ofa(*args, env=None, timeout=900):
                           timeout=timeout, cwd=ROOT, env=env)
 
 
+# The runner of the end-to-end run: `make test` uses the subprocess runner; CI (`make test-containers`,
+# after `make image`) runs the same test with every stage in the image (tests/test_containers.py
+# checks what only that runner does), so the smoke pipeline runs once per CI run.
+E2E_RUNNER = os.environ.get("OFA_E2E_RUNNER", "subprocess")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
@@ -155,8 +162,12 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     Pushgateway that a real Prometheus scrapes."""
     out, root = tmp_path / "published", tmp_path / "root"
     proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
-               "--pushgateway", prometheus_stack.pushgateway)
+               "--pushgateway", prometheus_stack.pushgateway, "--runner", E2E_RUNNER, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if E2E_RUNNER == "container":
+        from test_containers import check_container_run
+
+        check_container_run(proc, out, root)
     for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
         card = json.loads((out / "models" / name / CARD).read_text())
         assert (out / "models" / name / "model.onnx").is_file() and card["target"]["name"] == name

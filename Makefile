@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
+.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,9 +20,16 @@ $(BIN)/ofa: pyproject.toml
 
 install: $(BIN)/ofa ## create .venv and install the project with its test tools
 
-test: install ## run the test suite (what CI runs); installs Debian's dataset + Prometheus if it can
+test: install ## run the test suite but the container tests; installs Debian's dataset + Prometheus if it can
 	bash scripts/system_deps.sh
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not containers"
+
+image: install ## build the CPU image here with buildah (Debian base by mmdebstrap, offline wheelhouse); root + apt
+	bash scripts/build_image.sh $(BIN)/python
+
+test-containers: image ## what CI runs: the whole suite, its end-to-end smoke run with every stage in the image
+	bash scripts/system_deps.sh
+	OMP_NUM_THREADS=2 OFA_E2E_RUNNER=container $(BIN)/python -m pytest -q
 
 lint: install ## ruff over the code
 	$(BIN)/ruff check onceforall components pipelines tests bench

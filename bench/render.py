@@ -564,11 +564,43 @@ def host_probe(r: dict) -> list[str]:
     return lines + [f"\n{n}" for n in r.get("notes", [])]
 
 
+def containers(r: dict) -> list[str]:
+    b, side = r["build"], r["side_by_side"]
+    lines = ["## The image, built and run here (issue 20: images)", "",
+             f"Machine: {_machine(r['machine'])}; {r['machine_note']}", "",
+             f"Build: `{b['command']}`: buildah {b['buildah']}, from a Debian bookworm base made with "
+             "mmdebstrap, every wheel from images/wheelhouse (OFFLINE=1).", "",
+             "| | |", "|---|---|",
+             f"| `buildah bud` of images/Dockerfile.cpu | {_fmt_s(b['buildah_s'])} ({b['buildah_note']}) |",
+             f"| the whole `make image` | {_fmt_s(b['total_s'])} ({b['total_note']}) |",
+             f"| image size (podman) | {b['size_mb']} MB |", "",
+             f"The smoke pipeline, subprocess runner and container runner side by side "
+             f"({side['when']}; load average {side['load']}): the tasks both finished, in seconds "
+             "as kfp's log times them.", "",
+             "| task | subprocess | container |", "|---|---|---|"]
+    lines += [f"| {name} | {sub:.0f} | {con:.0f} |" for name, sub, con in side["tasks"]]
+    lines += ["", side["outcome"]]
+    solo = r.get("solo")
+    if solo:
+        lines += ["", f"Then each alone, one after the other ({solo['when']}): `ofa run`'s own wall (the "
+                  "smoke pipeline's 21 tasks), the tasks' own time (the sum of the stages' `wall_s` in "
+                  "the run's report) and the rest, which is the runner's (starting a process or a "
+                  "container, kfp's executor, listing artifacts):", "",
+                  "| runner | wall | tasks' own time | runner's share | the whole test |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt_s(x['wall_s'])} | {_fmt_s(x['stages_s'])} | "
+                  f"{x['wall_s'] - x['stages_s']:.0f} s | {_fmt_s(x['test_s'])} |"
+                  for name, x in solo["runs"].items()]
+        lines += ["", solo["outcome"]]
+    lines += ["", r.get("notes", "")]
+    return lines
+
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
             "recipe.json": recipe,
             "specialize.json": specialize, "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
-            "claim.json": claim}
+            "claim.json": claim, "containers.json": containers}
 
 
 def render() -> Path:

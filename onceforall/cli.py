@@ -234,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = run_local(space=args.space, schedule=args.schedule, data=args.data, targets=args.targets,
                         out=args.out, pipeline_root=args.pipeline_root, seed=args.seed,
                         predictor_subnets=args.predictor_subnets, cache=args.cache, carbon=args.carbon,
-                        pushgateway=args.pushgateway)
+                        pushgateway=args.pushgateway, runner=args.runner, image=args.image or "")
     except StageFailed as exc:
         print(f"ofa: a stage failed: {exc}", file=sys.stderr)
         return 1
@@ -379,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "ISO 3166 alpha-3 country[:region], e.g. DEU or USA:california")
     p.add_argument("--pushgateway", default="", help="HOST:PORT of a Prometheus Pushgateway: every stage "
                                                      "pushes its energy and figures there")
+    p.add_argument("--runner", default="subprocess", choices=("subprocess", "container"),
+                   help="subprocess: every stage a process of this environment; container: every stage "
+                        "in the project's image through podman (`make image` builds it)")
+    p.add_argument("--image", help="with --runner container: the image of every stage "
+                                   "(default localhost/onceforall-kfp:dev-cpu, what `make image` builds)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")

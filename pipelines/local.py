@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from onceforall import store
+from onceforall.errors import UserError
 from onceforall.stages import RUN_ID_ENV
+
+RUNNERS = ("subprocess", "container")
+# The image `make image` builds (scripts/build_image.sh); kept here so that the default runner never
+# imports the container code.
+LOCAL_IMAGE = "localhost/onceforall-kfp:dev-cpu"
 
 # What reaches the terminal from kfp's log: task starts, ends and cache hits, our progress lines, errors.
 SHOW = re.compile(r"Executing task|finished with status|cache hit|^\s*\[[\w .:/-]+\] |Error|Traceback")
@@ -94,8 +100,12 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> l
 def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: str = "fashion-mnist",
               targets: str | None = None, out: str = "runs/published", pipeline_root: str | None = None,
               seed: int = 0, predictor_subnets: int = 0, cache: bool = False, carbon: str | None = None,
-              pushgateway: str = "", term: TextIO | None = None) -> LocalRun:
-    """Run the whole pipeline here; models, cards and the report are published to ``out``."""
+              pushgateway: str = "", runner: str = "subprocess", image: str = "",
+              term: TextIO | None = None) -> LocalRun:
+    """Run the whole pipeline here; models, cards and the report are published to ``out``.
+
+    ``runner``: ``subprocess`` (every stage a process of this environment) or ``container`` (every
+    stage in ``image``, default the one ``make image`` builds, through podman: ``containers.py``)."""
     from kfp import local
 
     from onceforall.targets import pipeline_items
@@ -105,7 +115,14 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     term = term or sys.stderr
     from onceforall.energy import Carbon
 
+    if runner not in RUNNERS:
+        raise UserError(f"unknown runner {runner!r}", field="--runner",
+                        fix=f"use one of {', '.join(RUNNERS)}")
     parsed = check_inputs(space, schedule, data, targets)
+    if runner == "container":
+        # a container's working directory is the image's, so local paths are passed absolute
+        out = out if store.is_s3(out) else str(Path(out).absolute())
+        data = str(Path(data).absolute()) if Path(data).is_dir() else data
     if store.is_s3(out):
         store.check_writable(out)
     remote_root = pipeline_root if pipeline_root and store.is_s3(pipeline_root) else None
@@ -118,21 +135,25 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
 
     # One target at a time: two latency measurements sharing this machine's cores would both be wrong.
     # No retries: here a failure is not a lost node, and it should show at once.
-    pipeline = build_pipeline(Options(target_parallelism=1, s3_secret="", retries=0, pushgateway="",
-                                      run_id_from_pod=False))
+    image = image or (LOCAL_IMAGE if runner == "container" else "")
+    pipeline = build_pipeline(Options(image=image, target_parallelism=1, s3_secret="", retries=0,
+                                      pushgateway="", run_id_from_pod=False))
     # The run id reaches the stages through the environment, as on a cluster (never a task parameter,
     # so a second run reuses the cached stages), and names this run's folder of the pipeline root,
     # where the targets' branches stage their models for the report (stages.run_root).
     run_id = f"ofa-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     t0 = time.monotonic()
-    term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}; "
+    term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}, "
+               f"{'in containers of ' + image if runner == 'container' else 'as subprocesses'}; "
                f"full log: {log_path}\n")
-    with open(log_path, "w") as log, warnings.catch_warnings():
+    with open(log_path, "w") as log, warnings.catch_warnings(), contextlib.ExitStack() as stack:
         # The SubprocessRunner warns when an image name lacks "python"; here no image is used.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         sink = _Filter(log, term)
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / run_id),
-                   raise_on_error=True, enable_caching=cache, cache_root=str(root / ".kfp_cache"))
+        kfp_runner = (_container_runner(stack, image, root, out, data) if runner == "container"
+                      else local.SubprocessRunner(use_venv=False))
+        local.init(runner=kfp_runner, pipeline_root=str(root / run_id), raise_on_error=True,
+                   enable_caching=cache, cache_root=str(root / ".kfp_cache"))
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _env(RUN_ID_ENV, run_id):
                 pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
@@ -165,6 +186,31 @@ def _env(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: str, data: str):
+    """kfp's DockerRunner on podman, for as long as ``stack`` lives: the API served, the folders that
+    stages write handed to the image's user, the local folders of the run mounted."""
+    from . import containers
+
+    stack.enter_context(containers.docker_api())
+    uid, gid = containers.image_user(image)
+    writes = [root]
+    mounts: list[tuple[Path, bool]] = []
+    if not store.is_s3(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        writes.append(Path(out))
+        mounts.append((Path(out), False))
+    if Path(data).is_dir():
+        mounts.append((Path(data), True))
+    stack.enter_context(containers.owned_by(writes, uid, gid))
+    label = root.name + "-" + str(os.getpid())
+    stack.callback(containers.stop_labelled, label)  # on the way out, before ownership goes back
+    stack.enter_context(containers.stop_on_signal(label))
+    # kfp mounts the run's own pipeline root (root/<run id>); the whole root goes in too, since a
+    # cached task's outputs lie in an earlier run's folder
+    mounts = [(root, False), *((p, ro) for p, ro in mounts if not p.is_relative_to(root))]
+    return containers.runner(image, mounts, label)
 
 
 class StageFailed(Exception):

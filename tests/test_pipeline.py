@@ -1,6 +1,7 @@
 """The pipeline layer: components through ``.python_func``, the compiled DAG, and ``ofa run``."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -186,6 +187,12 @@ def ofa(*args, env=None, timeout=1500):
                           timeout=timeout, cwd=ROOT, env=env)
 
 
+# The runner of the end-to-end run: `make test` uses the subprocess runner; CI (`make test-containers`,
+# after `make image`) runs the same test with every stage in the image (tests/test_containers.py
+# checks what only that runner does), so the smoke pipeline runs once per CI run.
+E2E_RUNNER = os.environ.get("OFA_E2E_RUNNER", "subprocess")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
@@ -193,9 +200,14 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     Pushgateway that a real Prometheus scrapes."""
     out, root = tmp_path / "published", tmp_path / "root"
     proc = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
-               "--pushgateway", prometheus_stack.pushgateway, "--cache")
+               "--pushgateway", prometheus_stack.pushgateway, "--runner", E2E_RUNNER, "--cache",
+               timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cache hit" not in proc.stderr
+    if E2E_RUNNER == "container":
+        from test_containers import check_container_run
+
+        check_container_run(proc, out, root)
     for name in ("edge-cpu-1t", "server-cpu-2t", "phone-macs", "mcu-params"):
         card = json.loads((out / "models" / name / CARD).read_text())
         assert (out / "models" / name / "model.onnx").is_file() and card["target"]["name"] == name
@@ -239,7 +251,7 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     more = tmp_path / "more.yaml"
     more.write_text(yaml.safe_dump({"targets": targets}))
     again = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
-                "--targets", str(more), "--cache")
+                "--targets", str(more), "--runner", E2E_RUNNER, "--cache", timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     hits = set(re.findall(r"Task ([\w-]+) cache hit", again.stderr))
     shared = {"train-teacher", "train-scratch", "fit-accuracy-predictor", "shrink"}

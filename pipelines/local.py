@@ -142,6 +142,7 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     # so a second run reuses the cached stages), and names this run's folder of the pipeline root,
     # where the targets' branches stage their models for the report (stages.run_root).
     run_id = f"ofa-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    (root / run_id).mkdir()  # before a container run hands the root's folders to the image's user
     t0 = time.monotonic()
     term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}, "
                f"{'in containers of ' + image if runner == 'container' else 'as subprocesses'}; "

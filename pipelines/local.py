@@ -151,12 +151,14 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
         # The SubprocessRunner warns when an image name lacks "python"; here no image is used.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         sink = _Filter(log, term)
+        # set before the container runner copies the environment it passes into the containers
+        stack.enter_context(_env(RUN_ID_ENV, run_id))
         kfp_runner = (_container_runner(stack, image, root, out, data) if runner == "container"
                       else local.SubprocessRunner(use_venv=False))
         local.init(runner=kfp_runner, pipeline_root=str(root / run_id), raise_on_error=True,
                    enable_caching=cache, cache_root=str(root / ".kfp_cache"))
         try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _env(RUN_ID_ENV, run_id):
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
                          publish_uri=out, seed=seed, predictor_subnets=predictor_subnets,
                          carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)

@@ -75,9 +75,11 @@ def check_container_run(proc, out: Path, root: Path) -> None:
     assert f"in containers of {LOCAL_IMAGE}" in proc.stderr
     print(proc.stderr[-1200:])  # the run's wall time and models (pytest -s shows it)
     log = next(root.glob("ofa-run-*.log")).read_text()
-    # kfp's DockerRunner names the image once per task: teacher, 5 shrinking phases, scratch,
-    # predictor, 5 per target (placement, profile, search, export, stage-model), report
-    assert log.count(f"Found image '{LOCAL_IMAGE}'") == 7 + 1 + 5 * len(TARGETS) + 1
+    # kfp's DockerRunner names the image once per task it runs: teacher, 5 shrinking phases, scratch,
+    # predictor, 5 per target (placement, profile, search, export, stage-model), report. Tasks kfp
+    # takes from its cache run nowhere: the targets without placement share one placement result.
+    ran = log.count("Executing task")
+    assert log.count(f"Found image '{LOCAL_IMAGE}'") == ran >= 7 + 1 + 4 * len(TARGETS) + 1 + 1
     assert sorted(json.loads((out / REPORT_JSON).read_text())["targets"]) == sorted(TARGETS)
     for name in TARGETS:
         rep = reproduce(out / "models" / name / CARD, FASHION, repeats=3)

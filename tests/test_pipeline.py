@@ -251,7 +251,9 @@ def test_ofa_run_smoke_end_to_end(tmp_path, prometheus_stack):
     more = tmp_path / "more.yaml"
     more.write_text(yaml.safe_dump({"targets": targets}))
     again = ofa("run", "--schedule", "smoke", "--out", str(out), "--pipeline-root", str(root),
-                "--targets", str(more), "--runner", E2E_RUNNER, "--cache", timeout=1800)
+                "--targets", str(more), "--runner", E2E_RUNNER, "--cache",
+                # the same run parameters: each is part of every task's cache key
+                "--pushgateway", prometheus_stack.pushgateway, timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     # kfp.local logs its cache hits below its log level: a task taken from the cache is one that never
     # starts ("Executing task" is on the terminal for every task that runs)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from onceforall.energy import DEFAULT_CARBON
 from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
+from onceforall.store import SECRET_VARIABLES
 from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
 
 PIPELINE_NAME = "onceforall"
 COMPILED = Path(__file__).with_name("onceforall.yaml")
 # The Secret of manifests/base/s3-credentials.yaml; each key becomes the env var of the same name,
 # which boto3's standard credential chain reads in every stage.
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+S3_SECRET_KEYS = SECRET_VARIABLES
 # The pod label the KFP API server puts on every pod of a run (argo_template.go: SetPodMetadataLabels
 # of util.LabelKeyWorkflowRunId, 2.5 to 2.17): the run's UUID.
 RUN_ID_FIELD_PATH = "metadata.labels['pipeline/runid']"

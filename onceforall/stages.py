@@ -656,12 +656,23 @@ def report_markdown(doc: dict[str, Any]) -> str:
 
 
 def log_metrics(record: dict[str, Any], metrics: Any) -> None:
-    """Copy a stage record's numbers into a KFP Metrics artifact (anything with ``log_metric``)."""
-    metrics.log_metric("wall_s", float(record["wall_s"]))
+    """Copy a stage record's numbers into a KFP Metrics artifact (anything with ``log_metric``), and
+    write them to the artifact's file as JSON.
+
+    The file is not only a copy: kfp.local's cache (kfp 2.17) takes a cached entry whose local output
+    artifact has no file for a miss, and a Metrics artifact lives in the executor's output metadata,
+    not in a file. Without one, no stage with metrics was ever reused from the cache."""
+    numbers = {"wall_s": float(record["wall_s"])}
     for key, value in record["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, float(value))
+            numbers[key] = float(value)
     energy = record.get("energy") or {}
     for key in ("cpu_j", "gpu_j", "ram_j", "total_j", "emissions_g"):
         if key in energy:
-            metrics.log_metric(f"energy_{key}" if key != "emissions_g" else "emissions_g", float(energy[key]))
+            numbers[f"energy_{key}" if key != "emissions_g" else "emissions_g"] = float(energy[key])
+    for key, value in numbers.items():
+        metrics.log_metric(key, value)
+    path = getattr(metrics, "path", None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(numbers, indent=1))

@@ -186,6 +186,46 @@ def ofa(*args, env=None, timeout=1500):
                           timeout=timeout, cwd=ROOT, env=env)
 
 
+TRAINING = ("train-teacher", "shrink", "train-scratch", "fit-accuracy-predictor")
+
+
+def _started(stderr: str) -> list[str]:
+    """The tasks a run started (kfp.local logs a cache hit below its log level: a hit never starts)."""
+    return [line.split("Executing task '")[1].split("'")[0] for line in stderr.splitlines()
+            if "Executing task '" in line]
+
+
+@pytest.mark.slow
+def test_second_run_with_one_more_target_reuses_every_training_stage(tmp_path):
+    """Caching across runs (issue #20): the run id reaches the stages from the environment, not as a
+    parameter, so a second `ofa run --cache` with one more target trains nothing and runs the new
+    target's branch only. Budget targets (no latency table to measure) on synthetic data."""
+    def targets(*names):
+        path = tmp_path / f"{len(names)}.yaml"
+        path.write_text(yaml.safe_dump({"targets": [
+            {"name": n, "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+             "constraint": {"kind": "params", "budget": b}} for n, b in names]}))
+        return str(path)
+
+    one, two = targets(("small", 700_000)), targets(("small", 700_000), ("large", 1_500_000))
+    common = ("--schedule", "smoke", "--data", "synthetic:600", "--out", str(tmp_path / "published"),
+              "--pipeline-root", str(tmp_path / "root"), "--cache")
+    first = ofa("run", *common, "--targets", one, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert set(TRAINING) <= set(_started(first.stderr))
+    second = ofa("run", *common, "--targets", two, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    started = _started(second.stderr)
+    assert not [t for t in started if t.startswith(TRAINING)], started
+    # the new target's branch, both targets' staging (never cached) and the report
+    assert sorted(started) == sorted(["profile-target", "search", "export", "stage-model", "stage-model",
+                                      "report"]), started
+    doc = json.loads((tmp_path / "published" / REPORT_JSON).read_text())
+    assert set(doc["targets"]) == {"small", "large"}
+    for name in ("small", "large"):
+        assert (tmp_path / "published" / "models" / name / "model.onnx").is_file()
+
+
 # The runner of the end-to-end run: `make test` uses the subprocess runner; CI (`make test-containers`,
 # after `make image`) runs the same test with every stage in the image (tests/test_containers.py
 # checks what only that runner does), so the smoke pipeline runs once per CI run.

@@ -456,8 +456,9 @@ def _recipe(r: dict) -> str:
             f"`{t['supernet_sha256'][:12]}`")
 
 
-def claim(r: dict) -> list[str]:
-    lines = ["## The claim: OFA subnets vs the same architectures from scratch (issue: the claim)", "",
+def claim(r: dict, docs: Path = DOCS) -> list[str]:
+    lines = ["## The claim: OFA subnets vs the same architectures from scratch and vs per-target NAS "
+             "(issues: the claim, 22)", "",
              f"Command: `{r['command']}` (resumable: a rerun skips every training already measured)  ",
              f"Machine: {_machine(r['machine'])}", ""]
     targets = r.get("targets", {})
@@ -472,7 +473,7 @@ def claim(r: dict) -> list[str]:
                   f"(`{r['settings'].get('subnets', 'the specialization run')}`), so a later "
                   "specialization run that picks other subnets does not mix into these rows.", "",
                   "| target | MACs | OFA as exported | OFA fine-tuned | scratch | scratch + KD | "
-                  "OFA − best scratch |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "per-target NAS | OFA − best scratch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
         def cell(t: dict, kind: str) -> str:
             if f"{kind}_test_acc" not in t:
@@ -484,7 +485,16 @@ def claim(r: dict) -> list[str]:
             diff = t.get("ofa_minus_best_scratch")
             lines.append(f"| {name} | {t['macs'] / 1e6:.2f}M | {t['ofa_test_acc']:.2f} | "
                          f"{cell(t, 'finetuned')} | {cell(t, 'scratch')} | {cell(t, 'scratch_kd')} | "
-                         f"{'pending' if diff is None else f'{diff:+.2f}'} |")
+                         f"{cell(t, 'nas')} | {'pending' if diff is None else f'{diff:+.2f}'} |")
+        nas = r["settings"].get("nas")
+        if nas:
+            lines += ["", f"Per-target NAS (`{nas['module']}`): {nas['candidates']} random architectures "
+                      f"within the target's budget (drawn from those using at least {nas['band']:.0%} "
+                      f"of it), each trained {nas['proxy_epochs']} epoch(s) on "
+                      f"{nas['proxy_train_images'] or 'all'} images at its own resolution, the best on "
+                      "validation then trained on the same recipe as `scratch`; its cost counts every "
+                      "proxy and the final training (why this is a fair, cheap NAS: the module's "
+                      "docstring)."]
     gaps = [t["ofa_minus_best_scratch"] for t in targets.values() if "ofa_minus_best_scratch" in t]
     if gaps:
         if max(gaps) < 0:
@@ -492,7 +502,10 @@ def claim(r: dict) -> list[str]:
                       f"measured target, by {-max(gaps):.2f} to {-min(gaps):.2f} points. " + r.get("why", "")]
         elif min(gaps) >= 0:
             lines += ["", "OFA matches or beats from-scratch training at every measured target."]
-    c = r.get("cost")
+    models = r.get("cost_model")
+    for model in (models or {}).values():
+        lines += [""] + cost_model_lines(model, docs)
+    c = None if models else r.get("cost")  # the format before the NAS baseline
     if c:
         be = "never" if c["break_even_n"] is None else f"{c['break_even_n']:.1f}"
         lines += ["", f"Cost of N targets, from measured stages ({c['source']}; energy method: "
@@ -525,6 +538,67 @@ def claim(r: dict) -> list[str]:
     lines += ["", "GPU: no GPU was available to this project's benchmark runs so far; the `standard` "
               "schedule and the throughput rows on a GPU are **pending**."]
     return lines
+
+
+BASELINES = {"scratch": "training alone", "nas": "per-target NAS"}
+
+
+def cost_model_lines(m: dict, docs: Path = DOCS) -> list[str]:
+    """One scale's cost of N targets (bench/claim.py, onceforall/cost.py): OFA against each
+    measured baseline, the break-even N against each, or what is pending."""
+    scale = m["scale"]
+    head = f"**Cost of N targets at the `{scale}` scale**"
+    if "rows" not in m:
+        got = ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in m.get("measured", {}).items() if v is not None)
+        return [f"{head}: pending ({m.get('pending')}). Measured so far: {got or 'nothing'}."]
+    names = [b for b in BASELINES if b in m["baselines"]]
+    be = "; ".join(f"against {BASELINES[b]} at **" + ("never" if m["break_even_n"][b] is None
+                                                       else f"N = {m['break_even_n'][b]:.1f}") + "**"
+                   for b in names)
+    lines = [f"{head}" + (f" ({m['source']})" if m.get("source") else "") + ":" +
+             (f" it measures {m['measures']}." if m.get("measures") else ""), "",
+             f"Shared {m['shared']['j']:.0f} J ({m['shared']['wh']:.2f} Wh, "
+             f"{_fmt_s(m['shared']['wall_s'])}); "
+             f"one more OFA target {m['per_target_marginal']['j']:.0f} J; " +
+             "; ".join(f"{BASELINES[b]} {m['baselines'][b]['j']:.0f} J per target" for b in names) +
+             f". Break-even {be}. CO2e at {m['g_per_kwh']:g} g/kWh.", "",
+             "| N | OFA (Wh) | " + " | ".join(f"{BASELINES[b]} (Wh)" for b in names) +
+             " | OFA CO2e (g) | " + " | ".join(f"{BASELINES[b]} CO2e (g)" for b in names) +
+             " | OFA wall | " + " | ".join(f"{BASELINES[b]} wall" for b in names) + " |",
+             "|---:|" + "---:|" * (3 + 3 * len(names))]
+    for row in m["rows"]:
+        sides = ["ofa", *names]
+        lines.append(f"| {row['n']} | " + " | ".join(f"{row[f'{s}_wh']:.2f}" for s in sides) + " | " +
+                     " | ".join(f"{row[f'{s}_g']:.2f}" for s in sides) + " | " +
+                     " | ".join(_fmt_s(row[f"{s}_wall_s"]) for s in sides) + " |")
+    lines += ["", "Assumptions: " + "; ".join(m["assumptions"]) + "."]
+    if _plot_cost_model(m, docs / f"claim_cost_{scale}.png"):
+        lines += ["", f"![cost vs N, {scale}](claim_cost_{scale}.png)"]
+    return lines
+
+
+def _plot_cost_model(m: dict, path: Path) -> bool:
+    plt = _pyplot()
+    ns = [row["n"] for row in m["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, [row["ofa_wh"] for row in m["rows"]], "-o", label="OFA: train once, specialize N")
+    for b, mark in (("scratch", "-s"), ("nas", "-^")):
+        if b in m["baselines"]:
+            ax.plot(ns, [row[f"{b}_wh"] for row in m["rows"]], mark, label=f"N x {BASELINES[b]}")
+            if m["break_even_n"][b]:
+                ax.axvline(m["break_even_n"][b], color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of targets N")
+    ax.set_ylabel("energy (Wh)")
+    ax.set_title(f"cost of N targets, {m['scale']} scale (dotted: break-even)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _plot_cost(c: dict) -> bool:

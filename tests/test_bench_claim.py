@@ -1,0 +1,49 @@
+"""bench/claim.py's cost model at the standard scale, from the committed measurements it reads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import claim  # noqa: E402
+
+
+def _doc(sha: str) -> dict:
+    runs = {"scratch": {"0": {"energy_j": 10000.0, "train_wall_s": 600.0, "test_acc": 92.0}},
+            "nas": {"0": {"energy_j": 15000.0, "train_wall_s": 900.0, "test_acc": 92.1}}}
+    return {"settings": {"trained_on": {"supernet_sha256": sha}},
+            "targets": {"edge-cpu-1t": {"runs": runs}, "phone-macs": {"runs": runs}}}
+
+
+PS = {"supernet_sha256": "ab" * 32,  # the shape bench/progressive_shrinking.py writes
+      "phases": [{"name": n, "wall_s": 100.0, "energy": {"total_j": 2000.0}} for n in "abcdef"]}
+SPEC = {"accuracy_data": {"eval_s_per_subnet": 1.9}}
+
+
+def test_standard_cost_model_has_both_baselines_with_the_nas_paying_its_latency_table():
+    quick = claim.quick_figures()
+    m = claim.standard_model(_doc(PS["supernet_sha256"]), quick, 475.0, PS, SPEC)
+    assert set(m["break_even_n"]) == {"scratch", "nas"}
+    assert [r["n"] for r in m["rows"]] == [1, 2, 4, 10, 40, 100]
+    # a latency target's NAS needs its table too: the quick run's profile stage, averaged in
+    profile = quick["profile"]["edge-cpu-1t"].j
+    assert m["baselines"]["nas"]["j"] == pytest.approx(15000.0 + profile / 2, abs=0.01)
+    # the predictor's 1200 measurements of 1.9 s at the training's mean power (20 W): an estimate
+    assert m["shared"]["j"] == pytest.approx(12000.0 + 1200 * 1.9 * 20.0, abs=0.01)
+    assert any("estimate" in a for a in m["assumptions"])
+    marginal = quick["marginal"].j
+    assert m["break_even_n"]["scratch"] == pytest.approx(m["shared"]["j"] / (10000.0 - marginal), abs=0.01)
+
+
+def test_standard_cost_is_pending_on_another_supernet_or_an_unmetered_phase():
+    m = claim.standard_model(_doc("0" * 64), claim.quick_figures(), 475.0, PS, SPEC)
+    assert "rows" not in m and "another supernet" in m["pending"]
+    unmetered = PS | {"phases": [{"wall_s": 1.0, "energy": None}, *PS["phases"]]}
+    m = claim.standard_model(_doc(PS["supernet_sha256"]), claim.quick_figures(), 475.0, unmetered, SPEC)
+    assert "rows" not in m and "not metered" in m["pending"]
+    assert m["measured"]["scratch_per_target_j"] == 10000.0

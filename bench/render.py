@@ -626,6 +626,70 @@ def _plot_cost(c: dict) -> bool:
     return True
 
 
+LBS_G = 453.592  # grams per pound
+
+
+def _ours_n40(claim: dict) -> tuple[list[tuple[str, str, float, float, float]], list[str]]:
+    """Our cost of 40 targets from claim.json, per scale and side: (scale, side, wall s, J, g CO2e);
+    and the scales still pending."""
+    rows, pending = [], []
+    models = claim.get("cost_model") or {}
+    if not models and "cost" in claim:  # the format before the NAS baseline: quick, scratch only
+        r40 = next(r for r in claim["cost"]["rows"] if r["n"] == 40)
+        row = {f"{s}_{k}": r40[f"{s}_{k}"] for s in ("ofa", "scratch") for k in ("wall_s", "j", "g")}
+        models = {"quick": {"rows": [{"n": 40, **row}], "baselines": {"scratch": {}}}}
+        pending.append("standard: the claim's standard cost is pending (see the claim section)")
+    for scale, m in models.items():
+        if "rows" not in m:
+            pending.append(f"{scale}: {m.get('pending', 'not measured')}")
+            continue
+        r40 = next(r for r in m["rows"] if r["n"] == 40)
+        for side in ("ofa", *[b for b in BASELINES if b in m["baselines"]]):
+            rows.append((scale, side, r40[f"{side}_wall_s"], r40[f"{side}_j"], r40[f"{side}_g"]))
+    return rows, pending
+
+
+def paper_table1(r: dict) -> list[str]:
+    src, der = r["source"], r["derivation"]
+    ofa = next(x for x in r["rows"] if x["method"] == "OFA w/ PS")["total_n40"]["co2e_lbs"]
+
+    def cost(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        parts = ([f"{c['fixed']:,}"] if c["fixed"] else []) + ([f"{c['per_n']:,}N"] if c["per_n"] else [])
+        return " + ".join(parts) or "0"
+    lines = ["## The paper's comparison beside ours (OFA paper, Table 1)", "",
+             f"Source: {src['paper']}; {src['table']}. {src['text']}. {src['news']}.", "",
+             f"How the paper's figures are made: {der['gpu_hours']}; CO2e {der['co2e']}; dollars: "
+             f"{der['aws']}. None of them is metered. {src['how_read']}. {src['versions']}. "
+             f"{src['not_in_table']}.", "",
+             "| method | ImageNet top1 (%) | search (GPU-h) | training (GPU-h) | N = 40: GPU-h | "
+             "CO2e (lbs) | AWS | CO2e / OFA |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        t = x["total_n40"]
+        lines.append(f"| {x['method']}{' ¹' if 'note' in x else ''} | {x['imagenet_top1_pct']:.1f} | "
+                     f"{cost(x['search_gpu_hours'])} | {cost(x['training_gpu_hours'])} | "
+                     f"{t['gpu_hours'] / 1e3:,g}k | {t['co2e_lbs'] / 1e3:,g}k | ${t['aws_usd'] / 1e3:,g}k | "
+                     f"{t['co2e_lbs'] / ofa:,.1f}x |")
+    notes = [x for x in r["rows"] if "note" in x]
+    lines += [f"\n¹ {x['method']}: {x['note']}." for x in notes]
+    claim_path = RESULTS / "claim.json"
+    ours, pending = _ours_n40(json.loads(claim_path.read_text())) if claim_path.exists() else ([], [])
+    names = {"ofa": "OFA", **BASELINES}
+    lines += ["", "Ours on the same axes, N = 40 targets (Fashion-MNIST on 2 CPU cores, from "
+              "`docs/results/claim.json`): energy metered per stage by CodeCarbon (on these VMs its "
+              "CPU-load x TDP model: an estimate, but of this work, not GPU-hours x a rate); device-hours "
+              "= wall hours of the 2-core machine; CO2e at the carbon setting of the claim.", "",
+              "| scale | side | device-hours | energy (kWh) | CO2e (lbs) | CO2e / OFA |",
+              "|---|---|---:|---:|---:|---:|"]
+    ofa_g = {scale: g for scale, side, _, _, g in ours if side == "ofa"}
+    for scale, side, wall, j, g in ours:
+        lines.append(f"| {scale} | {names[side]} | {wall / 3600:.2f} | {j / 3.6e6:.4f} | {g / LBS_G:.5f} | "
+                     f"{g / ofa_g[scale]:.2f}x |")
+    lines += [f"\nPending: {p}." for p in pending]
+    return lines
+
+
 def host_probe(r: dict) -> list[str]:
     lines = ["## The host probe: does it see what slows a model?", "",
              f"Command: `{r['command']}`  ", f"Machine: {_machine(r['machine'])}", "",
@@ -680,7 +744,7 @@ SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.j
             "recipe.json": recipe,
             "specialize.json": specialize, "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
-            "claim.json": claim, "containers.json": containers}
+            "claim.json": claim, "paper_table1.json": paper_table1, "containers.json": containers}
 
 
 def render() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,3 +48,27 @@ def test_standard_cost_is_pending_on_another_supernet_or_an_unmetered_phase():
     m = claim.standard_model(_doc(PS["supernet_sha256"]), claim.quick_figures(), 475.0, unmetered, SPEC)
     assert "rows" not in m and "not metered" in m["pending"]
     assert m["measured"]["scratch_per_target_j"] == 10000.0
+
+
+def test_paper_table1_transcription_is_consistent():
+    """Every row's N = 40 totals follow from its own search and training costs, and its CO2e and
+    dollars from one fixed rate per GPU-hour, as the paper derives them: a mistyped figure fails."""
+    doc = json_load(ROOT / "docs" / "results" / "paper_table1.json")
+    rates = []
+    for row in doc["rows"]:
+        total = row["total_n40"]
+        costs = (row["search_gpu_hours"], row["training_gpu_hours"])
+        hours = sum(c["fixed"] + c["per_n"] * 40 for c in costs if c is not None)
+        assert hours == pytest.approx(total["gpu_hours"], rel=0.05), row["method"]  # printed to 2-3 digits
+        if "note" not in row:  # a figure the paper prints off its own rate says so
+            rates.append((total["co2e_lbs"] / total["gpu_hours"], total["aws_usd"] / total["gpu_hours"]))
+    assert len(rates) == len(doc["rows"]) - 1
+    lbs, usd = sorted(r[0] for r in rates), sorted(r[1] for r in rates)
+    assert 0.27 < lbs[0] and lbs[-1] < 0.29 and 3.0 < usd[0] and usd[-1] < 3.1
+    ofa = next(r for r in doc["rows"] if r["method"] == "OFA w/ PS")["total_n40"]["co2e_lbs"]
+    mnas = next(r for r in doc["rows"] if r["method"] == "MnasNet")["total_n40"]["co2e_lbs"]
+    assert round(mnas / ofa, -2) == 1300  # the news story's 1/1,300
+
+
+def json_load(path: Path) -> dict:
+    return json.loads(path.read_text())

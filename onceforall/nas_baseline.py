@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset
+from .energy import KWH_J
 from .errors import UserError
 from .latency import LatencyTable
 from .progress import Progress, fmt_duration
@@ -157,7 +158,8 @@ def _sum_energy(readings: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("cpu_j", "gpu_j", "ram_j", "total_j", "emissions_g", "duration_s")
     out: dict[str, Any] = {k: round(sum(r[k] for r in readings), 4) for k in keys}
     methods = sorted({m for r in readings for m in r["methods"].values() if m != "none"})
-    return out | {"methods": methods, "estimate": "model" in methods}
+    rate = out["emissions_g"] / (out["total_j"] / KWH_J) if out["total_j"] > 0 else None
+    return out | {"g_per_kwh": rate, "methods": methods, "estimate": "model" in methods}
 
 
 def run_nas(space: SearchSpace, schedule: Schedule, target: Target, data: Dataset, out_dir: str | Path,

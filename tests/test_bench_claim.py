@@ -72,3 +72,27 @@ def test_paper_table1_transcription_is_consistent():
 
 def json_load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def test_tiny_claim_runs_the_whole_path_and_leaves_docs_alone(tmp_path):
+    """bench/claim.py --tiny: a supernet, the four kinds of training and the NAS per target, the
+    cost of N against both baselines, its section and plot, in the work folder only (~15 s)."""
+    import os
+    import subprocess
+
+    committed = (ROOT / "docs" / "results" / "claim.json").read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "claim.py"), "--tiny", "--work", str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    doc = json_load(tmp_path / "claim.json")
+    for t in doc["targets"].values():
+        assert {"finetuned", "scratch", "scratch_kd", "nas"} <= set(t["runs"])
+        nas = t["runs"]["nas"]["0"]["nas"]
+        assert nas["search_j"] > 0 and nas["final_j"] > 0 and nas["candidates"] == 3
+        assert nas["proxy_val_acc"][nas["picked"]] == max(nas["proxy_val_acc"])
+    tiny = doc["cost_model"]["tiny"]
+    assert set(tiny["break_even_n"]) == {"scratch", "nas"} and tiny["rows"][-1]["n"] == 100
+    assert tiny["baselines"]["nas"]["j"] > tiny["baselines"]["scratch"]["j"]  # proxies + the same training
+    assert (tmp_path / "claim_cost_tiny.png").stat().st_size > 0
+    assert "per-target NAS" in (tmp_path / "claim.md").read_text()
+    assert (ROOT / "docs" / "results" / "claim.json").read_bytes() == committed

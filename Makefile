@@ -59,8 +59,8 @@ bench-recipe: install ## benchmark: the shrinking recipe's ablation at equal wal
 bench-pipeline: install ## benchmark: local kfp run vs the same stages called in one process (quick)
 	$(BIN)/python bench/pipeline.py
 
-bench-claim: install ## benchmark: OFA subnets vs the same architectures from scratch, cost of N targets (resumable; after bench-ps, bench-specialize, bench-pipeline)
-	$(BIN)/python bench/claim.py --seeds 0 1 2
+bench-claim: install ## benchmark: OFA subnets vs the same architectures from scratch and a per-target NAS, cost of N targets against both (resumable; after bench-ps, bench-specialize, bench-pipeline)
+	$(BIN)/python bench/claim.py --seeds 0 1 2 --nas-seeds 0
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

@@ -1,7 +1,8 @@
-"""The claim, measured: OFA subnets against the same architectures trained from scratch, and the cost
-of N targets.
+"""The claim, measured: OFA subnets against the same architectures trained from scratch and against a
+per-target NAS, and the cost of N targets against both.
 
-    python bench/claim.py [--seeds 0 1 2] [--kinds finetuned scratch scratch_kd] [--budget-min 60]
+    python bench/claim.py [--seeds 0 1 2] [--nas-seeds 0] [--kinds ...] [--budget-min 60] [--carbon 475]
+    python bench/claim.py --tiny --work /tmp/claim-tiny   # ~15 s, synthetic data: the harness only
 
 Quality: for every example target, the subnet the search picked on the `standard` supernet (from
 `make bench-specialize`) is
@@ -10,22 +11,30 @@ Quality: for every example target, the subnet the search picked on the `standard
     this schedule: 2 epochs, lr 0.01, no warm-up: `finetuned_test_acc`;
   * trained from scratch on the teacher's recipe (its epochs, lr and warm-up, the same data,
     augmentation and batch, at the subnet's own resolution), without and with distillation from the
-    standard teacher: `scratch_test_acc`, `scratch_kd_test_acc`.
+    standard teacher: `scratch_test_acc`, `scratch_kd_test_acc`;
+  * and, as the paper's alternative, found by a per-target NAS under the same budget and trained
+    from scratch on that recipe (onceforall/nas_baseline.py: K random architectures within the
+    budget, a short proxy each, the best on validation trained fully): `nas_test_acc`.
 The supernet and teacher are fingerprinted (settings.trained_on: their weights' sha256 and the
 teacher's recipe); a rerun on another supernet stops rather than mix rows.
 Every training is metered (energy, CO2, wall time) and recorded in docs/results/claim.json as soon as
 it finishes; a rerun skips what is measured (each training's folder under bench/_work/claim/ holds its
 result), so the suite runs in pieces. Several seeds: mean and spread.
 
-Cost: from the measured `quick` run of `make bench-pipeline` (docs/results/quick_run_report.json:
-every stage metered by the same meter, and its train-scratch stage), OFA with N targets (shared
-stages once, per-target stages N times) against N from-scratch trainings, N = 1, 4, 10, 40.
+Cost (onceforall/cost.py), at each scale from what is measured at that scale: OFA with N targets
+(shared training once, per-target stages N times) against N trainings alone and N per-target NAS
+runs, N = 1, 2, 4, 10, 40, 100; break-even N against each; energy (J, Wh), CO2e at the carbon
+setting, wall time; the assumptions beside the numbers. `quick`: docs/results/quick_run_report.json
+(`make bench-pipeline`). `standard`: the shared training metered by `make bench-ps` on the same
+supernet, the trainings above. The standard result and its provenance are also written to
+onceforall/resources/standard_claim.json, which every run's report quotes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import shutil
 import statistics
@@ -33,21 +42,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine, weights_sha256  # noqa: E402
 
+from onceforall.cost import NS, Cost, cost_model  # noqa: E402
+
 RESULT = ROOT / "docs" / "results" / "claim.json"
+QUICK_REPORT = ROOT / "docs" / "results" / "quick_run_report.json"
+PROVENANCE = ROOT / "onceforall" / "resources" / "standard_claim.json"
 WORK = ROOT / "bench" / "_work"
-SUPERNET = WORK / "standard" / "ps" / "width-2"
-TEACHER = WORK / "standard" / "ps" / "teacher"
 TARGETS = WORK / "specialize" / "targets"
-CARDS = WORK / "claim" / "cards"  # the snapshot of the searched subnets the claim measures
 FINETUNE = {"epochs": 2, "lr": 0.01}
-KINDS = ("finetuned", "scratch", "scratch_kd")
-NS = (1, 4, 10, 40)
+KINDS = ("finetuned", "scratch", "scratch_kd", "nas")
+COMMAND = ("python bench/claim.py [--seeds ...] [--nas-seeds ...] [--kinds ...] [--budget-min M] "
+           "[--standard DIR] [--carbon C] (make bench-claim)")
 # Why the measured gap is what it is (rendered under the quality table; keep it true to the numbers
 # of the supernet in settings.trained_on).
 WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8 epochs of progressive "
@@ -60,39 +72,56 @@ WHY = ("The `standard` supernet is trained for 12 teacher epochs and then only 8
        "same shortfall).")
 
 
-def trained_on() -> dict:
+@dataclasses.dataclass
+class Ctx:
+    """What one claim run measures on and where it writes."""
+
+    supernet: Path
+    teacher: Path
+    base_schedule: Any  # the schedule whose teacher phase, as the checkpoint records it, is the recipe
+    data: Any
+    cards: dict[str, dict]
+    tables: dict[str, Path]  # target name -> its latency table (latency targets)
+    work: Path  # the trainings' folders
+    result: Path
+    carbon: str | None
+    nas: Any  # NASSettings
+    tiny: bool = False
+
+
+def trained_on(ctx: Ctx) -> dict:
     """What the claim's rows are measured on: the sha256 of the supernet's and the teacher's weights,
     and the teacher's recipe as its checkpoint records it (the scratch runs use that recipe)."""
     from onceforall.checkpoint import read_meta
 
-    recipe = read_meta(TEACHER)["schedule"]["teacher"]
-    return {"supernet_sha256": weights_sha256(SUPERNET), "teacher_sha256": weights_sha256(TEACHER),
+    recipe = read_meta(ctx.teacher)["schedule"]["teacher"]
+    return {"supernet_sha256": weights_sha256(ctx.supernet), "teacher_sha256": weights_sha256(ctx.teacher),
             "teacher_recipe": {k: recipe[k] for k in ("epochs", "lr", "warmup_epochs")}
             | {"resolutions": recipe.get("n_resolutions") or "all"}}
 
 
-def check_same_supernet(doc: dict) -> None:
+def check_same_supernet(doc: dict, ctx: Ctx) -> None:
     """A resumed claim must not mix rows measured on two different supernets."""
-    now = trained_on()
+    now = trained_on(ctx)
     then = doc.setdefault("settings", {}).get("trained_on")
     if then and (then["supernet_sha256"], then["teacher_sha256"]) != (now["supernet_sha256"],
                                                                      now["teacher_sha256"]):
-        raise SystemExit(f"{RESULT.relative_to(ROOT)} was measured on another standard supernet "
-                         f"(sha256 {then['supernet_sha256'][:12]}, now {now['supernet_sha256'][:12]}): "
-                         f"move it and bench/_work/claim aside to measure the new one from the start")
+        raise SystemExit(f"{ctx.result} was measured on another supernet (sha256 "
+                         f"{then['supernet_sha256'][:12]}, now {now['supernet_sha256'][:12]}): move it "
+                         f"and {ctx.work} aside to measure the new one from the start")
     doc["settings"]["trained_on"] = then or now
 
 
-def load() -> dict:
-    return json.loads(RESULT.read_text()) if RESULT.exists() else {}
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save(doc: dict) -> None:
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(doc, indent=1))
+def save(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
 
 
-def searched() -> dict[str, dict]:
+def searched(targets: Path, snapshot_dir: Path, supernet: Path) -> dict[str, dict]:
     """Target name -> the model card of the subnet the claim measures.
 
     The claim measures the subnets of one specialization run: the first time it sees a target it
@@ -100,78 +129,104 @@ def searched() -> dict[str, dict]:
     snapshot, so a later `make bench-specialize` (which may pick other subnets) never mixes results
     of different architectures into one row.
     """
-    CARDS.mkdir(parents=True, exist_ok=True)
-    for card in sorted(TARGETS.glob("*/model/model_card.json")):
-        snapshot = CARDS / f"{card.parent.parent.name}.json"
+    snapshot_dir.mkdir(parents=True, exist_ok=True)
+    for card in sorted(targets.glob("*/model/model_card.json")):
+        snapshot = snapshot_dir / f"{card.parent.parent.name}.json"
         if not snapshot.exists():
             snapshot.write_text(card.read_text())
-    cards = {p.stem: json.loads(p.read_text()) for p in sorted(CARDS.glob("*.json"))}
-    if not cards or not (SUPERNET / "checkpoint.json").is_file():
+    cards = {p.stem: json.loads(p.read_text()) for p in sorted(snapshot_dir.glob("*.json"))}
+    if not cards or not (supernet / "checkpoint.json").is_file():
         raise SystemExit("needs the standard supernet and its searched subnets: run `make bench-ps` and "
                          "`make bench-specialize` first")
     return cards
 
 
-def train_one(kind: str, name: str, card: dict, seed: int, data) -> dict:
-    """One training, metered; resumes nothing but skips a finished folder (train_static)."""
-    from onceforall.energy import Meter
-    from onceforall.export import load_supernet
-    from onceforall.schedule import get_schedule
-    from onceforall.space import SubnetConfig
-    from onceforall.train import RESUME_DIR, train_static
+def recipe_schedule(ctx: Ctx):
+    """The scratch recipe: the teacher's as its checkpoint records it, not as the code says today."""
+    recipe = trained_on(ctx)["teacher_recipe"]
+    s = ctx.base_schedule
+    return dataclasses.replace(s, teacher=dataclasses.replace(
+        s.teacher, epochs=recipe["epochs"], lr=recipe["lr"], warmup_epochs=recipe["warmup_epochs"]))
 
-    out = WORK / "claim" / name / f"{kind}-s{seed}"
-    net = load_supernet(SUPERNET)
-    # The teacher's recipe as its checkpoint records it, not as the code's schedule says today.
-    schedule = get_schedule("standard")
-    recipe = trained_on()["teacher_recipe"]
-    schedule = dataclasses.replace(schedule, teacher=dataclasses.replace(
-        schedule.teacher, epochs=recipe["epochs"], lr=recipe["lr"],
-        warmup_epochs=recipe["warmup_epochs"]))
+
+def train_one(kind: str, name: str, card: dict, seed: int, ctx: Ctx) -> dict:
+    """One training (or one per-target NAS), metered; a finished folder is read back."""
+    from onceforall.export import load_supernet
+    from onceforall.space import SubnetConfig
+
+    out = ctx.work / name / f"{kind}-s{seed}"
+    net = load_supernet(ctx.supernet)
+    if kind == "nas":
+        return nas_one(name, card, seed, ctx, net.space, out)
     cfg = SubnetConfig.from_dict(card["subnet"], net.space, name)
-    kwargs: dict = {"seed": seed}
+    kwargs: dict = {"seed": seed, "progress": not ctx.tiny}
     if kind == "finetuned":
         kwargs.update(init=net.get_active_subnet(cfg), **FINETUNE)
     elif kind == "scratch_kd":
-        kwargs.update(teacher=TEACHER)
+        kwargs.update(teacher=ctx.teacher)
+    return metered_static(net.space, recipe_schedule(ctx), cfg, ctx, out, kwargs)
+
+
+def metered_static(space, schedule, cfg, ctx: Ctx, out: Path, kwargs: dict) -> dict:
+    from onceforall.energy import Meter
+    from onceforall.train import RESUME_DIR, train_static
+
     fresh = not (out / "result.json").is_file()
     # a training cut short starts over, so that its energy is metered whole
     shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
-    with Meter() as meter:
-        result = train_static(net.space, schedule, cfg, data, out, **kwargs)
+    with Meter(ctx.carbon) as meter:
+        result = train_static(space, schedule, cfg, ctx.data, out, **kwargs)
     if fresh:
         result["energy"] = meter.reading.to_dict()
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def quality(doc: dict, seeds: list[int], kinds: list[str], budget_s: float) -> None:
-    from onceforall.data import load_dataset
+def nas_one(name: str, card: dict, seed: int, ctx: Ctx, space, out: Path) -> dict:
+    """The per-target NAS under the budget the OFA search had (the card's, in ms for a latency
+    target), with the target's own latency table; recorded like a training."""
+    from onceforall.latency import LatencyTable
+    from onceforall.nas_baseline import run_nas
+    from onceforall.targets import Target
 
+    target = Target.from_dict(card["target"], where=f"{name} card target")
+    table = LatencyTable.load(ctx.tables[name], space) if name in ctx.tables else None
+    doc = run_nas(space, recipe_schedule(ctx), target, ctx.data, out, latency=table, settings=ctx.nas,
+                  seed=seed, progress=not ctx.tiny, carbon=ctx.carbon)
+    f, total = doc["final"], doc["energy"]["total"]
+    return {"test_acc": f["test_acc"], "val_acc": f["val_acc"], "train_wall_s": total["duration_s"],
+            "epochs": f["epochs"], "lr": recipe_schedule(ctx).teacher.lr, "energy": total,
+            "nas": {"config": f["config"], "metric": f["metric"], "picked": doc["picked"],
+                    "candidates": len(doc["candidates"]), "search_j": doc["energy"]["search"]["total_j"],
+                    "final_j": doc["energy"]["final"]["total_j"],
+                    "proxy_val_acc": [c["val_acc"] for c in doc["candidates"]]}}
+
+
+def quality(doc: dict, ctx: Ctx, plan: list[tuple[int, str]], budget_s: float) -> None:
     t0 = time.monotonic()
-    data = load_dataset("fashion-mnist", val_size=5000, seed=0)
-    cards = searched()
     targets = doc.setdefault("targets", {})
-    for name, card in cards.items():
+    for name, card in ctx.cards.items():
         t = targets.setdefault(name, {})
         t["ofa_test_acc"] = card["accuracy"]["test_top1_pct_onnxruntime"]
         t["subnet"], t["macs"], t["params"] = card["subnet"], card["macs"], card["params"]
-    for seed in seeds:
-        for kind in kinds:
-            for name, card in cards.items():
-                runs = targets[name].setdefault("runs", {}).setdefault(kind, {})
-                if str(seed) in runs:
-                    continue
-                if time.monotonic() - t0 > budget_s:
-                    print(f"budget spent; rerun to continue ({kind} {name} seed {seed} next)",
-                          file=sys.stderr)
-                    return
-                print(f"[claim] {kind} {name} seed {seed}", file=sys.stderr)
-                r = train_one(kind, name, card, seed, data)
-                runs[str(seed)] = {k: r[k] for k in ("test_acc", "val_acc", "train_wall_s", "epochs", "lr")}
-                runs[str(seed)]["energy_j"] = r.get("energy", {}).get("total_j")
-                summarize(targets[name])
-                save(doc)
+    for seed, kind in plan:
+        for name, card in ctx.cards.items():
+            runs = targets[name].setdefault("runs", {}).setdefault(kind, {})
+            if str(seed) in runs:
+                continue
+            if time.monotonic() - t0 > budget_s:
+                print(f"budget spent; rerun to continue ({kind} {name} seed {seed} next)", file=sys.stderr)
+                return
+            print(f"[claim] {kind} {name} seed {seed}", file=sys.stderr)
+            r = train_one(kind, name, card, seed, ctx)
+            runs[str(seed)] = {k: r[k] for k in ("test_acc", "val_acc", "train_wall_s", "epochs", "lr")}
+            runs[str(seed)]["energy_j"] = r.get("energy", {}).get("total_j")
+            runs[str(seed)]["g_per_kwh"] = r.get("energy", {}).get("g_per_kwh")
+            runs[str(seed)]["wall_s"] = r.get("energy", {}).get("duration_s")  # metered, evaluation too
+            if "nas" in r:
+                runs[str(seed)]["nas"] = r["nas"]
+            summarize(targets[name])
+            save(doc, ctx.result)
 
 
 def summarize(t: dict) -> None:
@@ -184,70 +239,170 @@ def summarize(t: dict) -> None:
     if "scratch_test_acc" in t:
         best = max(t.get("scratch_test_acc", 0), t.get("scratch_kd_test_acc", 0))
         t["ofa_minus_best_scratch"] = round(t["ofa_test_acc"] - best, 3)
+    if "nas_test_acc" in t:
+        t["ofa_minus_nas"] = round(t["ofa_test_acc"] - t["nas_test_acc"], 3)
 
 
-def cost(doc: dict) -> None:
-    path = ROOT / "docs" / "results" / "quick_run_report.json"
-    if not path.exists():
-        print("no docs/results/quick_run_report.json: run `make bench-pipeline` for the cost part",
-              file=sys.stderr)
-        return
-    report = json.loads(path.read_text())
-    e = report["energy"]
-    stages = e["stages"]
+# -- cost --------------------------------------------------------------------------------------
+
+def quick_figures() -> dict | None:
+    """The measured `quick` run: shared stages, per-target stages (and each target's profile),
+    its train-scratch stage."""
+    if not QUICK_REPORT.exists():
+        return None
+    report = json.loads(QUICK_REPORT.read_text())
+    stages = report["energy"]["stages"]
     shared = [s for s in stages if s["target"] is None and s["stage"] not in ("train-scratch", "report")]
     per_target = [s for s in stages if s["target"] is not None]
     scratch = next(s for s in stages if s["stage"] == "train-scratch")
     n_t = len({s["target"] for s in per_target})
-    shared_j, shared_s = sum(s["total_j"] for s in shared), sum(s["wall_s"] for s in shared)
-    shared_g = sum(s["emissions_g"] for s in shared)
-    marg_j = sum(s["total_j"] for s in per_target) / n_t
-    marg_s = sum(s["wall_s"] for s in per_target) / n_t
-    marg_g = sum(s["emissions_g"] for s in per_target) / n_t
-    rows = [{"n": n, "ofa_j": round(shared_j + n * marg_j, 1), "scratch_j": round(n * scratch["total_j"], 1),
-             "ofa_wall_s": round(shared_s + n * marg_s, 1), "scratch_wall_s": round(n * scratch["wall_s"], 1),
-             "ofa_g": round(shared_g + n * marg_g, 4), "scratch_g": round(n * scratch["emissions_g"], 4)}
-            for n in NS]
-    gap = scratch["total_j"] - marg_j
-    doc["cost"] = {
-        "source": "docs/results/quick_run_report.json (run " + report["run_id"] + ", schedule quick)",
-        "shared_j": round(shared_j, 1), "per_target_marginal_j": round(marg_j, 1),
-        "scratch_per_target_j": round(scratch["total_j"], 1),
-        "break_even_n": round(shared_j / gap, 2) if gap > 0 else None, "rows": rows,
-        "methods": e["methods"],
+    return {"run_id": report["run_id"], "methods": report["energy"]["methods"], "targets": n_t,
+            "shared": Cost(sum(s["total_j"] for s in shared), sum(s["wall_s"] for s in shared)),
+            "marginal": Cost(sum(s["total_j"] for s in per_target) / n_t,
+                             sum(s["wall_s"] for s in per_target) / n_t),
+            "scratch": Cost(scratch["total_j"], scratch["wall_s"]),
+            "profile": {s["target"]: Cost(s["total_j"], s["wall_s"])
+                        for s in per_target if s["stage"] == "profile-target"}}
+
+
+def g_per_kwh(carbon: str | None, doc: dict) -> float:
+    """The carbon setting's intensity; for a country, the one CodeCarbon applied to the trainings."""
+    from onceforall.energy import Carbon
+
+    c = Carbon.parse(carbon)
+    if c.source == "fixed":
+        return float(c.g_per_kwh)
+    runs = [r for t in doc.get("targets", {}).values() for k in t.get("runs", {}).values()
+            for r in k.values() if r.get("energy_j")]
+    rates = [r["g_per_kwh"] for r in runs if r.get("g_per_kwh")]
+    if not rates:
+        raise SystemExit(f"--carbon {carbon}: no metered training records its intensity yet")
+    return statistics.mean(rates)
+
+
+def run_costs(doc: dict, kind: str, quick: dict | None) -> tuple[Cost, int] | None:
+    """Mean metered cost of one target's training of ``kind`` (a NAS: plus the target's latency
+    table, which it needs as OFA does, from the quick run's profile stage)."""
+    per: list[Cost] = []
+    for name, t in doc.get("targets", {}).items():
+        for r in t.get("runs", {}).get(kind, {}).values():
+            if r.get("energy_j"):
+                extra = (quick or {}).get("profile", {}).get(name, Cost(0.0, 0.0)) if kind == "nas" \
+                    else Cost(0.0, 0.0)
+                wall = r.get("wall_s") or r["train_wall_s"]  # rows before the metered wall: training only
+                per.append(Cost(r["energy_j"] + extra.j, wall + extra.wall_s))
+    if not per:
+        return None
+    return Cost(statistics.mean(c.j for c in per), statistics.mean(c.wall_s for c in per)), len(per)
+
+
+def quick_model(quick: dict, g: float) -> dict:
+    model = cost_model(quick["shared"], quick["marginal"], {"scratch": quick["scratch"]}, g, NS)
+    return model | {
+        "scale": "quick", "source": f"docs/results/quick_run_report.json (run {quick['run_id']})",
+        "methods": quick["methods"],
+        "measures": "the README's `make run`: 2 teacher epochs and 5 one-epoch shrinking phases on a "
+                    "third of Fashion-MNIST, against one fixed architecture (the middle subnet) trained "
+                    "alone on the same 2-epoch recipe, no search",
         "assumptions": [
-            "shared = teacher + 5 shrinking phases + accuracy predictor (report stage excluded); "
-            "per target = profile + search + export, averaged over the run's targets",
-            "from scratch = the run's train-scratch stage (the middle subnet on the teacher's recipe) "
-            "per target; its architecture search and export are not counted",
+            "shared = teacher + 5 shrinking phases + accuracy predictor (report stage excluded); per "
+            "target = profile + search + export, averaged over the run's targets",
+            "training alone = the run's train-scratch stage per target; its architecture is given "
+            "for free (no search, no latency table) and its export is not counted",
+            "no per-target NAS is run at this scale",
             "N > the run's targets scales the measured per-target cost linearly",
-        ]}
+            "CO2e = energy x the carbon setting's intensity"]}
 
 
-def cost_standard(doc: dict) -> None:
-    """The same comparison at the `standard` scale, from what is measured at that scale: the scratch
-    trainings of the quality part (metered) and, once `make bench-ps` has metered its phases, the
-    shared training. The per-target stages do not depend on the schedule: the quick run's."""
-    runs = [r["energy_j"] for t in doc.get("targets", {}).values()
-            for r in t.get("runs", {}).get("scratch", {}).values() if r.get("energy_j")]
-    ps_path = ROOT / "docs" / "results" / "progressive_shrinking.json"
-    ps = json.loads(ps_path.read_text()) if ps_path.exists() else {}
+def shared_standard(doc: dict, ps: dict, spec: dict) -> tuple[Cost | None, list[str], str | None]:
+    """The standard shared training, metered by bench/progressive_shrinking.py on the supernet the
+    rows measure, plus the accuracy predictor's measurements (not metered at this scale: their
+    wall at the training's mean power, labelled an estimate)."""
+    from onceforall.schedule import get_schedule
+
     energies = [p.get("energy") for p in ps.get("phases", [])]
     same = ps.get("supernet_sha256") == doc.get("settings", {}).get("trained_on", {}).get("supernet_sha256")
-    shared = sum(e["total_j"] for e in energies) if same and energies and all(energies) else None
-    scratch = statistics.mean(runs) if runs else None
-    marginal = doc.get("cost", {}).get("per_target_marginal_j")
-    std = {"scratch_per_target_j": None if scratch is None else round(scratch, 1),
-           "scratch_trainings_metered": len(runs), "shared_j": shared,
-           "per_target_marginal_j": marginal,
-           "break_even_n": (round(shared / (scratch - marginal), 2)
-                            if shared and scratch and marginal and scratch > marginal else None)}
-    if shared is None:
-        std["pending"] = ("the training of the supernet these rows measure was not metered (`make "
-                          "bench-ps` meters every phase, but it has retrained the supernet since: "
-                          "rerun the claim on it)" if not same else
-                          "the standard supernet's training was not metered yet: rerun `make bench-ps`")
-    doc.setdefault("cost", {})["standard"] = std
+    if not same:
+        return None, [], ("the training of the supernet these rows measure was not metered (`make "
+                          "bench-ps` meters every phase, but its last run trained another supernet: "
+                          "rerun the claim on the supernet it trained)")
+    if not energies or not all(energies):
+        return None, [], ("a phase of the standard supernet's training was not metered "
+                          "(progressive_shrinking.json): rerun `make bench-ps`")
+    train = Cost(sum(e["total_j"] for e in energies), sum(p["wall_s"] for p in ps["phases"]))
+    per_s = spec.get("accuracy_data", {}).get("eval_s_per_subnet")
+    n = get_schedule("standard").predictor_subnets
+    if not per_s:
+        return train, ["the accuracy predictor's measurements are not included (no specialize.json)"], None
+    pred_s = n * per_s
+    pred = Cost(pred_s * train.j / train.wall_s, pred_s)
+    return Cost(train.j + pred.j, train.wall_s + pred.wall_s), [
+        f"shared = the metered training phases ({train.j:.0f} J, {train.wall_s:.0f} s) + the accuracy "
+        f"predictor's {n} subnet measurements, estimated as {per_s} s each (specialize.json) at the "
+        f"training's mean power ({pred.j:.0f} J): an estimate, not metered"], None
+
+
+def standard_model(doc: dict, quick: dict | None, g: float, ps: dict | None = None,
+                   spec: dict | None = None) -> dict:
+    """``ps``, ``spec``: progressive_shrinking.json and specialize.json (default: the committed)."""
+    results = ROOT / "docs" / "results"
+    ps = load(results / "progressive_shrinking.json") if ps is None else ps
+    spec = load(results / "specialize.json") if spec is None else spec
+    scratch, nas = run_costs(doc, "scratch", quick), run_costs(doc, "nas", quick)
+    shared, notes, pending = shared_standard(doc, ps, spec)
+    out: dict[str, Any] = {
+        "scale": "standard",
+        "measured": {"scratch_per_target_j": None if scratch is None else round(scratch[0].j, 1),
+                     "scratch_trainings_metered": 0 if scratch is None else scratch[1],
+                     "nas_per_target_j": None if nas is None else round(nas[0].j, 1),
+                     "nas_runs_metered": 0 if nas is None else nas[1],
+                     "shared_j": None if shared is None else round(shared.j, 1),
+                     "per_target_marginal_j": None if quick is None else round(quick["marginal"].j, 1)}}
+    baselines = {k: v[0] for k, v in (("scratch", scratch), ("nas", nas)) if v is not None}
+    if shared is None or quick is None or not baselines:
+        out["pending"] = pending or "the scratch trainings or the quick run's per-target stages are missing"
+        return out
+    out |= cost_model(shared, quick["marginal"], baselines, g, NS)
+    out["assumptions"] = [
+        *notes,
+        "per target (profile + search + export) = the quick run's measured stages: they do not train, "
+        "and the latency settings are the same at both scales",
+        "training alone = the searched subnet of each example target trained from scratch on the "
+        "teacher's recipe, mean over targets and seeds; its architecture is given for free",
+        "per-target NAS = onceforall/nas_baseline.py per target (K proxies, the best trained fully on "
+        "the same recipe), mean over targets and seeds, plus that target's latency table (the quick "
+        "run's profile stage) where its budget is a latency",
+        "N > 4 scales the measured per-target costs linearly",
+        "CO2e = energy x the carbon setting's intensity"]
+    return out
+
+
+def provenance(doc: dict, std: dict) -> dict:
+    """What every run's report quotes as the standard-scale result."""
+    trained = doc.get("settings", {}).get("trained_on", {})
+    return {"format": "onceforall-standard-claim/1", "scale": "standard",
+            "source": "docs/results/claim.json", "command": doc.get("command", COMMAND),
+            "date": doc.get("date"), "supernet_sha256": trained.get("supernet_sha256"),
+            "teacher_recipe": trained.get("teacher_recipe"), "machine": doc.get("machine", {}),
+            "cost": std}
+
+
+def cost(doc: dict, ctx: Ctx, tiny_shared: Cost | None = None) -> None:
+    quick = quick_figures()
+    g = g_per_kwh(ctx.carbon, doc)
+    models: dict[str, Any] = {}
+    if quick is not None:
+        models["quick"] = quick_model(quick, g)
+    if ctx.tiny:
+        scratch, nas = run_costs(doc, "scratch", quick), run_costs(doc, "nas", quick)
+        baselines = {k: v[0] for k, v in (("scratch", scratch), ("nas", nas)) if v is not None}
+        if quick is not None and baselines and tiny_shared is not None:
+            models["tiny"] = cost_model(tiny_shared, quick["marginal"], baselines, g, NS) | {
+                "scale": "tiny", "assumptions": ["tiny: the harness only; numbers mean nothing"]}
+    else:
+        models["standard"] = standard_model(doc, quick, g)
+    doc["cost_model"] = models
+    doc.pop("cost", None)  # the format before the NAS baseline (quick scale and scratch only)
 
 
 def throughput(doc: dict) -> None:
@@ -260,35 +415,135 @@ def throughput(doc: dict) -> None:
                 doc[key] = t[key]
 
 
+# -- the two ways to run it --------------------------------------------------------------------
+
+def standard_ctx(args) -> Ctx:
+    from onceforall.data import load_dataset
+    from onceforall.nas_baseline import NASSettings
+    from onceforall.schedule import get_schedule
+
+    std = args.standard.resolve()
+    supernet, teacher = std / "ps" / "width-2", std / "ps" / "teacher"
+    cards = searched(TARGETS, WORK / "claim" / "cards", supernet)
+    tables = {n: TARGETS / n / "latency.json" for n, c in cards.items()
+              if c["target"]["constraint"]["kind"] == "latency_ms"}
+    return Ctx(supernet, teacher, get_schedule("standard"),
+               load_dataset("fashion-mnist", val_size=5000, seed=0), cards, tables, WORK / "claim",
+               RESULT, args.carbon, NASSettings())
+
+
+def tiny_ctx(work: Path, carbon: str | None) -> tuple[Ctx, Cost]:
+    """Synthetic images, a two-unit space and the smoke schedule on 64 images: a supernet trained
+    here (metered: the tiny shared cost), a MACs and a params target, each with its largest uniform
+    subnet within budget as its "searched" subnet (no search; its accuracy measured on test)."""
+    from onceforall.data import load_dataset
+    from onceforall.efficiency import CostTable
+    from onceforall.energy import Meter
+    from onceforall.nas_baseline import NASSettings
+    from onceforall.schedule import get_schedule
+    from onceforall.space import UnitSpec, get_space
+    from onceforall.train import train_supernet
+
+    space = dataclasses.replace(
+        get_space("fashion-mnist"), name="tiny", stem_width=8, first_block_width=8,
+        units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
+        resolutions=(16, 20, 24), final_expand_width=64, feature_width=64)
+    schedule = dataclasses.replace(get_schedule("smoke"), name="tiny", batch_size=32, train_images=64,
+                                   val_images=None, bn_calib_images=64, bn_calib_batch=64)
+    data = load_dataset("synthetic:400", val_size=100)
+    energy_path = work / "ps" / "energy.json"
+    if not energy_path.is_file():
+        shutil.rmtree(work / "ps", ignore_errors=True)
+        with Meter(carbon) as meter:
+            train_supernet(space, schedule, data, work / "ps", progress=False)
+        save(meter.reading.to_dict(), energy_path)
+    e = json.loads(energy_path.read_text())
+    costs = CostTable.build(space)
+    lo, hi = (float(v) for v in costs.macs([space.min_config(), space.max_config()]))
+    plo, phi = (float(v) for v in costs.params([space.min_config(), space.max_config()]))
+    targets = {"tiny-macs": {"kind": "macs", "budget": lo + 0.5 * (hi - lo)},
+               "tiny-params": {"kind": "params", "budget": plo + 0.6 * (phi - plo)}}
+    cards = tiny_cards(space, schedule, data, work, targets)
+    ctx = Ctx(work / "ps" / "width-2", work / "ps" / "teacher", schedule, data, cards, {},
+              work / "trainings", work / "claim.json", carbon,
+              NASSettings(candidates=3, proxy_train_images=32, pool=500), tiny=True)
+    return ctx, Cost(e["total_j"], e["duration_s"])
+
+
+def tiny_cards(space, schedule, data, work: Path, targets: dict) -> dict[str, dict]:
+    from onceforall.data import calibration_images
+    from onceforall.efficiency import subnet_macs, subnet_params
+    from onceforall.evaluate import evaluate_subnets
+    from onceforall.export import load_supernet
+    from onceforall.specialize import uniform_configs
+
+    net = load_supernet(work / "ps" / "width-2")
+    calib = calibration_images(data, schedule.bn_calib_images, 0)
+    cards = {}
+    for name, c in targets.items():
+        size = subnet_macs if c["kind"] == "macs" else subnet_params
+        cfg = max((u for u in uniform_configs(space) if size(space, u) <= c["budget"]),
+                  key=lambda u: size(space, u))
+        acc = evaluate_subnets(net, {name: cfg}, data, calib, split="test")[name]
+        cards[name] = {"subnet": cfg.to_dict(), "macs": subnet_macs(space, cfg),
+                       "params": subnet_params(space, cfg),
+                       "accuracy": {"test_top1_pct_onnxruntime": round(float(acc), 3)},
+                       "target": {"name": name, "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+                                  "constraint": c}}
+    return cards
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--nas-seeds", type=int, nargs="+", default=[0],
+                    help="seeds of the per-target NAS (its cost is ~1.5 scratch trainings each)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--budget-min", type=float, default=float("inf"),
                     help="stop starting new trainings after this many minutes (rerun to continue)")
     ap.add_argument("--standard", type=Path, default=WORK / "standard",
                     help="the standard run's folder (ps/teacher, ps/width-2) the claim measures")
+    ap.add_argument("--carbon", default=None, help="g CO2e/kWh or a country code (default $OFA_CARBON "
+                                                   "or 475, see onceforall/energy.py)")
+    ap.add_argument("--tiny", action="store_true", help="synthetic data, a tiny space: the harness only")
+    ap.add_argument("--work", type=Path, default=None, help="with --tiny: its folder (results there)")
     args = ap.parse_args()
-    global SUPERNET, TEACHER
-    std = args.standard.resolve()
-    SUPERNET, TEACHER = std / "ps" / "width-2", std / "ps" / "teacher"
-    doc = load()
-    check_same_supernet(doc)
-    doc.update({"machine": machine(), "command": "python bench/claim.py [--seeds ...] [--kinds ...] "
-                "[--budget-min M] [--standard DIR] (make bench-claim)",
-                "why": WHY,
-                "settings": {**doc["settings"], "finetune": FINETUNE,
-                             "scratch": "teacher phase of the standard schedule",
-                             "supernet": str(SUPERNET.relative_to(ROOT)),
-                             "subnets": str(CARDS.relative_to(ROOT)) + " (snapshot of the "
-                             "specialization run they were first taken from)"}})
-    cost(doc)
+    if args.tiny:
+        if args.work is None:
+            ap.error("--tiny needs --work (a scratch folder; tiny results never go to docs/results)")
+        ctx, shared = tiny_ctx(args.work.resolve(), args.carbon)
+    else:
+        ctx, shared = standard_ctx(args), None
+    doc = load(ctx.result)
+    check_same_supernet(doc, ctx)
+    doc.update({"machine": machine(), "command": COMMAND + (" --tiny" if ctx.tiny else ""),
+                "why": WHY, "settings": {
+                    **doc["settings"], "finetune": FINETUNE,
+                    "scratch": f"teacher phase of the {ctx.base_schedule.name} schedule",
+                    "nas": dataclasses.asdict(ctx.nas) | {"module": "onceforall/nas_baseline.py"},
+                    "carbon": ctx.carbon or "default (OFA_CARBON or 475 g/kWh)",
+                    "supernet": str(ctx.supernet), "subnets": "bench/_work/claim/cards (snapshot of "
+                    "the specialization run they were first taken from)"}})
     throughput(doc)
-    save(doc)
-    quality(doc, args.seeds, args.kinds, args.budget_min * 60)
-    cost_standard(doc)
-    save(doc)
+    plan = [(s, k) for s in args.seeds for k in args.kinds if k != "nas"]
+    plan += [(s, "nas") for s in args.nas_seeds if "nas" in args.kinds]
+    quality(doc, ctx, plan, args.budget_min * 60)
+    doc["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    cost(doc, ctx, shared)
+    save(doc, ctx.result)
+    if ctx.tiny:
+        return render_tiny(doc, args.work.resolve())
+    save(provenance(doc, doc["cost_model"]["standard"]), PROVENANCE)
     subprocess.run([sys.executable, str(ROOT / "bench" / "render.py")], check=True)
+    return 0
+
+
+def render_tiny(doc: dict, work: Path) -> int:
+    """The claim's section and its plot, as render.py makes them, into the work folder."""
+    import render
+
+    (work / "claim.md").write_text("\n".join(render.claim(doc, docs=work)) + "\n")
+    print(work / "claim.md")
     return 0
 
 

@@ -570,6 +570,7 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
         "estimate": any(m == "model" for m in methods),
     }
     scratch = by.get(("train-scratch", None))
+    out["standard"] = standard_claim()
     if scratch:
         n = len(targets)
         ofa_j = shared_j + sum(v["energy_j"] for v in per_target.values())
@@ -589,8 +590,66 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
                 "ratio = N x scratch / (shared + sum of per-target stages) with N = the targets of "
                 "this run; break-even N = shared / (scratch - marginal per target)",
                 "energy figures with method 'model' are CodeCarbon estimates, not measurements",
-            ]}
+            ],
+            "measures": _scale_of(ledger)}
+        out["implied"] = _implied(ledger, shared_j, marginal_j, scratch)
     return out
+
+
+def _scale_of(ledger: list[dict[str, Any]]) -> str:
+    """What this run's comparison measures, in words, from its own stages' records."""
+    epochs = {r["stage"]: r.get("metrics", {}).get("epochs") for r in ledger}
+    shrink = [epochs.get(f"shrink-{p}") for p in SHRINK_PHASES if f"shrink-{p}" in epochs]
+    return (f"this run's scale (teacher {epochs.get('train-teacher', '?')} epochs, {len(shrink)} shrinking "
+            f"phases of {'/'.join(str(e) for e in shrink)} epochs) against one fixed architecture (the "
+            f"space's middle subnet) trained alone for {epochs.get('train-scratch', '?')} epochs on the "
+            "same recipe, with no search")
+
+
+def _implied(ledger: list[dict[str, Any]], shared_j: float, marginal_j: float,
+             scratch: dict[str, Any]) -> dict[str, Any]:
+    """This run's measured figures carried to N = 1..100 targets, against training alone (measured:
+    the train-scratch stage) and against a per-target NAS (estimated, no NAS ran here: one training
+    alone plus proxies costing the share of it that onceforall/nas_baseline.py's defaults cost
+    under the `standard` recipe)."""
+    from .cost import NS, Cost, cost_model
+    from .nas_baseline import NASSettings
+
+    recs = {(r["stage"], r.get("target")): r for r in ledger if r.get("energy")}
+    wall = lambda pred: sum(r["wall_s"] for k, r in recs.items() if pred(*k))  # noqa: E731
+    targets = {t for (_, t) in recs if t is not None}
+    nas = NASSettings()
+    share = nas.proxy_share(get_schedule("standard"), 55000)  # Fashion-MNIST less 5,000 for validation
+    alone = Cost(scratch["total_j"], recs[("train-scratch", None)]["wall_s"])
+    model = cost_model(Cost(shared_j, wall(lambda s, t: s in SHARED_STAGES)),
+                       Cost(marginal_j, wall(lambda s, t: t is not None) / max(len(targets), 1)),
+                       {"scratch": alone, "nas": Cost(alone.j * (1 + share), alone.wall_s * (1 + share))},
+                       float(scratch.get("g_per_kwh") or 475.0), NS)
+    return model | {"nas_estimate": {
+        "proxy_share": round(share, 4), "settings": dataclasses.asdict(nas),
+        "how": "estimated, not run: one training alone x (1 + the share of it that the K proxies of "
+               "onceforall/nas_baseline.py's defaults cost under the standard recipe); the latency "
+               "tables a NAS needs for latency targets are not counted"}}
+
+
+def standard_claim(doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The committed standard-scale result (``doc``; default onceforall/resources/standard_claim.json,
+    written by bench/claim.py) with its provenance, or why it is pending."""
+    from importlib import resources
+
+    if doc is None:
+        try:
+            raw = resources.files("onceforall").joinpath("resources/standard_claim.json").read_text()
+        except (FileNotFoundError, OSError):
+            return {"pending": "no committed standard-scale result in this installation"}
+        doc = json.loads(raw)
+    cost = doc.get("cost", {})
+    out = {k: doc.get(k) for k in ("source", "command", "date", "supernet_sha256")}
+    if "rows" not in cost:
+        return out | {"pending": cost.get("pending", "not measured"), "measured": cost.get("measured", {})}
+    return out | {"break_even_n": cost["break_even_n"], "g_per_kwh": cost["g_per_kwh"],
+                  "shared_j": cost["shared"]["j"], "per_target_marginal_j": cost["per_target_marginal"]["j"],
+                  "per_target_j": {k: v["j"] for k, v in cost["baselines"].items()}}
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
@@ -637,14 +696,9 @@ def report_markdown(doc: dict[str, Any]) -> str:
                      "were readable), not measurements.")
     s = e.get("savings")
     if s:
-        be = "never (one more OFA target costs as much as a scratch training)" \
-            if s["break_even_targets"] is None else f"{s['break_even_targets']:.1f} targets"
-        lines += ["", "## Against training every target from scratch", "",
-                  f"- OFA, {s['targets']} targets: {s['ofa_j']:.0f} J",
-                  f"- from scratch, {s['targets']} x {s['scratch_per_target_j']:.0f} J = "
-                  f"{s['scratch_j']:.0f} J",
-                  f"- savings ratio (scratch / OFA): {s['ratio']:.2f}x; break-even at {be}", "",
-                  "Assumptions:", *(f"- {a}" for a in s["assumptions"])]
+        lines += _savings_lines(s, e.get("implied"))
+    if e.get("standard"):
+        lines += _standard_lines(e["standard"])
     lines += ["", "## Stages", "", "| stage | target | wall (s) | figures |", "|---|---|---:|---|"]
     for r in doc["stages"]:
         figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -653,6 +707,50 @@ def report_markdown(doc: dict[str, Any]) -> str:
         if r.get("push_error"):
             lines.append(f"| | | | **metrics not pushed**: {r['push_error']} |")
     return "\n".join(lines) + "\n"
+
+
+def _savings_lines(s: dict[str, Any], implied: dict[str, Any] | None) -> list[str]:
+    be = ("never at this scale (one more OFA target costs at least as much as one training alone "
+          "here)" if s["break_even_targets"] is None else f"{s['break_even_targets']:.1f} targets")
+    lines = ["", "## Against training each target alone, at this run's scale (measured)", "",
+             f"What this measures: {s.get('measures', 'this run against one architecture trained alone')}.",
+             "", f"- OFA, {s['targets']} targets: {s['ofa_j']:.0f} J",
+             f"- trained alone, {s['targets']} x {s['scratch_per_target_j']:.0f} J = {s['scratch_j']:.0f} J",
+             f"- savings ratio (alone / OFA) at this scale: {s['ratio']:.2f}x; break-even: {be}", "",
+             "Assumptions:", *(f"- {a}" for a in s["assumptions"])]
+    if implied:
+        names = {"scratch": "training alone (measured)", "nas": "per-target NAS (estimated)"}
+        sides = ["ofa", *(b for b in names if b in implied["baselines"])]
+        heads = ["OFA", *(names[b] for b in sides[1:])]
+        lines += ["", "## What these figures imply at this run's scale", "",
+                  "This run's measured stages carried to N targets (energy in Wh; CO2e at "
+                  f"{implied['g_per_kwh']:g} g/kWh). "
+                  + " ".join(f"Break-even against {names[b]}: " +
+                             ("never" if implied["break_even_n"][b] is None else
+                              f"N = {implied['break_even_n'][b]:.1f}") + "." for b in sides[1:]),
+                  "", "| N | " + " | ".join(f"{h} (Wh)" for h in heads) + " | "
+                  + " | ".join(f"{h} CO2e (g)" for h in heads) + " |",
+                  "|---:|" + "---:|" * (2 * len(sides))]
+        for row in implied["rows"]:
+            lines.append(f"| {row['n']} | " + " | ".join(f"{row[f'{x}_wh']:.3f}" for x in sides) + " | "
+                         + " | ".join(f"{row[f'{x}_g']:.3f}" for x in sides) + " |")
+        if implied.get("nas_estimate"):
+            lines += ["", f"Per-target NAS: {implied['nas_estimate']['how']} (share "
+                          f"{implied['nas_estimate']['proxy_share']:.2f})."]
+    return lines
+
+
+def _standard_lines(std: dict[str, Any]) -> list[str]:
+    where = (f"`{std.get('source')}`, supernet sha256 `{(std.get('supernet_sha256') or '?')[:12]}`, "
+             f"measured by `{std.get('command')}` on {std.get('date') or '?'}")
+    lines = ["", "## At the standard scale (committed result, not this run)", ""]
+    if "pending" in std:
+        return lines + [f"Pending: {std['pending']} ({where})."]
+    be = "; ".join(f"against {'training alone' if k == 'scratch' else 'per-target NAS'}: "
+                   + ("never" if v is None else f"N = {v:.1f}") for k, v in std["break_even_n"].items())
+    return lines + [f"Break-even {be}. Shared training {std['shared_j']:.0f} J, one more OFA target "
+                    f"{std['per_target_marginal_j']:.0f} J; per target " +
+                    ", ".join(f"{k} {v:.0f} J" for k, v in std["per_target_j"].items()) + f" ({where})."]
 
 
 def log_metrics(record: dict[str, Any], metrics: Any) -> None:

@@ -420,7 +420,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
                  out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
                  init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
                  seed: int = 0, device: str = "auto", progress: bool = True,
-                 checkpoint_uri: str | None = None) -> dict[str, Any]:
+                 checkpoint_uri: str | None = None, test: bool = True) -> dict[str, Any]:
     """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
     from ``init`` (an extracted subnet), a fine-tune.
 
@@ -431,6 +431,8 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     ``model.safetensors`` and ``result.json``; a finished folder is not trained again. Mid-run
     checkpoints (every ``schedule.checkpoint_every_s``) go to ``out_dir/resume``, copied to
     ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
+    ``test=False`` skips the test-set evaluation (``test_acc`` None): a NAS proxy is picked on
+    validation alone and should not pay for a test pass.
     """
     from safetensors.torch import save_file
 
@@ -496,7 +498,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
               "images_per_s": round((total - start) * schedule.batch_size
                                     / max(time.monotonic() - t0, 1e-9), 1),
               "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
-              "test_acc": round(accuracy(model, data, "test", cfg.r), 3),
+              "test_acc": round(accuracy(model, data, "test", cfg.r), 3) if test else None,
               "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed,
               "resumed_from_step": start}
     out_dir.mkdir(parents=True, exist_ok=True)

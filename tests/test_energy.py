@@ -97,12 +97,13 @@ def test_pushgateway_down_never_fails_a_stage(tmp_path):
 
 
 def test_energy_summary_savings_and_break_even():
-    def rec(stage, target, j):
-        return {"stage": stage, "target": target, "wall_s": 1.0, "metrics": {},
+    def rec(stage, target, j, epochs=None):
+        return {"stage": stage, "target": target, "wall_s": 1.0,
+                "metrics": {} if epochs is None else {"epochs": epochs},
                 "energy": {"cpu_j": j, "gpu_j": 0.0, "ram_j": 0.0, "total_j": j, "emissions_g": j / 1e4,
-                           "methods": {"cpu": "model", "gpu": "none", "ram": "model"}}}
-    ledger = [rec("train-teacher", None, 600.0), rec("shrink-kernel", None, 400.0),
-              rec("train-scratch", None, 300.0),
+                           "g_per_kwh": 400.0, "methods": {"cpu": "model", "gpu": "none", "ram": "model"}}}
+    ledger = [rec("train-teacher", None, 600.0, 2), rec("shrink-kernel", None, 400.0, 1),
+              rec("train-scratch", None, 300.0, 2),
               *(rec(s, t, 25.0) for t in ("a", "b") for s in ("profile-target", "search")),
               rec("report", None, 1.0)]
     e = stages.energy_summary(ledger)
@@ -110,3 +111,38 @@ def test_energy_summary_savings_and_break_even():
     s = e["savings"]
     assert s["ofa_j"] == 1100.0 and s["scratch_j"] == 600.0 and s["ratio"] == pytest.approx(600 / 1100, 1e-3)
     assert s["break_even_targets"] == pytest.approx(1000 / 250, 1e-3) and e["estimate"]
+    # what it measures, in words, from the run's own stages
+    assert "teacher 2 epochs, 1 shrinking phases of 1 epochs" in s["measures"]
+    assert "trained alone for 2 epochs" in s["measures"]
+    # what the figures imply at this scale: N = 1..100 against training alone and an estimated NAS
+    im = e["implied"]
+    assert [r["n"] for r in im["rows"]] == [1, 2, 4, 10, 40, 100] and im["g_per_kwh"] == 400.0
+    assert im["break_even_n"]["scratch"] == pytest.approx(4.0)
+    nas = 300.0 * (1 + im["nas_estimate"]["proxy_share"])
+    assert im["baselines"]["nas"]["j"] == pytest.approx(nas, abs=0.05)
+    assert im["break_even_n"]["nas"] == pytest.approx(1000 / (nas - 50), abs=0.01)
+    n10 = im["rows"][3]
+    assert n10["ofa_j"] == 1500.0 and n10["scratch_wh"] == pytest.approx(3000 / 3600, 1e-3)
+    # and the committed standard-scale result, with where it comes from (or why it is pending)
+    std = e["standard"]
+    assert std["source"] == "docs/results/claim.json" and len(std["supernet_sha256"]) == 64
+    assert ("pending" in std) != ("break_even_n" in std)
+    md = stages.report_markdown({"run_id": "r", "targets": {}, "stages": ledger, "energy": e})
+    assert "savings ratio (alone / OFA) at this scale: 0.55x" in md
+    assert "What these figures imply at this run's scale" in md and "At the standard scale" in md
+    assert std["supernet_sha256"][:12] in md
+
+
+def test_report_quotes_a_measured_standard_result_with_its_provenance():
+    from onceforall.cost import Cost, cost_model
+
+    model = cost_model(Cost(9000.0, 900.0), Cost(400.0, 40.0), {"scratch": Cost(3000.0, 300.0),
+                                                               "nas": Cost(4500.0, 450.0)}, 475.0)
+    std = stages.standard_claim({"source": "docs/results/claim.json", "command": "python bench/claim.py",
+                                 "date": "2027-01-01T00:00:00+00:00", "supernet_sha256": "c" * 64,
+                                 "cost": model})
+    assert std["break_even_n"] == {"scratch": pytest.approx(9000 / 2600, abs=0.01),
+                                   "nas": pytest.approx(9000 / 4100, abs=0.01)}
+    md = "\n".join(stages._standard_lines(std))
+    assert "against training alone: N = 3.5" in md and "against per-target NAS: N = 2.2" in md
+    assert "cccccccccccc" in md and "2027-01-01" in md and "Pending" not in md

@@ -1,0 +1,98 @@
+"""bench/claim.py's cost model at the standard scale, from the committed measurements it reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import claim  # noqa: E402
+
+
+def _doc(sha: str) -> dict:
+    runs = {"scratch": {"0": {"energy_j": 10000.0, "train_wall_s": 600.0, "test_acc": 92.0}},
+            "nas": {"0": {"energy_j": 15000.0, "train_wall_s": 900.0, "test_acc": 92.1}}}
+    return {"settings": {"trained_on": {"supernet_sha256": sha}},
+            "targets": {"edge-cpu-1t": {"runs": runs}, "phone-macs": {"runs": runs}}}
+
+
+PS = {"supernet_sha256": "ab" * 32,  # the shape bench/progressive_shrinking.py writes
+      "phases": [{"name": n, "wall_s": 100.0, "energy": {"total_j": 2000.0}} for n in "abcdef"]}
+SPEC = {"accuracy_data": {"eval_s_per_subnet": 1.9}}
+
+
+def test_standard_cost_model_has_both_baselines_with_the_nas_paying_its_latency_table():
+    quick = claim.quick_figures()
+    m = claim.standard_model(_doc(PS["supernet_sha256"]), quick, 475.0, PS, SPEC)
+    assert set(m["break_even_n"]) == {"scratch", "nas"}
+    assert [r["n"] for r in m["rows"]] == [1, 2, 4, 10, 40, 100]
+    # a latency target's NAS needs its table too: the quick run's profile stage, averaged in
+    profile = quick["profile"]["edge-cpu-1t"].j
+    assert m["baselines"]["nas"]["j"] == pytest.approx(15000.0 + profile / 2, abs=0.01)
+    # the predictor's 1200 measurements of 1.9 s at the training's mean power (20 W): an estimate
+    assert m["shared"]["j"] == pytest.approx(12000.0 + 1200 * 1.9 * 20.0, abs=0.01)
+    assert any("estimate" in a for a in m["assumptions"])
+    marginal = quick["marginal"].j
+    assert m["break_even_n"]["scratch"] == pytest.approx(m["shared"]["j"] / (10000.0 - marginal), abs=0.01)
+
+
+def test_standard_cost_is_pending_on_another_supernet_or_an_unmetered_phase():
+    m = claim.standard_model(_doc("0" * 64), claim.quick_figures(), 475.0, PS, SPEC)
+    assert "rows" not in m and "another supernet" in m["pending"]
+    unmetered = PS | {"phases": [{"wall_s": 1.0, "energy": None}, *PS["phases"]]}
+    m = claim.standard_model(_doc(PS["supernet_sha256"]), claim.quick_figures(), 475.0, unmetered, SPEC)
+    assert "rows" not in m and "not metered" in m["pending"]
+    assert m["measured"]["scratch_per_target_j"] == 10000.0
+
+
+def test_paper_table1_transcription_is_consistent():
+    """Every row's N = 40 totals follow from its own search and training costs, and its CO2e and
+    dollars from one fixed rate per GPU-hour, as the paper derives them: a mistyped figure fails."""
+    doc = json_load(ROOT / "docs" / "results" / "paper_table1.json")
+    rates = []
+    for row in doc["rows"]:
+        total = row["total_n40"]
+        costs = (row["search_gpu_hours"], row["training_gpu_hours"])
+        hours = sum(c["fixed"] + c["per_n"] * 40 for c in costs if c is not None)
+        assert hours == pytest.approx(total["gpu_hours"], rel=0.05), row["method"]  # printed to 2-3 digits
+        if "note" not in row:  # a figure the paper prints off its own rate says so
+            rates.append((total["co2e_lbs"] / total["gpu_hours"], total["aws_usd"] / total["gpu_hours"]))
+    assert len(rates) == len(doc["rows"]) - 1
+    lbs, usd = sorted(r[0] for r in rates), sorted(r[1] for r in rates)
+    assert 0.27 < lbs[0] and lbs[-1] < 0.29 and 3.0 < usd[0] and usd[-1] < 3.1
+    ofa = next(r for r in doc["rows"] if r["method"] == "OFA w/ PS")["total_n40"]["co2e_lbs"]
+    mnas = next(r for r in doc["rows"] if r["method"] == "MnasNet")["total_n40"]["co2e_lbs"]
+    assert round(mnas / ofa, -2) == 1300  # the news story's 1/1,300
+
+
+def json_load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_tiny_claim_runs_the_whole_path_and_leaves_docs_alone(tmp_path):
+    """bench/claim.py --tiny: a supernet, the four kinds of training and the NAS per target, the
+    cost of N against both baselines, its section and plot, in the work folder only (~15 s)."""
+    import os
+    import subprocess
+
+    committed = (ROOT / "docs" / "results" / "claim.json").read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "claim.py"), "--tiny", "--work", str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    doc = json_load(tmp_path / "claim.json")
+    for t in doc["targets"].values():
+        assert {"finetuned", "scratch", "scratch_kd", "nas"} <= set(t["runs"])
+        nas = t["runs"]["nas"]["0"]["nas"]
+        assert nas["search_j"] > 0 and nas["final_j"] > 0 and nas["candidates"] == 3
+        assert nas["proxy_val_acc"][nas["picked"]] == max(nas["proxy_val_acc"])
+    tiny = doc["cost_model"]["tiny"]
+    assert set(tiny["break_even_n"]) == {"scratch", "nas"} and tiny["rows"][-1]["n"] == 100
+    assert tiny["baselines"]["nas"]["j"] > tiny["baselines"]["scratch"]["j"]  # proxies + the same training
+    assert (tmp_path / "claim_cost_tiny.png").stat().st_size > 0
+    assert "per-target NAS" in (tmp_path / "claim.md").read_text()
+    assert (ROOT / "docs" / "results" / "claim.json").read_bytes() == committed

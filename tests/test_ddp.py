@@ -78,3 +78,22 @@ def test_a_failing_rank_fails_the_stage(tmp_path):
         stages.train_teacher(tmp_path / "t", data=str(tmp_path / "missing"), space="fashion-mnist",
                              schedule="smoke", device="cpu", progress=False,
                              launch=Launch(procs_per_node=2))
+
+
+def test_two_ranks_resume_from_the_durable_checkpoint(tmp_path):
+    """A retried two-rank stage in a fresh pod continues the run its first try checkpointed."""
+    from onceforall import stages
+    from onceforall.launch import Launch
+    from onceforall.stages import setup
+
+    sp, sch, data = setup("fashion-mnist", "smoke", "synthetic:600")
+    durable_uri = str(tmp_path / "teacher.checkpoints")
+    first = run_phase(sp, sch, "teacher", data, tmp_path / "first", progress=False, device="cpu",
+                      stop_after_steps=3, checkpoint_uri=durable_uri)
+    assert first.steps == 3
+    stages.train_teacher(tmp_path / "retry", data="synthetic:600", space="fashion-mnist", schedule="smoke",
+                         device="cpu", progress=False, checkpoint_uri=durable_uri,
+                         launch=Launch(procs_per_node=2))
+    meta = ckpt.read_meta(tmp_path / "retry")
+    assert meta["completed"] and meta["world_size"] == 2
+    assert meta["result"]["resumed_from_step"] == 3 and meta["result"]["resumed_from"] == durable_uri

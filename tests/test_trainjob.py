@@ -4,8 +4,10 @@ fails, one stuck Pending, one deleted under the launcher."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 from safetensors.torch import load_file
 
@@ -18,6 +20,7 @@ from onceforall.supernet import OFASupernet
 from onceforall.train import run_phase
 from trainjob_standin import UNSCHEDULABLE, StandIn
 
+RBAC = Path(__file__).parents[1] / "manifests" / "base" / "rbac.yaml"
 DATA, SPACE = "synthetic:600", "fashion-mnist"
 FAST = trainjob.Follow(poll_s=0.2, log_join_s=10)
 OWNER = {"name": "onceforall-abcde-1234567890", "uid": "5f0c8a8e-1d7e-4a43-9d0b-2f5b7f1c9e01"}
@@ -32,6 +35,13 @@ def standin(request, tmp_path):
     server = StandIn(request.param, tmp_path, sys.executable)
     yield server
     server.close()
+
+
+def granted() -> set[tuple[str, str, str]]:
+    """What manifests/base/rbac.yaml's Role grants on TrainJobs and pods."""
+    role = next(d for d in yaml.safe_load_all(RBAC.read_text()) if d["kind"] == "Role")
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"] if r in ("trainjobs", "pods", "pods/log")}
 
 
 def _api(url: str):
@@ -70,6 +80,7 @@ def test_two_nodes_on_loopback_train_like_one_process(standin, tmp_path, capfd):
     assert a == b
     assert durable.latest(spec["checkpoint_uri"], "kernel")["completed"]  # what a retry resumes from
     assert "epoch 1/1 val acc" in capfd.readouterr().out  # rank 0's log, streamed here
+    assert standin.requests == granted()  # the Role grants exactly what a stage asks for
 
     # One process taking each global batch as the two ranks' shares (micro_batches=2) takes the
     # same steps: batch-norm statistics per share, dropout draws per share, as on two ranks.

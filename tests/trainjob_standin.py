@@ -46,6 +46,7 @@ class StandIn:
         self.jobs: dict[str, dict] = {}
         self.created: list[dict] = []  # every body POSTed, as received
         self.deleted: list[str] = []
+        self.requests: set[tuple[str, str, str]] = set()  # (API group, resource, RBAC verb) served
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -132,6 +133,7 @@ class StandIn:
                                  "message": f"{what} not found", "reason": "NotFound", "code": 404})
 
             def do_POST(self):
+                standin.requests.add(("trainer.kubeflow.org", "trainjobs", "create"))
                 m = JOBS.match(urlparse(self.path).path)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if not m or m.group(2):
@@ -153,6 +155,8 @@ class StandIn:
             def do_GET(self):
                 url = urlparse(self.path)
                 if m := JOBS.match(url.path):
+                    verb = "get" if m.group(2) else "list"
+                    standin.requests.add(("trainer.kubeflow.org", "trainjobs", verb))
                     job = standin.jobs.get(m.group(2) or "")
                     if job is None:
                         return self._not_found(f'trainjobs.trainer.kubeflow.org "{m.group(2)}"')
@@ -162,6 +166,7 @@ class StandIn:
                         return self._not_found(f'trainjobs.trainer.kubeflow.org "{m.group(2)}"')
                     return self._send(200, {**job["body"], "status": standin._status(job)})
                 if m := PODS.match(url.path):
+                    standin.requests.add(("", "pods", "list"))
                     selector = parse_qs(url.query).get("labelSelector", [""])[0]
                     name = selector.split("jobset.sigs.k8s.io/jobset-name=")[-1]
                     job = standin.jobs.get(name)
@@ -169,6 +174,7 @@ class StandIn:
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
                                             "items": items})
                 if m := LOG.match(url.path):
+                    standin.requests.add(("", "pods/log", "get"))
                     return self._log(m.group(2))
                 self._not_found(url.path)
 
@@ -191,6 +197,7 @@ class StandIn:
                         time.sleep(0.1)
 
             def do_DELETE(self):
+                standin.requests.add(("trainer.kubeflow.org", "trainjobs", "delete"))
                 m = JOBS.match(urlparse(self.path).path)
                 job = standin.jobs.pop(m.group(2), None) if m and m.group(2) else None
                 if job is None:

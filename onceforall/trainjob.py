@@ -258,7 +258,10 @@ def wait(jobs, core, namespace: str, name: str, launch: Launch, follow: Follow) 
                                         f"{done[1].get('message', '')}")
                 print(f"[trainjob] TrainJob {namespace}/{name} completed", flush=True)
                 return
-            pods = core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
+            try:
+                pods = core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
+            except ApiException as e:
+                raise _api_error(e, f"listing the pods of TrainJob {name}") from None
             unscheduled = _unscheduled(job, pods, launch.nodes)
             now = time.monotonic()
             if unscheduled is None:

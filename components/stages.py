@@ -19,8 +19,10 @@ def train_teacher(data: str, space: str, schedule: str, seed: int, carbon: str,
 
     run = stages.RunContext.from_env(carbon, pushgateway)
     # mid-phase checkpoints next to the output, which a retried pod of this task gets again
+    # the processes and nodes it trains on: compiled in (ofa compile --gpus/--nodes), one by default
     record = stages.train_teacher(teacher.path, data=data, space=space, schedule=schedule, seed=seed,
-                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(teacher.uri))
+                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(teacher.uri),
+                                  launch=stages.Launch.from_env())
     stages.log_metrics(record, metrics)
 
 
@@ -31,7 +33,8 @@ def train_scratch(data: str, space: str, schedule: str, seed: int, carbon: str,
 
     run = stages.RunContext.from_env(carbon, pushgateway)
     record = stages.train_scratch(model.path, data=data, space=space, schedule=schedule, seed=seed,
-                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(model.uri))
+                                  run=run, checkpoint_uri=stages.checkpoint_uri_for(model.uri),
+                                  launch=stages.Launch.from_env())
     stages.log_metrics(record, metrics)
 
 
@@ -44,7 +47,8 @@ def shrink(phase: str, data: str, space: str, schedule: str, seed: int, carbon: 
     run = stages.RunContext.from_env(carbon, pushgateway)
     record = stages.shrink(phase, supernet.path, init_dir=init.path, teacher_dir=teacher.path,
                            data=data, space=space, schedule=schedule, seed=seed, run=run,
-                           checkpoint_uri=stages.checkpoint_uri_for(supernet.uri))
+                           checkpoint_uri=stages.checkpoint_uri_for(supernet.uri),
+                           launch=stages.Launch.from_env())
     stages.log_metrics(record, metrics)
 
 

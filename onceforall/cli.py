@@ -252,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace):
     from onceforall_pipelines.ofa_pipeline import Options
 
-    return Options(image=args.image or "", gpus=args.gpus, s3_secret=args.s3_secret)
+    return Options(image=args.image or "", gpus=args.gpus, nodes=args.nodes, s3_secret=args.s3_secret)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -264,7 +264,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="container image of every stage (default: the project's CPU image)")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per training stage (default 0)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPUs per training stage and node, one rank each (default 0)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes per training stage: > 1 runs it as a Kubeflow Trainer TrainJob (default 1)")
     p.add_argument("--s3-secret", default="ofa-s3-credentials",
                    help="Kubernetes Secret with the S3 credentials ('' for none)")
 

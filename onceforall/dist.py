@@ -36,6 +36,16 @@ def init_from_env(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_device(device: torch.device) -> tuple[torch.device, DistInfo]:
+    """Join the process group (if any) and pick this rank's device: on GPUs, the one of its local
+    rank (torchrun starts one process per GPU of the node)."""
+    info = init_from_env(device)
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device, info
+
+
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
     if info.world > 1:
         for t in list(module.parameters()) + list(module.buffers()):

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 
 from .data import Dataset, load_dataset, subsample
 from .errors import UserError
+from .launch import Launch
 from .schedule import Schedule, get_schedule
 from .space import SearchSpace, SubnetConfig, get_space
 from .targets import Target
@@ -174,41 +175,46 @@ def checkpoint_uri_for(output_uri: str) -> str | None:
 
 def train_teacher(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
                   schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
-                  run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
+                  run: RunContext = RunContext(), checkpoint_uri: str | None = None,
+                  launch: Launch = Launch()) -> dict[str, Any]:
     """Stage train-teacher: the full network, trained alone. ``checkpoint_uri``: durable storage for
-    its mid-phase checkpoints, and where a restarted stage resumes from (train.run_phase)."""
+    its mid-phase checkpoints, and where a restarted stage resumes from (train.run_phase).
+    ``launch``: how many processes and nodes it trains on (launch.py; default one process)."""
     return _train("teacher", out_dir, None, None, data, space, schedule, seed, device, progress, run,
-                  checkpoint_uri)
+                  checkpoint_uri, launch)
 
 
 def shrink(phase: str, out_dir: str | Path, *, init_dir: str | Path, teacher_dir: str | Path,
            data: str = "fashion-mnist", space: str = "fashion-mnist", schedule: str = "quick",
            seed: int = 0, device: str = "auto", progress: bool = True,
-           run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
+           run: RunContext = RunContext(), checkpoint_uri: str | None = None,
+           launch: Launch = Launch()) -> dict[str, Any]:
     """Stage shrink: one progressive-shrinking phase, from the previous phase's supernet
-    (``checkpoint_uri`` as in train_teacher)."""
+    (``checkpoint_uri`` and ``launch`` as in train_teacher)."""
     if phase not in SHRINK_PHASES:
         raise UserError(f"unknown shrinking phase {phase!r}", field="phase",
                         fix=f"use one of {list(SHRINK_PHASES)}")
     return _train(phase, out_dir, init_dir, teacher_dir, data, space, schedule, seed, device, progress,
-                  run, checkpoint_uri)
+                  run, checkpoint_uri, launch)
 
 
 def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, schedule: str,
            seed: int, device: str, progress: bool, run: RunContext,
-           checkpoint_uri: str | None) -> dict[str, Any]:
-    from .train import run_phase
+           checkpoint_uri: str | None, launch: Launch) -> dict[str, Any]:
+    from . import launch as launcher
 
     name = "train-teacher" if phase == "teacher" else f"shrink-{phase}"
     with _stage(name, out_dir, run, inputs=[init_dir] if init_dir else []) as record:
-        sp, sch, ds = setup(space, schedule, data, seed=seed)
-        kd = sch.phase(phase).kd_ratio > 0
-        result = run_phase(sp, sch, phase, ds, out_dir, init=init_dir,
-                           teacher=teacher_dir if kd else None, seed=seed, device=device,
-                           progress=progress, checkpoint_uri=checkpoint_uri)
-        record["metrics"] = {"epochs": result.epochs, "steps": result.steps,
-                             "train_wall_s": result.wall_s, "images_per_s": result.images_per_s,
-                             **_accuracy_metrics(result.val_accuracy)}
+        kd = get_schedule(schedule).phase(phase).kd_ratio > 0
+        spec = launcher.phase_spec(phase, out_dir, init=init_dir, teacher=teacher_dir if kd else None,
+                                   data=data, space=space, schedule=schedule, seed=seed, device=device,
+                                   progress=progress, checkpoint_uri=checkpoint_uri)
+        result = launcher.run(spec, launch)
+        record["metrics"] = {"epochs": result["epochs"], "steps": result["steps"],
+                             "train_wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
+                             **_accuracy_metrics(result["val_accuracy"])}
+        if launch.world > 1:
+            record["metrics"]["ranks"] = launch.world
     return record
 
 
@@ -221,16 +227,17 @@ def scratch_config(space: SearchSpace) -> SubnetConfig:
 
 def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: str = "fashion-mnist",
                   schedule: str = "quick", seed: int = 0, device: str = "auto", progress: bool = True,
-                  run: RunContext = RunContext(), checkpoint_uri: str | None = None) -> dict[str, Any]:
+                  run: RunContext = RunContext(), checkpoint_uri: str | None = None,
+                  launch: Launch = Launch()) -> dict[str, Any]:
     """Stage train-scratch: one architecture (the middle subnet) trained alone, from scratch, on the
     teacher's recipe, and metered like every stage: what one more target costs without OFA.
-    ``checkpoint_uri`` as in train_teacher."""
-    from .train import train_static
+    ``checkpoint_uri`` and ``launch`` as in train_teacher."""
+    from . import launch as launcher
 
     with _stage("train-scratch", out_dir, run) as record:
-        sp, sch, ds = setup(space, schedule, data, seed=seed)
-        result = train_static(sp, sch, scratch_config(sp), ds, out_dir, seed=seed, device=device,
-                              progress=progress, checkpoint_uri=checkpoint_uri)
+        spec = launcher.scratch_spec(out_dir, data=data, space=space, schedule=schedule, seed=seed,
+                                     device=device, progress=progress, checkpoint_uri=checkpoint_uri)
+        result = launcher.run(spec, launch)
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]

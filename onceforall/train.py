@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import durable
 from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
-from .dist import DistInfo, allreduce_gradients, barrier, broadcast_parameters, init_from_env, rank_checksums
+from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, rank_checksums,
+                   rank_device)
 from .efficiency import CostTable
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
@@ -135,13 +136,15 @@ def _progress_of(meta: dict[str, Any]) -> int:
 def _durable_start(uri: str | None, phase: str, out_dir: Path,
                    info: DistInfo) -> tuple[dict[str, Any] | None, bool]:
     """Check that ``uri`` takes writes; when its checkpoint is further on than the one in ``out_dir``
-    (none: a retried or rescheduled pod), rank 0 copies it there (never over another phase's).
-    Returns the durable pointer (rank 0) and whether it was copied."""
+    (none: a retried or rescheduled pod), the first rank of every node copies it there (never over
+    another phase's): nodes do not share ``out_dir``. Returns the durable pointer (rank 0) and
+    whether it was copied."""
     if uri is None:
         return None, False
     pointer, pulled = None, False
     if info.is_main:
         durable.check_writable(uri)
+    if info.local_rank == 0:
         pointer = durable.latest(uri, phase)
         local = ckpt.read_meta(out_dir) if (out_dir / ckpt.SIDECAR).is_file() else {"phase": phase}
         newer = pointer is not None and _progress_of(pointer) > _progress_of(local)
@@ -149,7 +152,7 @@ def _durable_start(uri: str | None, phase: str, out_dir: Path,
             durable.pull(uri, pointer, out_dir)
             pulled = True
     barrier(info)  # the other ranks read out_dir next
-    return pointer, pulled
+    return (pointer if info.is_main else None), pulled
 
 
 def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
@@ -209,11 +212,36 @@ def _keeps_momentum(schedule: Schedule, phase: PhaseConfig) -> bool:
     return i + 1 < len(names) and schedule.all_phases()[i + 1].momentum == "carry"
 
 
+def _torch_rng(dev: torch.device, state: tuple | None = None) -> tuple | None:
+    """The torch generators' state (CPU, and the device's), or restore ``state``."""
+    if state is None:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], dev)
+    return None
+
+
+def _subnets_step(net: OFASupernet, kd_net: OFASupernet | None, phase: PhaseConfig,
+                  cfgs: list[SubnetConfig], x: torch.Tensor, y: torch.Tensor,
+                  criterion: torch.nn.Module, teacher_res: int, space: SearchSpace) -> float:
+    """Forward and backward the step's subnets on one batch (gradients accumulate); its loss."""
+    # the batch at each resolution this step needs, resized once (the teacher's is often the
+    # sandwich's largest subnet's too)
+    needed = {c.r for c in cfgs} | ({teacher_res} if kd_net is not None else set())
+    inputs = {r: resize(x, r) for r in needed}
+    soft = None
+    if kd_net is not None:
+        with torch.no_grad():  # the teacher sees the images at the largest resolution
+            soft = F.softmax(kd_net(inputs[teacher_res], space.max_config()), dim=1)
+    return train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
               progress: bool = True, stop_after_steps: int | None = None,
-              checkpoint_uri: str | None = None) -> PhaseResult:
+              checkpoint_uri: str | None = None, micro_batches: int = 1) -> PhaseResult:
     """Train one phase into ``out_dir``; resumes from ``out_dir`` if a previous run was cut short.
 
     ``init``: checkpoint folder of the previous phase (required except for the teacher).
@@ -222,14 +250,20 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     ``checkpoint_uri``: durable storage (``s3://bucket/prefix`` or a folder) that every checkpoint is
     copied to; when ``out_dir`` has none, the phase resumes from the newest one there. It must be
     writable, checked before anything else.
+    ``micro_batches``: split this rank's share of every global batch into that many, their gradients
+    averaged (accumulation): one process then takes the steps that ``micro_batches`` data-parallel
+    ranks take, batch-norm statistics per share and dropout draws included (tests/test_ddp.py).
+    Under torchrun (``WORLD_SIZE`` > 1) the ranks share every global batch; only rank 0 writes.
     With ``ema_decay`` the per-epoch validation and the saved output are the EMA's weights (mid-phase
     checkpoints keep the live weights, the EMA beside the momentum buffers).
     """
     phase = schedule.phase(phase_name)
     phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
     out_dir = Path(out_dir)
-    dev = pick_device(device)
-    info = init_from_env(dev)
+    if micro_batches < 1 or schedule.batch_size % micro_batches:
+        raise UserError(f"micro_batches {micro_batches} must divide the batch size {schedule.batch_size}",
+                        field="micro_batches", fix="use a divisor of the schedule's batch size")
+    dev, info = rank_device(pick_device(device))
     pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
     resumed_from = checkpoint_uri if pulled else str(out_dir)
     data = subsample(data, schedule.train_images, schedule.val_images)
@@ -313,32 +347,34 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         order = epoch_order(len(data.train), seed * 1000 + phase_index, epoch)
-        x, y = train_batch(data, order, step_in_epoch, schedule.batch_size,
-                           seed=seed * 1000 + phase_index, epoch=epoch, rank=info.rank,
-                           world=info.world)
         rng = np.random.default_rng([seed, phase_index, global_step])
         resolution = step_resolution(phase, phase_space, rng)
         cfgs = step_configs(phase, phase_space, rng, resolution, costs)
-        x, y = x.to(dev), y.to(dev)
-        # the batch at each resolution this step needs, resized once (the teacher's is often the
-        # sandwich's largest subnet's too)
-        needed = {c.r for c in cfgs} | ({teacher_res} if kd_net is not None else set())
-        inputs = {r: resize(x, r) for r in needed}
         for group in opt.param_groups:
             group["lr"] = lr_of(global_step)
-
-        soft = None
-        if kd_net is not None:
-            with torch.no_grad():  # the teacher sees the images at the largest resolution
-                soft = F.softmax(kd_net(inputs[teacher_res], space.max_config()), dim=1)
-        step_loss = train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
+        step_loss, images = 0.0, 0
+        rng_state = _torch_rng(dev)
+        for share in range(micro_batches):
+            # each micro-batch is the share of the global batch that rank (rank * micro_batches +
+            # share) of a world micro_batches times larger would take, with that rank's dropout draws
+            _torch_rng(dev, rng_state)
+            x, y = train_batch(data, order, step_in_epoch, schedule.batch_size,
+                               seed=seed * 1000 + phase_index, epoch=epoch,
+                               rank=info.rank * micro_batches + share, world=info.world * micro_batches)
+            step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
+                                       teacher_res, space) / micro_batches
+            images += len(y)
+        if micro_batches > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad /= micro_batches
         allreduce_gradients(params, info)
         opt.step()
         opt.zero_grad(set_to_none=False)
         if ema is not None:
             ema.update(net)
         global_step += 1
-        images_seen += len(y) * info.world
+        images_seen += images * info.world
         loss_sum += step_loss / phase.subnets_per_step
         loss_n += 1
         rate = images_seen / max(time.monotonic() - t_start, 1e-9)
@@ -433,6 +469,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
     ``test=False`` skips the test-set evaluation (``test_acc`` None): a NAS proxy is picked on
     validation alone and should not pay for a test pass.
+    Under torchrun the ranks share every global batch as in run_phase; rank 0 writes.
     """
     from safetensors.torch import save_file
 
@@ -444,12 +481,12 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     if epochs is not None or lr is not None:
         phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
                                     warmup_epochs=0)
-    dev = pick_device(device)
+    dev, info = rank_device(pick_device(device))
     data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
     name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
     resume_dir = out_dir / RESUME_DIR
-    pointer, pulled = _durable_start(checkpoint_uri, name, resume_dir, DistInfo())
+    pointer, pulled = _durable_start(checkpoint_uri, name, resume_dir, info)
     torch.manual_seed(seed * 1000 + 99)
     model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
     model = model.to(dev, memory_format=torch.channels_last).train()
@@ -457,15 +494,18 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     opt, steps_per_epoch = sgd(model, schedule, phase, data)
     total = phase.epochs * steps_per_epoch
     start, elapsed_before = _static_resume(resume_dir, space, cfg, model, opt)
+    broadcast_parameters(model, info)
+    params = [p for p in model.parameters() if p.requires_grad]
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-    bar = Progress(name, total, enabled=progress, start_step=start)
+    bar = Progress(name, total, enabled=progress and info.is_main, start_step=start)
     if start:
         bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
     t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
     for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
-        x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch)
+        x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch,
+                           rank=info.rank, world=info.world)
         x, y = resize(x, cfg.r).to(dev), y.to(dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase, steps_per_epoch)
@@ -477,12 +517,13 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
             loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
         opt.zero_grad(set_to_none=False)
         loss.backward()
+        allreduce_gradients(params, info)
         opt.step()
         loss_sum += float(loss.detach())
         steps_done = step + 1 - start
         bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / steps_done, res=cfg.r,
                    **{"img/s": round(steps_done * schedule.batch_size / max(time.monotonic() - t0, 1e-9))})
-        if step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
+        if info.is_main and step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
             meta = {"phase": name, "space": space.to_dict(), "config": cfg.to_dict(), "seed": seed,
                     "global_step": step + 1, "wall_s": elapsed_before + time.monotonic() - t0,
                     "rng": ckpt.rng_state()}
@@ -492,6 +533,9 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
                 pointer = durable.push(resume_dir, checkpoint_uri, pointer)
             last_save = time.monotonic()
     bar.close()
+    checksums = rank_checksums(model, info)
+    if not info.is_main:
+        return {"rank": info.rank, "steps": total}  # rank 0 evaluates and writes
     wall = elapsed_before + time.monotonic() - t0
     model.eval()
     result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
@@ -500,7 +544,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
               "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
               "test_acc": round(accuracy(model, data, "test", cfg.r), 3) if test else None,
               "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed,
-              "resumed_from_step": start}
+              "resumed_from_step": start, "world_size": info.world, "rank_checksums": checksums}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(out_dir / "model.safetensors"))

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onceforall.energy import DEFAULT_CARBON
+from onceforall.launch import LAUNCH_ENV, Launch
 from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
 from onceforall.store import SECRET_VARIABLES
 from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
+from onceforall.trainjob import POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV
 
 PIPELINE_NAME = "onceforall"
 COMPILED = Path(__file__).with_name("onceforall.yaml")
@@ -44,7 +46,10 @@ class Options:
     ``backends.SUPPORTED`` (docs/deploy.md says which backend gets what)."""
 
     image: str = ""  # "" means components.DEFAULT_IMAGE
-    gpus: int = 0  # GPUs per training stage (teacher, shrink); 0: CPU only
+    gpus: int = 0  # GPUs per training stage (teacher, shrink, scratch) and node; 0: CPU only
+    # Nodes per training stage: > 1 runs each as a Kubeflow Trainer TrainJob of this many nodes with
+    # `gpus` GPUs each (onceforall/trainjob.py; the cluster needs the Trainer and manifests/base RBAC)
+    nodes: int = 1
     gpu_resource: str = "nvidia.com/gpu"
     # The S3 settings as environment variables from this Secret; every key of S3_SECRET_KEYS must
     # exist in it (an empty value counts as unset: onceforall.store). Not `optional`: backends before
@@ -98,9 +103,11 @@ def build_pipeline(options: Options = Options()):
             task.set_cpu_limit(cpu)
         task.set_memory_request(memory)
         task.set_memory_limit(memory)
-        if train and options.gpus:
+        if train and options.gpus and options.nodes == 1:
             task.set_accelerator_type(options.gpu_resource)
             task.set_accelerator_limit(options.gpus)
+        if train:
+            launch_training(task)
         if options.pushgateway:
             task.set_env_variable("OFA_PUSHGATEWAY", options.pushgateway)
         if options.run_id_from_pod:
@@ -109,6 +116,22 @@ def build_pipeline(options: Options = Options()):
             k8s.use_secret_as_env(task, secret_name=options.s3_secret,
                                   secret_key_to_env={k: k for k in S3_SECRET_KEYS})
         return task
+
+    def launch_training(task):
+        # One rank per GPU (torchrun), or a TrainJob of `nodes` nodes that this pod launches and
+        # follows (it then holds no GPU itself). Nothing is set for one process: the default YAML
+        # stays as it was.
+        if options.gpus <= 1 and options.nodes == 1:
+            return
+        launch = Launch(procs_per_node=max(options.gpus, 1), nodes=options.nodes,
+                        gpus_per_node=options.gpus, image=options.image or DEFAULT_IMAGE,
+                        gpu_resource=options.gpu_resource, cpu=options.train_cpu,
+                        memory=options.train_memory, s3_secret=options.s3_secret)
+        task.set_env_variable(LAUNCH_ENV, launch.to_json())
+        if options.nodes > 1:  # the launching pod: the TrainJob's owner and namespace
+            for env, field in ((POD_NAME_ENV, "metadata.name"), (POD_UID_ENV, "metadata.uid"),
+                               (POD_NAMESPACE_ENV, "metadata.namespace")):
+                k8s.use_field_path_as_env(task, env_name=env, field_path=field)
 
     def place(task, placement):
         # Latency is only true on the target's own hardware: its pods go to the target's nodes.

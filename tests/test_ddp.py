@@ -1,8 +1,10 @@
 """Two processes with the gloo backend on CPU, as torchrun would start them."""
 
+import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -44,3 +46,54 @@ def test_two_ranks_stay_in_sync(tmp_path, tiny_data):
     # Only rank 0 writes: one log line per epoch, not one per rank.
     lines = (tmp_path / "kernel" / "log.jsonl").read_text().splitlines()
     assert len(lines) == smoke().phase("kernel").epochs
+
+
+def test_a_stage_with_two_processes_runs_two_ranks_under_torchrun(tmp_path):
+    """What a training task compiled with --gpus 2 does (one rank per GPU); gloo ranks here."""
+    from onceforall import stages
+    from onceforall.launch import Launch
+
+    two = Launch(procs_per_node=2)
+    common = dict(data="synthetic:600", space="fashion-mnist", schedule="smoke", device="cpu",
+                  progress=False)
+    record = stages.train_teacher(tmp_path / "teacher", launch=two, **common)
+    meta = ckpt.read_meta(tmp_path / "teacher")
+    assert meta["completed"] and meta["world_size"] == 2 and record["metrics"]["ranks"] == 2
+    a, b = meta["rank_checksums"]
+    assert a == b
+    assert record["metrics"]["steps"] == meta["total_steps"] and record["metrics"]["val_acc_max"] > 0
+    assert len((tmp_path / "teacher" / "log.jsonl").read_text().splitlines()) == smoke().teacher.epochs
+
+    record = stages.train_scratch(tmp_path / "scratch", launch=two, **common)
+    result = json.loads((tmp_path / "scratch" / "result.json").read_text())
+    assert result["world_size"] == 2 and len(set(result["rank_checksums"])) == 1
+    assert record["metrics"]["val_acc_scratch"] == result["val_acc"]
+
+
+def test_a_failing_rank_fails_the_stage(tmp_path):
+    from onceforall import stages
+    from onceforall.launch import Launch
+
+    with pytest.raises(RuntimeError, match="2 training ranks under torchrun failed"):
+        stages.train_teacher(tmp_path / "t", data=str(tmp_path / "missing"), space="fashion-mnist",
+                             schedule="smoke", device="cpu", progress=False,
+                             launch=Launch(procs_per_node=2))
+
+
+def test_two_ranks_resume_from_the_durable_checkpoint(tmp_path):
+    """A retried two-rank stage in a fresh pod continues the run its first try checkpointed."""
+    from onceforall import stages
+    from onceforall.launch import Launch
+    from onceforall.stages import setup
+
+    sp, sch, data = setup("fashion-mnist", "smoke", "synthetic:600")
+    durable_uri = str(tmp_path / "teacher.checkpoints")
+    first = run_phase(sp, sch, "teacher", data, tmp_path / "first", progress=False, device="cpu",
+                      stop_after_steps=3, checkpoint_uri=durable_uri)
+    assert first.steps == 3
+    stages.train_teacher(tmp_path / "retry", data="synthetic:600", space="fashion-mnist", schedule="smoke",
+                         device="cpu", progress=False, checkpoint_uri=durable_uri,
+                         launch=Launch(procs_per_node=2))
+    meta = ckpt.read_meta(tmp_path / "retry")
+    assert meta["completed"] and meta["world_size"] == 2
+    assert meta["result"]["resumed_from_step"] == 3 and meta["result"]["resumed_from"] == durable_uri

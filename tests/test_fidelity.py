@@ -23,7 +23,9 @@ def test_committed_pipeline_runs_on_every_supported_backend(version):
     assert errors(COMPILED, version) == []
 
 
-@pytest.mark.parametrize("options", [Options(gpus=8, image="reg/x:1"), Options(s3_secret="", pushgateway=""),
+@pytest.mark.parametrize("options", [Options(gpus=8, image="reg/x:1"),
+                                     Options(nodes=2, gpus=8, image="reg/x:1"),
+                                     Options(s3_secret="", pushgateway=""),
                                      Options(target_parallelism=2, retries=0)])
 @pytest.mark.parametrize("version", sorted(RULES))
 def test_compile_options_keep_it_runnable(tmp_path, options, version):
@@ -94,3 +96,30 @@ def test_checker_sees_each_rule(tmp_path):
     assert any("collects the outputs of the ParallelFor" in e for e in found25)
     assert any("retries of a task inside a ParallelFor" in e for e in found25)
     assert any("changes every run" in e for e in found25)
+
+
+def test_training_stages_get_their_launch_compiled_in(tmp_path):
+    """--gpus 8: one pod, eight ranks; --nodes 2 --gpus 8: a launching pod without GPUs, which
+    creates a TrainJob of two 8-GPU nodes (owner: that pod, from the downward API)."""
+    import json
+
+    import yaml
+
+    def training(options):
+        docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", options).read_text()))
+        executors, platform = docs[0]["deploymentSpec"]["executors"], docs[1]["platforms"]["kubernetes"]
+        for name in ("exec-train-teacher", "exec-shrink", "exec-train-scratch"):
+            container = executors[name]["container"]
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            pod = platform["deploymentSpec"]["executors"][name]
+            fields = {e["name"] for e in pod.get("fieldPathAsEnv", [])}
+            yield json.loads(env.get("OFA_LAUNCH", "{}")), container.get("resources", {}), fields
+
+    for launch, resources, fields in training(Options(gpus=8, image="reg/x:1")):
+        assert (launch["procs_per_node"], launch["nodes"]) == (8, 1)
+        assert resources["accelerator"]["count"] == "8"
+    for launch, resources, fields in training(Options(nodes=2, gpus=8, image="reg/x:1")):
+        assert (launch["procs_per_node"], launch["nodes"], launch["gpus_per_node"]) == (8, 2, 8)
+        assert launch["image"] == "reg/x:1" and "accelerator" not in resources
+        assert {"OFA_POD_NAME", "OFA_POD_UID", "OFA_POD_NAMESPACE"} <= fields
+    assert all(launch == {} for launch, _, _ in training(Options()))

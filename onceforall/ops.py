@@ -44,8 +44,29 @@ def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return conv
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Global average pool, (B, C, H, W) -> (B, C, 1, 1): the mean over W, then over H, as the
+    reference OFA code pools (one mean over both axes rounds differently; official weights are
+    compared bit for bit in tests/test_official.py)."""
+    return x.mean(3, keepdim=True).mean(2, keepdim=True)
+
+
+def pointwise_linear(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer on pooled features (B, C_in, 1, 1) -> (B, C_out, 1, 1), computed as the 1x1
+    convolution the reference uses (a matmul rounds differently). ``weight`` is (C_out, C_in)."""
+    return F.conv2d(x, weight.contiguous()[:, :, None, None], bias)
+
+
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear``'s parameters (and state-dict keys), applied to (B, C, 1, 1) as a 1x1 conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_linear(x, self.weight, self.bias)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> PointwiseLinear:
+    layer = PointwiseLinear(weight.shape[1], weight.shape[0], device="meta")
     layer.weight, layer.bias = nn.Parameter(_own(weight)), nn.Parameter(_own(bias))
     return layer
 
@@ -207,16 +228,16 @@ class ElasticDepthwiseConv(nn.Module):
 class SqueezeExcite(nn.Module):
     """Static squeeze-excite: channel gates from pooled features (ReLU, then hard sigmoid)."""
 
-    def __init__(self, channels: int, mid: int, reduce: nn.Linear | None = None,
-                 expand: nn.Linear | None = None):
+    def __init__(self, channels: int, mid: int, reduce: PointwiseLinear | None = None,
+                 expand: PointwiseLinear | None = None):
         super().__init__()
-        self.reduce = reduce if reduce is not None else nn.Linear(channels, mid)
-        self.expand = expand if expand is not None else nn.Linear(mid, channels)
+        self.reduce = reduce if reduce is not None else PointwiseLinear(channels, mid)
+        self.expand = expand if expand is not None else PointwiseLinear(mid, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3))  # (B, C)
+        s = spatial_mean(x)  # (B, C, 1, 1)
         s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
-        return x * s[:, :, None, None]
+        return x * s
 
 
 class ElasticSqueezeExcite(nn.Module):
@@ -237,10 +258,10 @@ class ElasticSqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         m = self.mid_channels(c)
-        s = x.mean((2, 3))  # (B, C)
-        s = F.relu(F.linear(s, self.reduce.weight[:m, :c], self.reduce.bias[:m]))
-        s = F.hardsigmoid(F.linear(s, self.expand.weight[:c, :m], self.expand.bias[:c]))
-        return x * s[:, :, None, None]
+        s = spatial_mean(x)  # (B, C, 1, 1)
+        s = F.relu(pointwise_linear(s, self.reduce.weight[:m, :c], self.reduce.bias[:m]))
+        s = F.hardsigmoid(pointwise_linear(s, self.expand.weight[:c, :m], self.expand.bias[:c]))
+        return x * s
 
     def extract(self, c: int) -> SqueezeExcite:
         m = self.mid_channels(c)

@@ -232,6 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     card = export_subnet(args.supernet, cfg, data, _target(args), args.out,
                          predicted_accuracy=doc.get("best_score"),
                          predicted_latency_ms=doc.get("predicted_latency_ms"), seed=args.seed,
+                         latency_source=doc.get("latency_source"),
                          host_probe_reference_ms=doc.get("verification", {}).get("host_probe_reference_ms"))
     print(json.dumps({k: card[k] for k in ("accuracy", "latency", "macs", "params")}, indent=1))
     return 0

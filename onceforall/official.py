@@ -19,7 +19,6 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -224,7 +223,3 @@ def check_fits(space: SearchSpace, weights: dict[str, torch.Tensor], source: str
                 fix="import an OFA MobileNetV3 supernet with kernels 3/5/7 and expand ratios 3/4/6 "
                     "(ofa_mbv3_d234_e346_k357_w*)")
 
-
-def imported_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The sidecar's record of an official import, or None for a supernet trained here."""
-    return meta.get("source") if meta.get("phase") == PHASE else None

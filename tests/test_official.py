@@ -242,3 +242,119 @@ def test_cli_import_official_and_its_one_line_error(imported_w10, tmp_path):
     bad = subprocess.run(cmd + [str(tmp_path / "junk.pth"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+# -- the published accuracy predictor and latency tables --------------------------------------
+
+def reference_file(relative: str):
+    """A module of the reference package loaded from its file: `ofa.tutorial`'s __init__ imports
+    torchvision and tqdm for its ImageNet helpers, which the predictor's module does not need."""
+    import importlib.util
+    from pathlib import Path
+
+    import ofa
+
+    path = Path(ofa.__file__).parent / relative
+    spec = importlib.util.spec_from_file_location(f"_reference_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tutorials_accuracy_predictor_imports_within_1e_4_points(imported, tmp_path):
+    from onceforall.official_tables import PREDICTOR_RESOLUTIONS, import_accuracy_predictor
+    from onceforall.predictor import AccuracyPredictor
+
+    tutorial = reference_file("tutorial/accuracy_predictor.py")
+    torch.manual_seed(7)
+    ref = tutorial.AccuracyPredictor(pretrained=False, device="cpu")
+    torch.save(ref.model.state_dict(), tmp_path / "acc_predictor.pth")
+    space = imported[1].space
+    space = space.restrict(resolutions=[r for r in space.resolutions if r in PREDICTOR_RESOLUTIONS])
+    import_accuracy_predictor(tmp_path / "acc_predictor.pth", space, tmp_path / "predictor")
+    ours = AccuracyPredictor.load(tmp_path / "predictor.json", space)
+    cfgs = [space.max_config(), space.min_config()] + space.sample_many(np.random.default_rng(3), 200)
+    population = [{"ks": list(c.k), "e": list(c.e), "d": list(c.d), "r": [c.r]} for c in cfgs]
+    want = 100 * ref.predict_accuracy(population).numpy()[:, 0]
+    got = ours.predict(cfgs)
+    assert np.ptp(want) > 1e-3  # distinct architectures get distinct predictions
+    assert np.abs(got - want).max() <= 1e-4
+    with pytest.raises(UserError, match="no entry for resolutions"):
+        import_accuracy_predictor(tmp_path / "acc_predictor.pth", imported[1].space, tmp_path / "p2")
+
+
+def published_tables(space, resolutions, folder, rng) -> dict:
+    """Lookup tables in the published YAML layout with a random mean for every key the space uses
+    (and keys of other networks, which an import must ignore)."""
+    import yaml
+
+    from onceforall.official_tables import block_key, fixed_keys
+
+    paths = {}
+    for r in resolutions:
+        keys = set(fixed_keys(space, r))
+        keys |= {block_key(space, r, u, i, k, e) for u in range(len(space.units))
+                 for i in range(space.max_depth) for k in space.kernels for e in space.expands}
+        table = {key: {"count": 100, "mean": float(rng.uniform(0.001, 3.0)), "std": 0.01}
+                 for key in sorted(keys)}
+        table["Conv-input:999x999x3-output:500x500x8"] = {"count": 1, "mean": 1e6, "std": 0.0}
+        paths[r] = folder / f"{r}_lookup_table.yaml"
+        paths[r].write_text(yaml.safe_dump(table))
+    return paths
+
+
+def test_published_latency_tables_import_within_1e_9_ms(imported, tmp_path):
+    from onceforall.latency import LatencyTable
+    from onceforall.official_tables import import_latency_tables
+
+    sys.modules.setdefault("ofa.utils.my_dataloader", types.ModuleType("ofa.utils.my_dataloader"))
+    from ofa.nas.efficiency_predictor.latency_lookup_table import MBv3LatencyTable
+
+    ref_net, net = imported[0], imported[1]
+    resolutions = (160, 176, 192, 208, 224)  # the note10 tables of the tutorial
+    space = net.space.restrict(resolutions=resolutions)
+    paths = published_tables(space, resolutions, tmp_path, np.random.default_rng(11))
+    out = import_latency_tables(paths, space, tmp_path / "note10.json", device="note10")
+    table = LatencyTable.load(out, space)
+    assert table.source["device"] == "note10" and "not measured here" in table.source["note"]
+    import yaml
+
+    reference = {}
+    for r, path in paths.items():
+        reference[r] = MBv3LatencyTable.__new__(MBv3LatencyTable)  # its __init__ downloads
+        reference[r].lut = yaml.safe_load(path.read_text())
+    cfgs = [space.max_config(), space.min_config()] + space.sample_many(np.random.default_rng(4), 10)
+    for cfg in cfgs:
+        ref_net.set_active_subnet(ks=list(cfg.k), e=list(cfg.e), d=list(cfg.d))
+        want = reference[cfg.r].predict_network_latency(ref_net.get_active_subnet(False), cfg.r)
+        assert abs(table.predict_one(cfg) - want) <= 1e-9, cfg
+    del paths[176]
+    with pytest.raises(UserError, match="no entry for resolutions \\[176\\]"):
+        import_latency_tables(paths, space, tmp_path / "x.json", device="note10")
+
+
+def test_search_on_imported_tables_says_the_latency_is_the_tables(imported_w10, tmp_path):
+    """A search with both imported files: no measurement here (the table is the device's), and
+    search.json carries the table's provenance for the card (export.py: card["latency_table"])."""
+    import json
+
+    from onceforall.official_tables import import_accuracy_predictor, import_latency_tables
+    from onceforall.search import EvolutionConfig
+    from onceforall.specialize import search_target
+    from onceforall.targets import Target
+
+    resolutions = (160, 176, 192, 208, 224)  # what both the predictor and the tables cover
+    space = imported_w10[1].space.restrict(resolutions=resolutions)
+    torch.manual_seed(0)
+    ref = reference_file("tutorial/accuracy_predictor.py").AccuracyPredictor(pretrained=False, device="cpu")
+    torch.save(ref.model.state_dict(), tmp_path / "acc.pth")
+    predictor = import_accuracy_predictor(tmp_path / "acc.pth", space, tmp_path / "predictor")[1]
+    tables = published_tables(space, resolutions, tmp_path, np.random.default_rng(0))
+    table = import_latency_tables(tables, space, tmp_path / "phone.json", device="phone")
+    target = Target.from_dict({"name": "phone", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+                               "constraint": {"kind": "latency_ms", "budget": 40.0}})
+    result = search_target(space, target, predictor, tmp_path / "search", latency_path=table,
+                           config=EvolutionConfig(population=20, generations=5))
+    doc = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert doc["latency_source"]["device"] == "phone" and "verification" not in doc
+    assert doc["predicted_latency_ms"] <= 40.0 and result.best.r in resolutions

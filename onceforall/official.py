@@ -189,7 +189,7 @@ def space_from_weights(weights: dict[str, torch.Tensor], source: str) -> SearchS
         final_expand_width=_width(weights, "head.expand.0.weight", source),
         feature_width=_width(weights, "head.feature_mix.0.weight", source),
         num_classes=_width(weights, "head.classifier.weight", source),
-        feature_mix_bias="head.feature_mix.0.bias" in weights)
+        feature_mix_bias="head.feature_mix.0.bias" in weights, reference_numerics=True)
     return dataclasses.replace(space, name=f"ofa-mbv3-{_width_tag(space, paper)}")
 
 

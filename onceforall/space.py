@@ -58,8 +58,10 @@ class SearchSpace:
     feature_width: int
     dropout: float = 0.1
     first_block_stride: int = 1
-    # MIT's published supernets have no feature-mix bias (onceforall/official.py imports them); ours do.
+    # MIT's published supernets (onceforall/official.py imports them) have no feature-mix bias, and
+    # compute their pooled features as the reference code does (ops.pooled); ours differ in both.
     feature_mix_bias: bool = True
+    reference_numerics: bool = False
 
     # -- shape of the space -------------------------------------------------------------------
     @property
@@ -161,10 +163,11 @@ class SearchSpace:
         out["units"] = [dataclasses.asdict(u) for u in self.units]
         for key in ("depths", "kernels", "expands", "resolutions"):
             out[key] = list(out[key])
-        if self.feature_mix_bias:
-            # Left out at its default: sidecars and space files written before the field existed
-            # compare equal to the spaces they describe (checkpoint.load_checkpoint compares dicts).
-            del out["feature_mix_bias"]
+        for key, default in _OPTIONAL_FLAGS.items():
+            if out[key] == default:
+                # Left out at its default: sidecars and space files written before the field existed
+                # compare equal to the spaces they describe (checkpoint.load_checkpoint compares dicts).
+                del out[key]
         return out
 
     @classmethod
@@ -287,7 +290,8 @@ def load_space(path: str | Path) -> SearchSpace:
 _INT_LISTS = ("depths", "kernels", "expands", "resolutions")
 _INTS = ("in_channels", "num_classes", "stem_width", "stem_stride", "first_block_width",
          "final_expand_width", "feature_width")
-_OPTIONAL = {"dropout": 0.1, "first_block_stride": 1, "feature_mix_bias": True}
+_OPTIONAL_FLAGS = {"feature_mix_bias": True, "reference_numerics": False}
+_OPTIONAL = {"dropout": 0.1, "first_block_stride": 1, **_OPTIONAL_FLAGS}
 
 
 def _parse_space(raw: Any, source: str | None) -> SearchSpace:
@@ -331,10 +335,11 @@ def _parse_space(raw: Any, source: str | None) -> SearchSpace:
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise err("dropout", f"must be in [0, 1), got {dropout!r}", "use e.g. 0.1")
     values["dropout"] = float(dropout)
-    bias = raw.get("feature_mix_bias", _OPTIONAL["feature_mix_bias"])
-    if not isinstance(bias, bool):
-        raise err("feature_mix_bias", f"must be true or false, got {bias!r}", "write true or false")
-    values["feature_mix_bias"] = bias
+    for key, default in _OPTIONAL_FLAGS.items():
+        flag = raw.get(key, default)
+        if not isinstance(flag, bool):
+            raise err(key, f"must be true or false, got {flag!r}", "write true or false")
+        values[key] = flag
 
     units = raw["units"]
     if not isinstance(units, list) or not units:

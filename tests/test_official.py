@@ -10,6 +10,7 @@ extract must give the reference's logits exactly (max abs difference 0.0).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from onceforall.errors import UserError
 from onceforall.export import load_supernet
 from onceforall.official import import_official
 from onceforall.space import imagenet_mbv3_space
+from onceforall.supernet import OFASupernet
 
 WIDTHS = (1.0, 1.2)
 
@@ -118,6 +120,18 @@ def test_supernet_and_extracted_subnets_match_the_reference_bit_for_bit(imported
             assert (got_sub - want_sub).abs().max().item() == 0.0, ("extracted", cfg, r)
 
 
+def test_without_the_reference_numerics_the_logits_differ(imported):
+    """What SearchSpace.reference_numerics buys: our own pooled-feature forms round differently."""
+    ref, net, _, _ = imported
+    ours = OFASupernet(dataclasses.replace(net.space, reference_numerics=False)).eval()
+    ours.load_state_dict(net.state_dict())
+    cfg = net.space.max_config()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    ref.set_active_subnet(ks=list(cfg.k), e=list(cfg.e), d=list(cfg.d))
+    with torch.no_grad():
+        assert (ours(x, cfg) - ref(x)).abs().max().item() > 0.0
+
+
 def test_import_derives_the_space_and_records_the_source(imported):
     ref, net, folder, source = imported
     space, meta = net.space, ckpt.read_meta(folder)
@@ -125,7 +139,7 @@ def test_import_derives_the_space_and_records_the_source(imported):
     assert space.name == f"ofa-mbv3-w{width}"
     assert meta["source"]["sha256"] == ckpt.sha256(source)
     assert meta["phase"] == "imported" and meta["bn_recalibration"] == "ours"
-    assert not space.feature_mix_bias
+    assert not space.feature_mix_bias and space.reference_numerics
     paper = imagenet_mbv3_space()
     assert (space.depths, space.kernels, space.expands, space.resolutions) == (
         paper.depths, paper.kernels, paper.expands, paper.resolutions)

@@ -14,7 +14,8 @@ from .errors import UserError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default="fashion-mnist",
-                   help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
+                   help="search space preset (fashion-mnist, imagenet-mbv3, ofa-mbv3-w1.0, "
+                        "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, synthetic[:N], or a folder (IDX files or train/ test/)")
@@ -374,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline here (kfp local runner): train, "
                                    "specialize for every target, publish models and a report")
     p.add_argument("--space", default="fashion-mnist",
-                   help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
+                   help="search space preset (fashion-mnist, imagenet-mbv3, ofa-mbv3-w1.0, "
+                        "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/) or s3://bucket/prefix")

@@ -25,7 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from . import store
 from .errors import UserError
-from .space import SearchSpace, UnitSpec, imagenet_mbv3_space, make_divisible
+from .space import SearchSpace, UnitSpec, imagenet_mbv3_space, ofa_mbv3_space
 
 PHASE = "imported"
 BN_SEMANTICS = ("ours", "reference")
@@ -190,16 +190,14 @@ def space_from_weights(weights: dict[str, torch.Tensor], source: str) -> SearchS
         feature_width=_width(weights, "head.feature_mix.0.weight", source),
         num_classes=_width(weights, "head.classifier.weight", source),
         feature_mix_bias="head.feature_mix.0.bias" in weights, reference_numerics=True)
-    return dataclasses.replace(space, name=f"ofa-mbv3-{_width_tag(space, paper)}")
+    return dataclasses.replace(space, name=f"ofa-mbv3-{_width_tag(space)}")
 
 
-def _width_tag(space: SearchSpace, paper: SearchSpace) -> str:
+def _width_tag(space: SearchSpace) -> str:
     """``w1.2`` where one width multiplier (the reference's rule) gives every width, else ``custom``."""
-    base = [paper.stem_width, *(u.width for u in paper.units), paper.final_expand_width,
-            paper.feature_width]
-    got = [space.stem_width, *(u.width for u in space.units), space.final_expand_width, space.feature_width]
     for tenths in range(5, 31):
-        if [make_divisible(b * tenths / 10, 8) for b in base] == got:
+        scaled = ofa_mbv3_space(tenths / 10)
+        if dataclasses.replace(space, name=scaled.name) == scaled:
             return f"w{tenths / 10}"
     return "custom"
 

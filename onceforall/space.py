@@ -256,7 +256,25 @@ def imagenet_mbv3_space() -> SearchSpace:
     )
 
 
-PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_space}
+def ofa_mbv3_space(width_mult: float) -> SearchSpace:
+    """The space of MIT's published OFA-MobileNetV3 supernet ``ofa_mbv3_d234_e346_k357_w<mult>``:
+    the paper's with every width scaled as the reference scales it, no feature-mix bias and the
+    reference's numerics (onceforall/official.py imports the weights)."""
+    paper = imagenet_mbv3_space()
+
+    def scaled(width: int) -> int:
+        return make_divisible(width * width_mult, 8)
+
+    return dataclasses.replace(
+        paper, name=f"ofa-mbv3-w{width_mult}", stem_width=scaled(paper.stem_width),
+        first_block_width=scaled(paper.first_block_width),
+        units=tuple(dataclasses.replace(u, width=scaled(u.width)) for u in paper.units),
+        final_expand_width=scaled(paper.final_expand_width), feature_width=scaled(paper.feature_width),
+        feature_mix_bias=False, reference_numerics=True)
+
+
+PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_space,
+           "ofa-mbv3-w1.0": lambda: ofa_mbv3_space(1.0), "ofa-mbv3-w1.2": lambda: ofa_mbv3_space(1.2)}
 
 
 def get_space(name_or_path: str | Path) -> SearchSpace:

@@ -98,12 +98,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors by name: ``{"state_dict": ...}`` or a bare state dict, ``module.`` removed."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise UserError(f"holds objects that safe (weights-only) loading refuses ({first})",
-                        source=str(path), fix=_FIX) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            zipfile.BadZipFile) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if "Weights only load failed" in str(exc):
+            raise UserError("holds Python objects, not only tensors, which safe (weights-only) "
+                            "loading refuses", source=str(path), fix=_FIX) from None
         raise UserError(f"not a readable PyTorch file, truncated or damaged ({first})",
                         source=str(path),
                         fix="download it again and compare its sha256 with the published file's") from None

@@ -9,6 +9,7 @@ extract must give the reference's logits exactly (max abs difference 0.0).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -219,6 +220,10 @@ def test_a_resnet_state_dict_is_not_an_ofa_mbv3_supernet(tmp_path):
     assert "not an OFA MobileNetV3 supernet" in _error(tmp_path / "resnet.pth", tmp_path)
     torch.save({"epoch": 3, "lr": [0.1]}, tmp_path / "random.pth")
     assert "not a state dict" in _error(tmp_path / "random.pth", tmp_path)
+    # e.g. a training checkpoint that also pickled its arguments
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "objects.pth")
+    assert "weights-only" in _error(tmp_path / "objects.pth", tmp_path)
 
 
 def test_a_static_subnet_is_not_a_supernet(imported_w10, tmp_path):
@@ -372,3 +377,15 @@ def test_search_on_imported_tables_says_the_latency_is_the_tables(imported_w10, 
     doc = json.loads((tmp_path / "search" / "search.json").read_text())
     assert doc["latency_source"]["device"] == "phone" and "verification" not in doc
     assert doc["predicted_latency_ms"] <= 40.0 and result.best.r in resolutions
+
+
+def test_import_from_s3(imported_w10, s3_server, tmp_path):
+    from onceforall import store
+
+    *_, folder, source = imported_w10
+    uri = s3_server.bucket() + "/official/" + source.name
+    store.upload_file(source, uri)
+    out = import_official(uri, tmp_path / "from-s3")
+    meta = ckpt.read_meta(out)
+    assert meta["source"]["uri"] == uri and meta["source"]["sha256"] == ckpt.sha256(source)
+    assert meta["files"] == ckpt.read_meta(folder)["files"]  # the same weights as from the file

@@ -14,7 +14,8 @@ from .errors import UserError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default="fashion-mnist",
-                   help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
+                   help="search space preset (fashion-mnist, imagenet-mbv3, ofa-mbv3-w1.0, "
+                        "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, synthetic[:N], or a folder (IDX files or train/ test/)")
@@ -133,6 +134,18 @@ def _supernet(path: str):
     return load_supernet(path)
 
 
+def cmd_import_official(args: argparse.Namespace) -> int:
+    from .checkpoint import read_meta
+    from .official import import_official
+
+    folder = import_official(args.source, args.out, bn=args.bn)
+    meta = read_meta(folder)
+    print(json.dumps({"checkpoint": str(folder), "space": meta["space"]["name"],
+                      "source_sha256": meta["source"]["sha256"],
+                      "bn_recalibration": meta["bn_recalibration"]}, indent=1))
+    return 0
+
+
 def cmd_accuracy_data(args: argparse.Namespace) -> int:
     from .accuracy_data import collect_accuracy
     from .data import load_dataset
@@ -220,6 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     card = export_subnet(args.supernet, cfg, data, _target(args), args.out,
                          predicted_accuracy=doc.get("best_score"),
                          predicted_latency_ms=doc.get("predicted_latency_ms"), seed=args.seed,
+                         latency_source=doc.get("latency_source"),
                          host_probe_reference_ms=doc.get("verification", {}).get("host_probe_reference_ms"))
     print(json.dumps({k: card[k] for k in ("accuracy", "latency", "macs", "params")}, indent=1))
     return 0
@@ -364,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline here (kfp local runner): train, "
                                    "specialize for every target, publish models and a report")
     p.add_argument("--space", default="fashion-mnist",
-                   help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
+                   help="search space preset (fashion-mnist, imagenet-mbv3, ofa-mbv3-w1.0, "
+                        "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/) or s3://bucket/prefix")
@@ -441,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--val-size", type=int, default=5000)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import-official", help="import a published MIT OFA-MobileNetV3 supernet "
+                                               "(.pth, local or s3://) into a checkpoint folder")
+    p.add_argument("source", help="e.g. ofa_mbv3_d234_e346_k357_w1.2 downloaded from mit-han-lab")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--bn", default="ours", choices=["ours", "reference"],
+                   help="BN recalibration the model is meant for, recorded in the sidecar: reference "
+                        "reproduces set_running_statistics of the reference code (biased variance)")
+    p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("accuracy-data", help="measure validation accuracy of sampled subnets")
     p.add_argument("--supernet", required=True, help="checkpoint folder of the final phase")

@@ -6,7 +6,8 @@ must equal what the extracted static net really computes (tests check this with 
 
 Counting rules (one image, batch 1):
 - conv: ``out_elements * in_channels / groups * kh * kw`` MACs; weights as params (no conv bias);
-- linear: ``in * out`` MACs; weight and bias as params;
+- linear: ``in * out`` MACs; weight and bias as params (the feature mix of an imported official
+  supernet has no bias, ``SearchSpace.feature_mix_bias``);
 - batch norm: weight and bias as params, no MACs (it folds into the conv at export);
 - activations, pooling, residual adds and SE gating are elementwise and not counted.
 
@@ -52,8 +53,8 @@ def _conv(h_out, c_in: int, c_out: int, k: int, groups: int = 1):
     return h_out * h_out * c_out * (c_in // groups) * k * k, c_out * (c_in // groups) * k * k + 2 * c_out
 
 
-def _linear(c_in: int, c_out: int) -> tuple[int, int]:
-    return c_in * c_out, c_in * c_out + c_out
+def _linear(c_in: int, c_out: int, bias: bool = True) -> tuple[int, int]:
+    return c_in * c_out, c_in * c_out + (c_out if bias else 0)
 
 
 def _mbconv(c_in: int, c_out: int, hidden: int, k: int, stride: int, h_in, se: bool,
@@ -82,7 +83,8 @@ def _fixed_layers(space: SearchSpace, r) -> list[tuple[str, object, int]]:
                        space.first_block_stride, h, False, expand=False)]
     h_final = head_input_size(space, r)
     layers.append(("head.expand", *_conv(h_final, space.units[-1].width, space.final_expand_width, 1)))
-    layers.append(("head.feature_mix", *_linear(space.final_expand_width, space.feature_width)))
+    layers.append(("head.feature_mix", *_linear(space.final_expand_width, space.feature_width,
+                                                       space.feature_mix_bias)))
     layers.append(("head.classifier", *_linear(space.feature_width, space.num_classes)))
     return layers
 

@@ -86,10 +86,15 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                   out_dir: str | Path, *, predicted_accuracy: float | None = None,
                   predicted_latency_ms: float | None = None, host_probe_reference_ms: float | None = None,
                   seed: int = 0, calib_images: int = 2000, extra: dict[str, Any] | None = None,
-                  net: OFASupernet | None = None) -> dict[str, Any]:
+                  net: OFASupernet | None = None,
+                  latency_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model.onnx`` then ``model_card.json`` (last, so readers never see half a model).
 
     ``net``: the supernet of ``supernet_dir`` when the caller has loaded it already.
+    ``latency_source``: where ``predicted_latency_ms`` comes from when the target's latency table was
+    imported (LatencyTable.source, search.json's ``latency_source``): the card then says that the
+    predicted latency is the published table's and that ``measured_ms`` is this host's, not the
+    device's.
     ``host_probe_reference_ms``: the host probe's time when the target's latency table was
     measured (search.json's verification); while the host runs slower than that, the card's latency
     is measured for longer (latency.card_profiler). The card records the probe's time next to the
@@ -176,6 +181,9 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                     # the cgroup's CPU quota it was measured under (a pod's CPU limit; None: no limit)
                     "cpu_allotment": cpu_allotment(),
                     "what": "the whole graph above, normalization and resize included"},
+        **({"latency_table": {**latency_source, "what": (
+            f"predicted_ms is the published {latency_source.get('device')} table's, not measured here; "
+            "measured_ms is this host's, not that device's")}} if latency_source else {}),
         "macs": subnet_macs(space, cfg),
         "params": subnet_params(space, cfg),
         "onnx": {"file": MODEL, "sha256": ckpt.sha256(model_path), "opset": OPSET,

@@ -234,6 +234,9 @@ class LatencyTable:
     # the host probe's time when the table was measured (reference_probe; onnxruntime): the
     # reference later measurements on this target are checked against (card_profiler)
     probe_ms: float | None = None
+    # where the numbers come from when not measured here: an imported table (official_tables) says
+    # so, and that its latencies are the published ones (a phone's, say), not this host's
+    source: dict[str, Any] | None = None
 
     def predict(self, cfgs: BatchLike) -> np.ndarray:
         """(N,) predicted milliseconds per call (a batch of ``batch_size``)."""
@@ -255,7 +258,8 @@ class LatencyTable:
                 "threads": self.threads, "batch_size": self.batch_size,
                 "overhead_ms": self.overhead_ms, "fixed_ms": self.fixed_ms.tolist(),
                 "block_ms": self.block_ms.tolist(), "device": self.device, "build_s": self.build_s,
-                "scale": self.scale, "calibration_n": self.calibration_n, "probe_ms": self.probe_ms}
+                "scale": self.scale, "calibration_n": self.calibration_n, "probe_ms": self.probe_ms,
+                **({"source": self.source} if self.source is not None else {})}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -286,7 +290,7 @@ class LatencyTable:
         return cls(space, raw["runtime"], raw["threads"], raw["batch_size"], raw["overhead_ms"],
                    np.asarray(raw["fixed_ms"], dtype=np.float64), block, raw.get("device", ""),
                    raw.get("build_s", 0.0), float(raw.get("scale", 1.0)), int(raw.get("calibration_n", 0)),
-                   raw.get("probe_ms"))
+                   raw.get("probe_ms"), raw.get("source"))
 
 
 CALIBRATION_SEED = 2_147_483_647  # the calibration subnets: not the validation's (seeded 0, 1, ...)

@@ -44,8 +44,45 @@ def _conv(weight: torch.Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return conv
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+# MIT's reference code pools and applies the pooled-feature layers in its own way; an imported
+# official supernet (SearchSpace.reference_numerics) computes them as it does, so that its logits
+# equal the reference's bit for bit (tests/test_official.py). Ours keep the faster forms: in a
+# Fashion-MNIST training step (5 subnets, batch 128, 1 thread) the reference forms took 3-6% longer
+# (medians of 6-8 interleaved rounds on a loaded 2-core host).
+
+
+def pooled(x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """Global average pool, (B, C, H, W) -> (B, C, 1, 1); ``reference``: the mean over W, then over
+    H, as the reference (one mean over both axes rounds differently)."""
+    if reference:
+        return x.mean(3, keepdim=True).mean(2, keepdim=True)
+    return x.mean((2, 3), keepdim=True)
+
+
+def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     reference: bool = False) -> torch.Tensor:
+    """A linear layer on pooled features (B, C_in, 1, 1) -> (B, C_out, 1, 1); ``weight`` is
+    (C_out, C_in). ``reference``: as the 1x1 convolution the reference uses (a matmul rounds
+    differently)."""
+    if reference:
+        return F.conv2d(x, weight.contiguous()[:, :, None, None], bias)
+    return F.linear(x.flatten(1), weight, bias)[:, :, None, None]
+
+
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear``'s parameters (and state-dict keys) on pooled features (B, C, 1, 1)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 reference: bool = False, device=None):
+        super().__init__(in_features, out_features, bias, device=device)
+        self.reference = reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_linear(x, self.weight, self.bias, self.reference)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor, reference: bool) -> PointwiseLinear:
+    layer = PointwiseLinear(weight.shape[1], weight.shape[0], reference=reference, device="meta")
     layer.weight, layer.bias = nn.Parameter(_own(weight)), nn.Parameter(_own(bias))
     return layer
 
@@ -207,16 +244,17 @@ class ElasticDepthwiseConv(nn.Module):
 class SqueezeExcite(nn.Module):
     """Static squeeze-excite: channel gates from pooled features (ReLU, then hard sigmoid)."""
 
-    def __init__(self, channels: int, mid: int, reduce: nn.Linear | None = None,
-                 expand: nn.Linear | None = None):
+    def __init__(self, channels: int, mid: int, reduce: PointwiseLinear | None = None,
+                 expand: PointwiseLinear | None = None, *, reference: bool = False):
         super().__init__()
-        self.reduce = reduce if reduce is not None else nn.Linear(channels, mid)
-        self.expand = expand if expand is not None else nn.Linear(mid, channels)
+        self.reference = reference
+        self.reduce = reduce if reduce is not None else PointwiseLinear(channels, mid, reference=reference)
+        self.expand = expand if expand is not None else PointwiseLinear(mid, channels, reference=reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3))  # (B, C)
+        s = pooled(x, self.reference)  # (B, C, 1, 1)
         s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
-        return x * s[:, :, None, None]
+        return x * s
 
 
 class ElasticSqueezeExcite(nn.Module):
@@ -224,8 +262,9 @@ class ElasticSqueezeExcite(nn.Module):
 
     REDUCTION = 4
 
-    def __init__(self, max_channels: int):
+    def __init__(self, max_channels: int, reference: bool = False):
         super().__init__()
+        self.reference = reference  # the reference's numerics (see pooled)
         mid = self.mid_channels(max_channels)
         self.reduce = nn.Linear(max_channels, mid)
         self.expand = nn.Linear(mid, max_channels)
@@ -237,22 +276,24 @@ class ElasticSqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         m = self.mid_channels(c)
-        s = x.mean((2, 3))  # (B, C)
-        s = F.relu(F.linear(s, self.reduce.weight[:m, :c], self.reduce.bias[:m]))
-        s = F.hardsigmoid(F.linear(s, self.expand.weight[:c, :m], self.expand.bias[:c]))
-        return x * s[:, :, None, None]
+        ref = self.reference
+        s = pooled(x, ref)  # (B, C, 1, 1)
+        s = F.relu(pointwise_linear(s, self.reduce.weight[:m, :c], self.reduce.bias[:m], ref))
+        s = F.hardsigmoid(pointwise_linear(s, self.expand.weight[:c, :m], self.expand.bias[:c], ref))
+        return x * s
 
     def extract(self, c: int) -> SqueezeExcite:
         m = self.mid_channels(c)
-        return SqueezeExcite(c, m, _linear(self.reduce.weight[:m, :c], self.reduce.bias[:m]),
-                             _linear(self.expand.weight[:c, :m], self.expand.bias[:c]))
+        ref = self.reference
+        return SqueezeExcite(c, m, _linear(self.reduce.weight[:m, :c], self.reduce.bias[:m], ref),
+                             _linear(self.expand.weight[:c, :m], self.expand.bias[:c], ref), reference=ref)
 
 
 class MBConv(nn.Module):
     """Static inverted residual: [1x1 expand, BN, act] -> kxk depthwise, BN, act -> [SE] -> 1x1, BN."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int, kernel: int, stride: int,
-                 act: str, se: bool):
+                 act: str, se: bool, reference: bool = False):
         super().__init__()
         self.expand = None
         if hidden != in_channels:
@@ -261,7 +302,8 @@ class MBConv(nn.Module):
         self.depthwise = nn.Sequential(
             DepthwiseConv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden, BN_EPS, BN_MOMENTUM), activation(act))
-        self.se = SqueezeExcite(hidden, ElasticSqueezeExcite.mid_channels(hidden)) if se else None
+        self.se = (SqueezeExcite(hidden, ElasticSqueezeExcite.mid_channels(hidden), reference=reference)
+                   if se else None)
         self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False),
                                      nn.BatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM))
         self.residual = stride == 1 and in_channels == out_channels
@@ -289,7 +331,7 @@ class ElasticMBConv(nn.Module):
     """Inverted residual with elastic kernel and expand ratio; one line per op in forward."""
 
     def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[int],
-                 expands: Sequence[int], stride: int, act: str, se: bool):
+                 expands: Sequence[int], stride: int, act: str, se: bool, reference: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.act_name, self.use_se = act, se
@@ -298,7 +340,7 @@ class ElasticMBConv(nn.Module):
         self.expand_bn = ElasticBatchNorm2d(max_hidden, BN_EPS, BN_MOMENTUM)
         self.dw_conv = ElasticDepthwiseConv(max_hidden, kernels, stride)
         self.dw_bn = ElasticBatchNorm2d(max_hidden, BN_EPS, BN_MOMENTUM)
-        self.se = ElasticSqueezeExcite(max_hidden) if se else None
+        self.se = ElasticSqueezeExcite(max_hidden, reference) if se else None
         self.project_conv = ElasticPointwiseConv(max_hidden, out_channels)
         self.project_bn = ElasticBatchNorm2d(out_channels, BN_EPS, BN_MOMENTUM)
         self.act = activation(act)

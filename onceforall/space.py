@@ -58,6 +58,10 @@ class SearchSpace:
     feature_width: int
     dropout: float = 0.1
     first_block_stride: int = 1
+    # MIT's published supernets (onceforall/official.py imports them) have no feature-mix bias, and
+    # compute their pooled features as the reference code does (ops.pooled); ours differ in both.
+    feature_mix_bias: bool = True
+    reference_numerics: bool = False
 
     # -- shape of the space -------------------------------------------------------------------
     @property
@@ -159,6 +163,11 @@ class SearchSpace:
         out["units"] = [dataclasses.asdict(u) for u in self.units]
         for key in ("depths", "kernels", "expands", "resolutions"):
             out[key] = list(out[key])
+        for key, default in _OPTIONAL_FLAGS.items():
+            if out[key] == default:
+                # Left out at its default: sidecars and space files written before the field existed
+                # compare equal to the spaces they describe (checkpoint.load_checkpoint compares dicts).
+                del out[key]
         return out
 
     @classmethod
@@ -247,7 +256,25 @@ def imagenet_mbv3_space() -> SearchSpace:
     )
 
 
-PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_space}
+def ofa_mbv3_space(width_mult: float) -> SearchSpace:
+    """The space of MIT's published OFA-MobileNetV3 supernet ``ofa_mbv3_d234_e346_k357_w<mult>``:
+    the paper's with every width scaled as the reference scales it, no feature-mix bias and the
+    reference's numerics (onceforall/official.py imports the weights)."""
+    paper = imagenet_mbv3_space()
+
+    def scaled(width: int) -> int:
+        return make_divisible(width * width_mult, 8)
+
+    return dataclasses.replace(
+        paper, name=f"ofa-mbv3-w{width_mult}", stem_width=scaled(paper.stem_width),
+        first_block_width=scaled(paper.first_block_width),
+        units=tuple(dataclasses.replace(u, width=scaled(u.width)) for u in paper.units),
+        final_expand_width=scaled(paper.final_expand_width), feature_width=scaled(paper.feature_width),
+        feature_mix_bias=False, reference_numerics=True)
+
+
+PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_space,
+           "ofa-mbv3-w1.0": lambda: ofa_mbv3_space(1.0), "ofa-mbv3-w1.2": lambda: ofa_mbv3_space(1.2)}
 
 
 def get_space(name_or_path: str | Path) -> SearchSpace:
@@ -281,7 +308,8 @@ def load_space(path: str | Path) -> SearchSpace:
 _INT_LISTS = ("depths", "kernels", "expands", "resolutions")
 _INTS = ("in_channels", "num_classes", "stem_width", "stem_stride", "first_block_width",
          "final_expand_width", "feature_width")
-_OPTIONAL = {"dropout": 0.1, "first_block_stride": 1}
+_OPTIONAL_FLAGS = {"feature_mix_bias": True, "reference_numerics": False}
+_OPTIONAL = {"dropout": 0.1, "first_block_stride": 1, **_OPTIONAL_FLAGS}
 
 
 def _parse_space(raw: Any, source: str | None) -> SearchSpace:
@@ -325,6 +353,11 @@ def _parse_space(raw: Any, source: str | None) -> SearchSpace:
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise err("dropout", f"must be in [0, 1), got {dropout!r}", "use e.g. 0.1")
     values["dropout"] = float(dropout)
+    for key, default in _OPTIONAL_FLAGS.items():
+        flag = raw.get(key, default)
+        if not isinstance(flag, bool):
+            raise err(key, f"must be true or false, got {flag!r}", "write true or false")
+        values[key] = flag
 
     units = raw["units"]
     if not isinstance(units, list) or not units:

@@ -196,7 +196,8 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
         predictor, result, refinement = _refine(space, predictor, search, result, refine, seed)
         refinement["wall_s"] = round(time.monotonic() - t1, 3)
     rounds: list[dict[str, Any]] = []
-    if latency is not None and verify_rounds > 0:
+    # An imported table's numbers are another device's (a phone's): nothing here can check them.
+    if latency is not None and verify_rounds > 0 and latency.source is None:
         import torch
 
         from .supernet import OFASupernet
@@ -241,6 +242,8 @@ def search_target(space: SearchSpace, target: Target, predictor_path: str | Path
                         "mutate_prob": config.mutate_prob}, **result.to_dict()}
     if latency is not None:
         doc["predicted_latency_ms"] = latency.predict_one(result.best)
+        if latency.source is not None:
+            doc["latency_source"] = latency.source
     val_acc = refinement.pop("measured") if refinement is not None else {}
     scores, metrics = predictor.predict(short), constraint(short)
     doc["shortlist"] = [{"config": c.to_dict(), "score": float(sc), "metric": float(m),

@@ -424,7 +424,7 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         probe_ref = doc.get("verification", {}).get("host_probe_reference_ms")
         card = export_subnet(supernet_dir, cfg, ds, tgt, out_dir, predicted_accuracy=pick["predicted_acc"],
                              predicted_latency_ms=pick.get("latency_ms"), host_probe_reference_ms=probe_ref,
-                             seed=seed, net=net,
+                             seed=seed, net=net, latency_source=doc.get("latency_source"),
                              extra={"pareto": {"png": "pareto.png", "html": "pareto.html"},
                                     "selection": selection, "energy": _energy_of(upstream, tgt.name)})
         for name in ("pareto.png", "pareto.html"):

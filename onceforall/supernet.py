@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .ops import BN_EPS, BN_MOMENTUM, ElasticMBConv, MBConv, activation
+from .ops import BN_EPS, BN_MOMENTUM, ElasticMBConv, MBConv, PointwiseLinear, activation, pooled
 from .space import SearchSpace, SubnetConfig
 
 
@@ -19,21 +19,28 @@ def _stem(space: SearchSpace) -> nn.Sequential:
 
 
 class Head(nn.Module):
-    """1x1 expand, BN, h-swish -> global pool -> linear feature mix, h-swish -> dropout -> classifier."""
+    """1x1 expand, BN, h-swish -> global pool -> linear feature mix, h-swish -> dropout -> classifier.
+
+    The feature mix has no bias where the space says so (MIT's published supernets have none), and
+    the pool and feature mix compute as the reference does where it says ``reference_numerics``."""
 
     def __init__(self, space: SearchSpace):
         super().__init__()
         self.expand = nn.Sequential(
             nn.Conv2d(space.units[-1].width, space.final_expand_width, 1, bias=False),
             nn.BatchNorm2d(space.final_expand_width, BN_EPS, BN_MOMENTUM), activation("hswish"))
-        self.feature_mix = nn.Sequential(nn.Linear(space.final_expand_width, space.feature_width),
-                                         activation("hswish"))
+        self.reference = space.reference_numerics
+        self.feature_mix = nn.Sequential(
+            PointwiseLinear(space.final_expand_width, space.feature_width, bias=space.feature_mix_bias,
+                            reference=self.reference),
+            activation("hswish"))
         self.dropout = nn.Dropout(space.dropout)
         self.classifier = nn.Linear(space.feature_width, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.expand(x).mean((2, 3))  # (B, final_expand_width)
-        return self.classifier(self.dropout(self.feature_mix(x)))  # (B, classes)
+        x = pooled(self.expand(x), self.reference)  # (B, final_expand_width, 1, 1)
+        x = self.feature_mix(x).flatten(1)  # (B, feature_width)
+        return self.classifier(self.dropout(x))  # (B, classes)
 
 
 class StaticSubnet(nn.Module):
@@ -63,7 +70,8 @@ class OFASupernet(nn.Module):
         for u, spec in enumerate(space.units):
             self.units.append(nn.ModuleList(
                 ElasticMBConv(space.block_in_channels(u, i), spec.width, space.kernels,
-                              space.expands, spec.stride if i == 0 else 1, spec.act, spec.se)
+                              space.expands, spec.stride if i == 0 else 1, spec.act, spec.se,
+                              space.reference_numerics)
                 for i in range(space.max_depth)))
         self.head = Head(space)
         self.active = space.max_config()
@@ -78,7 +86,8 @@ class OFASupernet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # The last BN of each residual block starts at zero: every block starts as identity.
         for unit in self.units:
             for block in unit:

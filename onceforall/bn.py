@@ -7,7 +7,7 @@ batches), as the exact average of the per-batch statistics written into the acti
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,6 +25,16 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, resolution: int, *,
     ``forward`` runs the model (e.g. ``lambda x: supernet(x, cfg)``); default ``model(x)``.
     Only the BN buffers change; the model's train/eval mode is restored.
     """
+    batches = (resize(images[start:start + batch_size], resolution)
+               for start in range(0, len(images), batch_size))
+    recalibrate_bn_batches(model, batches, forward=forward)
+
+
+@torch.no_grad()
+def recalibrate_bn_batches(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                           forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """:func:`recalibrate_bn` on batches already at the subnet's resolution (a streamed dataset's,
+    data.calibration_batches)."""
     forward = forward or model
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved_momentum = [bn.momentum for bn in bns]
@@ -34,11 +44,11 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, resolution: int, *,
         bn.running_var.fill_(1)
     model.train()
     try:
-        for i, start in enumerate(range(0, len(images), batch_size)):
+        for i, x in enumerate(batches):
             # momentum 1/(i+1) turns the exponential average into the exact mean over batches
             for bn in bns:
                 bn.momentum = 1.0 / (i + 1)
-            forward(resize(images[start:start + batch_size], resolution))
+            forward(x)
     finally:
         for bn, momentum in zip(bns, saved_momentum):
             bn.momentum = momentum

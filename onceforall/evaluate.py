@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .bn import recalibrate_bn
-from .data import Dataset, eval_batches
+from .data import Dataset, eval_batches, head_rows
 from .space import SubnetConfig
 from .supernet import OFASupernet
 
@@ -16,13 +16,16 @@ from .supernet import OFASupernet
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Dataset, split: str, resolution: int, *,
              forward=None, limit: int | None = None, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent of ``model`` (eval mode) on ``split`` at ``resolution``."""
+    """Top-1 accuracy in percent of ``model`` (eval mode) on ``split`` at ``resolution``, among the
+    dataset's classes (data.head_rows)."""
     forward = forward or model
     was_training = model.training
     model.eval()
     correct = total = 0
     for x, y in eval_batches(data, split, resolution, batch_size, limit):
-        correct += int((forward(x).argmax(1) == y).sum())
+        logits = forward(x)
+        rows = head_rows(data, logits.shape[1])
+        correct += int(((logits if rows is None else logits[:, rows]).argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)

@@ -59,6 +59,11 @@ def check_data(space: SearchSpace, data: Dataset) -> None:
         raise UserError(f"dataset has {data.channels} channel(s), space {space.name!r} expects "
                         f"{space.in_channels}", field="data",
                         fix="use a space whose in_channels matches the data")
+    rows = getattr(data, "head", ())
+    if rows and max(rows) >= space.num_classes:
+        raise UserError(f"dataset names classifier row {max(rows)}, space {space.name!r} has "
+                        f"{space.num_classes} classes", source=data.source, field="classes",
+                        fix="list at most num_classes classes in classes.txt")
     if int(data.train.labels.max()) >= space.num_classes:
         raise UserError(f"dataset has {int(data.train.labels.max()) + 1} classes, space "
                         f"{space.name!r} has {space.num_classes}", field="data",

@@ -41,8 +41,9 @@ run: install ## the main job: the whole pipeline on Fashion-MNIST (quick), model
 	bash scripts/system_deps.sh
 	$(BIN)/ofa run --schedule quick --out runs/published
 
-compile: install ## compile the pipeline to pipelines/onceforall.yaml (commit it; CI checks it is fresh)
+compile: install ## compile both pipelines to pipelines/onceforall{,-specialize}.yaml (commit them; CI checks they are fresh)
 	$(BIN)/ofa compile --out pipelines/onceforall.yaml
+	$(BIN)/ofa compile --specialize --out pipelines/onceforall-specialize.yaml
 
 train: install ## train a supernet alone on Fashion-MNIST (quick schedule), no specialization
 	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick

@@ -234,7 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = run_local(space=args.space, schedule=args.schedule, data=args.data, targets=args.targets,
                         out=args.out, pipeline_root=args.pipeline_root, seed=args.seed,
                         predictor_subnets=args.predictor_subnets, cache=args.cache, carbon=args.carbon,
-                        pushgateway=args.pushgateway, runner=args.runner, image=args.image or "")
+                        pushgateway=args.pushgateway, runner=args.runner, image=args.image or "",
+                        supernet=args.supernet or "")
     except StageFailed as exc:
         print(f"ofa: a stage failed: {exc}", file=sys.stderr)
         return 1
@@ -258,7 +259,8 @@ def _options(args: argparse.Namespace):
 def cmd_compile(args: argparse.Namespace) -> int:
     from onceforall_pipelines.ofa_pipeline import compile_pipeline
 
-    print(compile_pipeline(args.out, _options(args)))
+    out = args.out or f"pipelines/onceforall{'-specialize' if args.specialize else ''}.yaml"
+    print(compile_pipeline(out, _options(args), specialize=args.specialize))
     return 0
 
 
@@ -273,8 +275,11 @@ def _cluster_params(args: argparse.Namespace) -> dict:
     """Pipeline parameters from the flags: only those given, so the pipeline's defaults apply."""
     from .targets import load_targets, pipeline_items
 
-    params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed")
+    params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed", "supernet")
               if getattr(args, k) is not None}
+    if args.supernet is not None and args.space is not None:
+        raise UserError("--space and --supernet: a specialize-only run takes the supernet's space",
+                        field="--space", fix="leave out --space")
     if args.targets:
         params["targets"] = pipeline_items(load_targets(args.targets))
     for item in args.param or []:
@@ -294,7 +299,7 @@ def _package(args: argparse.Namespace) -> str:
     from onceforall_pipelines.ofa_pipeline import compile_pipeline
 
     return str(compile_pipeline(Path(tempfile.mkdtemp(prefix="ofa-")) / "onceforall.yaml",
-                                _options(args)))
+                                _options(args), specialize=args.supernet is not None))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -336,7 +341,10 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
                    help="go on when the KFP backend's version is outside the supported range")
     p.add_argument("--service-account", default="ofa-pipeline-runner",
                    help="ServiceAccount of the run's pods (manifests/base/rbac.yaml; '' for the default)")
-    p.add_argument("--data", help="pipeline parameter: fashion-mnist or s3://bucket/prefix")
+    p.add_argument("--data", help="pipeline parameter: fashion-mnist, s3://bucket/prefix or "
+                                  "imagefolder:s3://bucket/prefix (streamed ImageNet layout)")
+    p.add_argument("--supernet", help="pipeline parameter of the specialize-only pipeline (compiled "
+                                      "instead of the training one): s3://... of a checkpoint folder")
     p.add_argument("--space", help="pipeline parameter: search space preset")
     p.add_argument("--schedule", help="pipeline parameter: training schedule")
     p.add_argument("--targets", help="target spec YAML, sent as the targets parameter")
@@ -364,7 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space preset (fashion-mnist, imagenet-mbv3) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/) or s3://bucket/prefix")
+                   help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/), s3://bucket/prefix, "
+                        "or imagefolder:PATH_OR_S3 (train/<class>/*.JPEG and val/<class>/, streamed; "
+                        "specialize-only)")
+    p.add_argument("--supernet", help="specialize this supernet instead of training one: a checkpoint "
+                                      "folder (ours, e.g. from `ofa import-official`), a folder or "
+                                      "s3://...; --space is then the checkpoint's")
     p.add_argument("--targets", help="target spec YAML (default: the four example targets)")
     p.add_argument("--out", default="runs/published",
                    help="where models/<target>/, report.json and report.md go: a folder or s3://...")
@@ -387,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")
-    p.add_argument("--out", default="pipelines/onceforall.yaml")
+    p.add_argument("--out", help="default pipelines/onceforall.yaml, with --specialize "
+                                 "pipelines/onceforall-specialize.yaml")
+    p.add_argument("--specialize", action="store_true",
+                   help="the specialize-only pipeline (a supernet URI instead of training)")
     _compile_options(p)
     p.set_defaults(func=cmd_compile)
 

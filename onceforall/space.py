@@ -161,6 +161,10 @@ class SearchSpace:
             out[key] = list(out[key])
         return out
 
+    def to_json(self) -> str:
+        """One line that get_space reads back."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
     @classmethod
     def from_dict(cls, raw: Any, source: str | None = None) -> "SearchSpace":
         return _parse_space(raw, source)
@@ -251,10 +255,18 @@ PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_
 
 
 def get_space(name_or_path: str | Path) -> SearchSpace:
-    """A preset by name, or a YAML file."""
+    """A preset by name, a YAML file, or the space itself as a JSON object (``SearchSpace.to_json``:
+    what the specialize-only pipeline's open-supernet stage hands to the stages after it)."""
     key = str(name_or_path)
     if key in PRESETS:
         return PRESETS[key]()
+    if key.lstrip().startswith("{"):
+        try:
+            raw = json.loads(key)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"not a JSON object ({exc})", field="space",
+                            fix="give a preset name, a space YAML file or a space as JSON") from None
+        return _parse_space(raw, "space")
     path = Path(key)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return load_space(path)

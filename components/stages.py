@@ -49,17 +49,20 @@ def shrink(phase: str, data: str, space: str, schedule: str, seed: int, carbon: 
 
 
 def open_supernet(uri: str, carbon: str, pushgateway: str, supernet: Output[Model],
-                  metrics: Output[Metrics]) -> str:
-    """A supernet checkpoint folder from a URI (a folder or s3://), verified; returns its search space
-    as JSON, which the stages after it take as their ``space``."""
-    import json
-
+                  metrics: Output[Metrics]):
+    """A supernet checkpoint folder from a URI (a folder or s3://), copied and verified."""
     from onceforall import stages
 
     run = stages.RunContext.from_env(carbon, pushgateway)
     record = stages.open_supernet(uri, supernet.path, run=run)
     stages.log_metrics(record, metrics)
-    return json.dumps(record["space"], separators=(",", ":"))
+
+
+def supernet_space(supernet: Input[Model]) -> str:
+    """The supernet's search space as ``json:{...}``, the ``space`` of the stages that need one."""
+    from onceforall import stages
+
+    return stages.supernet_space(supernet.path).to_spec()
 
 
 def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, carbon: str,
@@ -176,5 +179,5 @@ def report_specialized(carbon: str, pushgateway: str, publish_uri: str, targets:
     stages.log_metrics(record, metrics)
 
 
-FUNCTIONS = (train_teacher, train_scratch, shrink, open_supernet, fit_accuracy_predictor, placement,
-             profile_target, search, export, stage_model, report, report_specialized)
+FUNCTIONS = (train_teacher, train_scratch, shrink, open_supernet, supernet_space, fit_accuracy_predictor,
+             placement, profile_target, search, export, stage_model, report, report_specialized)

@@ -302,10 +302,15 @@ def _package(args: argparse.Namespace) -> str:
                                 _options(args), specialize=args.supernet is not None))
 
 
+def _pipeline_name(args: argparse.Namespace) -> str:
+    """The uploaded pipeline's name: the specialize-only one is a pipeline of its own, not a version."""
+    return args.pipeline_name or ("onceforall-specialize" if args.supernet is not None else "onceforall")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from onceforall_pipelines.cluster import submit
 
-    result = submit(args.host, _package(args), pipeline_name=args.pipeline_name,
+    result = submit(args.host, _package(args), pipeline_name=_pipeline_name(args),
                     params=_cluster_params(args), experiment=args.experiment, version=args.version,
                     run_name=args.run_name, namespace=args.namespace, token=args.token,
                     wait=args.wait, timeout_s=args.timeout, service_account=args.service_account or None,
@@ -317,7 +322,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from onceforall_pipelines.cluster import schedule
 
-    result = schedule(args.host, _package(args), pipeline_name=args.pipeline_name, cron=args.cron,
+    result = schedule(args.host, _package(args), pipeline_name=_pipeline_name(args), cron=args.cron,
                       params=_cluster_params(args), experiment=args.experiment, job_name=args.job_name,
                       max_concurrency=args.max_concurrency, namespace=args.namespace, token=args.token,
                       version=args.version, service_account=args.service_account or None,
@@ -331,7 +336,7 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
                                                  "(kubectl port-forward svc/ml-pipeline-ui 8080:80)")
     p.add_argument("--package", help="compiled pipeline YAML (default: compile now with the options below)")
     _compile_options(p)
-    p.add_argument("--pipeline-name", default="onceforall")
+    p.add_argument("--pipeline-name", help="default onceforall, with --supernet onceforall-specialize")
     p.add_argument("--experiment", default="onceforall")
     p.add_argument("--version", help="pipeline version name (default: sha256 prefix + time)")
     p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")

@@ -161,9 +161,9 @@ class SearchSpace:
             out[key] = list(out[key])
         return out
 
-    def to_json(self) -> str:
-        """One line that get_space reads back."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+    def to_spec(self) -> str:
+        """``json:{...}``, one line that get_space reads back."""
+        return JSON_SPEC + json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str | None = None) -> "SearchSpace":
@@ -254,18 +254,22 @@ def imagenet_mbv3_space() -> SearchSpace:
 PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_space}
 
 
+JSON_SPEC = "json:"
+
+
 def get_space(name_or_path: str | Path) -> SearchSpace:
-    """A preset by name, a YAML file, or the space itself as a JSON object (``SearchSpace.to_json``:
-    what the specialize-only pipeline's open-supernet stage hands to the stages after it)."""
+    """A preset by name, a YAML file, or ``json:`` and the space as a JSON object
+    (``SearchSpace.to_spec``: what the specialize-only pipeline's open-supernet stage hands to the
+    stages after it; the prefix keeps a runner from reading the text as a JSON value)."""
     key = str(name_or_path)
     if key in PRESETS:
         return PRESETS[key]()
-    if key.lstrip().startswith("{"):
+    if key.startswith(JSON_SPEC):
         try:
-            raw = json.loads(key)
+            raw = json.loads(key[len(JSON_SPEC):])
         except json.JSONDecodeError as exc:
             raise UserError(f"not a JSON object ({exc})", field="space",
-                            fix="give a preset name, a space YAML file or a space as JSON") from None
+                            fix="write json: and the space as one JSON object") from None
         return _parse_space(raw, "space")
     path = Path(key)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():

@@ -635,7 +635,7 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
         out["training"] = {
             "in_run": False,
             **({"supernet": opened["source"]["uri"]} if opened and "source" in opened else {}),
-            "note": "no supernet was trained in this run (specialize-only): the energy of training it "
+            "note": "no supernet was trained in this run: the energy of training it "
                     "is not counted here, and there is no from-scratch baseline to compare with"}
     scratch = by.get(("train-scratch", None))
     if scratch:

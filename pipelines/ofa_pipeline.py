@@ -135,7 +135,12 @@ def _specialize(blocks, options: Options, *, targets, space, data, schedule, see
                 supernet, run: dict):
     """The shared part after a supernet: fit-accuracy-predictor, then every target's branch
     (placement -> profile-target -> search -> export -> stage-model) in a dsl.ParallelFor.
-    Returns the loop's last task, which the report runs after."""
+    Returns the loop's last task, which the report runs after.
+
+    ``space`` None: the supernet's own, read from its artifact by a small task inside the loop.
+    Not a task output passed into the loop: kfp.local 2.17 hands a loop body the loop's item for
+    an upstream task's output parameter (an artifact, or a parameter made inside the loop, comes
+    through right)."""
     from kfp import dsl
 
     c, configure, place = blocks
@@ -145,6 +150,8 @@ def _specialize(blocks, options: Options, *, targets, space, data, schedule, see
     with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
         placement = configure(c.placement(node_selector=target.node_selector,
                                           tolerations=target.tolerations), "placement", small=True)
+        if space is None:
+            space = configure(c.supernet_space(supernet=supernet), "supernet-space", small=True).output
         prof = place(configure(c.profile_target(target=target.spec, space=space, schedule=schedule,
                                                 seed=seed, **run), "profile-target", measures=True),
                      placement)
@@ -218,7 +225,7 @@ def build_specialize_pipeline(options: Options = Options()):
         run = dict(carbon=carbon, pushgateway=pushgateway)
         # the URI is its cache key: publish a changed supernet under a new URI
         opened = configure(c.open_supernet(uri=supernet, **run), "open-supernet")
-        staged = _specialize(blocks, options, targets=targets, space=opened.outputs["Output"], data=data,
+        staged = _specialize(blocks, options, targets=targets, space=None, data=data,
                              schedule=schedule, seed=seed, predictor_subnets=predictor_subnets,
                              supernet=opened.outputs["supernet"], run=run)
         report = configure(c.report_specialized(publish_uri=publish_uri, targets=targets, **run), "report",

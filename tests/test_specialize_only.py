@@ -31,6 +31,7 @@ from onceforall.stages import (REPORT_JSON, REPORT_MD, energy_summary, open_supe
                                supernet_space)
 from onceforall.supernet import OFASupernet
 from onceforall_pipelines.ofa_pipeline import COMPILED_SPECIALIZE, compile_pipeline
+from test_cluster import kfp_server  # noqa: F401 (the stand-in KFP API server, a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("n01440764", "n01443537", "n01484850")  # the first three of ImageNet's sorted wnids
@@ -179,7 +180,9 @@ def test_streamed_from_s3_as_from_the_folder(s3_server, folder, tmp_path):
 def test_open_supernet_verifies_and_hands_on_its_space(tmp_path):
     sn = random_supernet(tmp_path / "sn", "fashion-mnist")
     record = open_supernet(str(sn), tmp_path / "out")
-    assert get_space(json.dumps(record["space"])) == supernet_space(str(sn)) == get_space("fashion-mnist")
+    space = supernet_space(str(sn))
+    assert get_space(space.to_spec()) == space == get_space("fashion-mnist")
+    assert get_space("json:" + json.dumps(record["space"])) == space
     assert record["metrics"]["parameters"] > 0 and record["stage"] == "open-supernet"
     raw = bytearray((sn / WEIGHTS).read_bytes())
     raw[-1] ^= 1
@@ -244,7 +247,8 @@ def test_ofa_run_supernet_end_to_end(tmp_path, folder):
     assert proc.returncode == 0, proc.stderr[-3000:]
     started = {line.split("Executing task '")[1].split("'")[0] for line in proc.stderr.splitlines()
                if "Executing task '" in line}
-    assert {"open-supernet", "fit-accuracy-predictor", "search", "export", "report"} <= started
+    shared = {"open-supernet", "fit-accuracy-predictor", "report-specialized"}
+    assert shared | {"supernet-space", "profile-target", "search", "export", "stage-model"} <= started
     assert not [t for t in started if t.startswith(("train-", "shrink"))]
     for t in TARGETS["targets"]:
         card = json.loads((out / "models" / t["name"] / CARD).read_text())
@@ -262,3 +266,24 @@ def test_ofa_run_supernet_end_to_end(tmp_path, folder):
     assert set(doc["targets"]) == {"phone-macs", "mcu-params"} and "savings" not in doc["energy"]
     assert doc["energy"]["training"]["supernet"] == str(sn)
     assert "Specialize-only run" in (out / REPORT_MD).read_text()
+
+
+def test_ofa_submit_supernet_uploads_the_specialize_pipeline(kfp_server, capsys):  # noqa: F811
+    """`ofa submit --supernet` compiles and uploads the specialize-only pipeline under a name of its
+    own, with the supernet and the streamed data as run parameters."""
+    from test_cluster import API
+
+    from onceforall.cli import main
+
+    args = ["submit", "--host", kfp_server.url, "--supernet", "s3://b/supernets/ofa-mbv3-w1.0",
+            "--data", "imagefolder:s3://b/imagenet"]
+    assert main(args) == 0, capsys.readouterr().err
+    (up,) = kfp_server.calls("POST", f"{API}/pipelines/upload")
+    assert up.query["name"] == "onceforall-specialize"
+    spec = next(yaml.safe_load_all(up.files["uploadfile"][1]))
+    assert "open-supernet" in spec["root"]["dag"]["tasks"]
+    (run,) = kfp_server.calls("POST", f"{API}/runs")
+    assert run.json["runtime_config"]["parameters"] == {"supernet": "s3://b/supernets/ofa-mbv3-w1.0",
+                                                        "data": "imagefolder:s3://b/imagenet"}
+    assert main([*args, "--space", "imagenet-mbv3"]) == 2
+    assert "leave out --space" in capsys.readouterr().err

@@ -16,7 +16,8 @@ Three figures, so the bottleneck shows:
 
 Without --supernet, random weights of the imagenet-mbv3 space (speed does not depend on the weights).
 --make-jpegs N writes N synthetic 500 x 375 JPEGs (ImageNet's typical size) per split into a
-temporary folder and uses that (noise: larger files than photos, slower to decode, so a lower bound). Publish a figure only from a machine that ran nothing else.
+temporary folder and uses that (noise: larger files than photos, slower to decode, so a lower
+bound). Publish a figure only from a machine that ran nothing else.
 """
 
 from __future__ import annotations

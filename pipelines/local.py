@@ -83,7 +83,7 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None, supe
     from onceforall.errors import UserError
     from onceforall.schedule import get_schedule
     from onceforall.stages import check_data, open_data, setup, supernet_space
-    from onceforall.targets import EXAMPLE_TARGETS, load_targets
+    from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets
 
     if supernet:
         sp = supernet_space(supernet)
@@ -94,7 +94,8 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None, supe
         if getattr(ds, "streamed", False):
             raise UserError("a streamed imagefolder: dataset serves specialize-only runs", source=data,
                             field="--data", fix="pass --supernet URI (a trained or imported supernet)")
-    parsed = load_targets(targets or EXAMPLE_TARGETS)
+    targets = targets or str(IMAGENET_TARGETS if supernet else EXAMPLE_TARGETS)
+    parsed = load_targets(targets)
     # Budgets in MACs or params are checked now; latency budgets need the target's own table.
     smallest = {"macs": subnet_macs(sp, sp.min_config()), "params": subnet_params(sp, sp.min_config())}
     for t in parsed:
@@ -102,7 +103,7 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None, supe
         if low is not None and t.constraint.budget < low:
             raise UserError(f"the {t.constraint.kind} budget {t.constraint.budget:g} of target {t.name!r} "
                             f"is below the smallest subnet of space {sp.name!r}, {low:g}",
-                            source=str(targets or EXAMPLE_TARGETS), field="constraint.budget",
+                            source=targets, field="constraint.budget",
                             fix=f"give a budget of at least {low:g}")
     return parsed
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from onceforall.energy import DEFAULT_CARBON
 from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
 from onceforall.store import SECRET_VARIABLES
-from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
+from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets, pipeline_items
 
 PIPELINE_NAME = "onceforall"
 COMPILED = Path(__file__).with_name("onceforall.yaml")
@@ -83,8 +83,8 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
-def default_targets() -> list[dict]:
-    return pipeline_items(load_targets(EXAMPLE_TARGETS))
+def default_targets(path: Path = EXAMPLE_TARGETS) -> list[dict]:
+    return pipeline_items(load_targets(path))
 
 
 def _blocks(options: Options):
@@ -219,8 +219,8 @@ def build_specialize_pipeline(options: Options = Options()):
         "Once-for-All, specialize only: take a trained supernet from a URI, then search, export and "
         "publish a specialized subnet for every hardware target."))
     def onceforall_specialize(supernet: str, data: str, schedule: str = "quick",
-                              targets: list = default_targets(), publish_uri: str = "", seed: int = 0,
-                              predictor_subnets: int = 0, carbon: str = DEFAULT_CARBON,
+                              targets: list = default_targets(IMAGENET_TARGETS), publish_uri: str = "",
+                              seed: int = 0, predictor_subnets: int = 0, carbon: str = DEFAULT_CARBON,
                               pushgateway: str = ""):
         run = dict(carbon=carbon, pushgateway=pushgateway)
         # the URI is its cache key: publish a changed supernet under a new URI

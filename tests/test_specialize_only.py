@@ -287,3 +287,15 @@ def test_ofa_submit_supernet_uploads_the_specialize_pipeline(kfp_server, capsys)
                                                         "data": "imagefolder:s3://b/imagenet"}
     assert main([*args, "--space", "imagenet-mbv3"]) == 2
     assert "leave out --space" in capsys.readouterr().err
+
+
+def test_training_run_refuses_streamed_data_before_it_starts(folder, tmp_path):
+    from onceforall_pipelines.local import check_inputs
+
+    with pytest.raises(UserError, match="--supernet"):
+        check_inputs("imagenet-mbv3", "smoke", f"imagefolder:{folder}", None)
+    sn = random_supernet(tmp_path / "sn", "fashion-mnist")  # 1 channel: the JPEGs have 3
+    with pytest.raises(UserError, match="channel"):
+        check_inputs("", "smoke", f"imagefolder:{folder}", None, supernet=str(sn))
+    assert len(check_inputs("", "smoke", f"imagefolder:{folder}", None,
+                            supernet=str(random_supernet(tmp_path / "in", "imagenet-mbv3")))) == 4

@@ -87,7 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
-    from .data import calibration_images, load_dataset
+    from .data import calibration_images, is_streamed, load_dataset
     from .evaluate import evaluate_subnets
     from .space import SubnetConfig
     from .supernet import OFASupernet
@@ -111,8 +111,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         configs = {"config": SubnetConfig.from_dict(parsed, space, source)}
     else:
         configs = reference_configs(space)
-    calib = calibration_images(data, 2000, meta.get("seed", 0))
-    print(json.dumps(evaluate_subnets(net, configs, data, calib, split=args.split), indent=1))
+    seed = meta.get("seed", 0)
+    calib = None if is_streamed(data) else calibration_images(data, 2000, seed)
+    print(json.dumps(evaluate_subnets(net, configs, data, calib, split=args.split, seed=seed), indent=1))
     return 0
 
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .bn import recalibrate_bn
-from .data import Dataset, eval_batches, head_rows
+from .bn import recalibrate_bn, recalibrate_bn_batches
+from .data import Dataset, calibration_batches, eval_batches, head_rows
 from .space import SubnetConfig
 from .supernet import OFASupernet
 
@@ -32,13 +32,19 @@ def accuracy(model: nn.Module, data: Dataset, split: str, resolution: int, *,
 
 
 def evaluate_subnets(net: OFASupernet, configs: dict[str, SubnetConfig], data: Dataset,
-                     calib_images: torch.Tensor, split: str = "val",
-                     limit: int | None = None) -> dict[str, float]:
-    """Accuracy of each named subnet after BN recalibration, on a copy: ``net`` is left untouched."""
+                     calib_images: torch.Tensor | None, split: str = "val",
+                     limit: int | None = None, *, seed: int = 0) -> dict[str, float]:
+    """Accuracy of each named subnet after BN recalibration, on a copy: ``net`` is left untouched.
+
+    ``calib_images``: normalized full-size training images; None for a streamed dataset
+    (imagefolder.py), whose 2,000 calibration images (``seed``) are read at each subnet's resolution."""
     work = copy.deepcopy(net)
     out = {}
     for name, cfg in configs.items():
         fwd = lambda x, cfg=cfg: work(x, cfg)  # noqa: E731
-        recalibrate_bn(work, calib_images, cfg.r, forward=fwd)
+        if calib_images is None:
+            recalibrate_bn_batches(work, calibration_batches(data, 2000, seed, cfg.r), forward=fwd)
+        else:
+            recalibrate_bn(work, calib_images, cfg.r, forward=fwd)
         out[name] = round(accuracy(work, data, split, cfg.r, forward=fwd, limit=limit), 3)
     return out

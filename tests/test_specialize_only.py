@@ -299,3 +299,14 @@ def test_training_run_refuses_streamed_data_before_it_starts(folder, tmp_path):
         check_inputs("", "smoke", f"imagefolder:{folder}", None, supernet=str(sn))
     assert len(check_inputs("", "smoke", f"imagefolder:{folder}", None,
                             supernet=str(random_supernet(tmp_path / "in", "imagenet-mbv3")))) == 4
+
+
+def test_ofa_evaluate_on_streamed_data(folder, tmp_path, capsys):
+    from onceforall.cli import main
+
+    sn = random_supernet(tmp_path / "sn")
+    config = json.dumps(get_space("imagenet-mbv3").min_config().to_dict())
+    assert main(["evaluate", "--checkpoint", str(sn), "--data", f"imagefolder:{folder}",
+                 "--config", config]) == 0
+    acc = json.loads(capsys.readouterr().out)["config"]
+    assert 0.0 <= acc <= 100.0 and acc * 12 / 100 == pytest.approx(round(acc * 12 / 100), abs=0.01)

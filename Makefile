@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim clean
+.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim bench-predictor-data clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,8 +41,9 @@ run: install ## the main job: the whole pipeline on Fashion-MNIST (quick), model
 	bash scripts/system_deps.sh
 	$(BIN)/ofa run --schedule quick --out runs/published
 
-compile: install ## compile the pipeline to pipelines/onceforall.yaml (commit it; CI checks it is fresh)
+compile: install ## compile both pipelines to pipelines/onceforall{,-specialize}.yaml (commit them; CI checks they are fresh)
 	$(BIN)/ofa compile --out pipelines/onceforall.yaml
+	$(BIN)/ofa compile --specialize --out pipelines/onceforall-specialize.yaml
 
 train: install ## train a supernet alone on Fashion-MNIST (quick schedule), no specialization
 	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick
@@ -61,6 +62,9 @@ bench-pipeline: install ## benchmark: local kfp run vs the same stages called in
 
 bench-claim: install ## benchmark: OFA subnets vs the same architectures from scratch and a per-target NAS, cost of N targets against both (resumable; after bench-ps, bench-specialize, bench-pipeline)
 	$(BIN)/python bench/claim.py --seeds 0 1 2 --nas-seeds 0
+
+bench-predictor-data: install ## benchmark: predictor-data collection on streamed ImageNet-layout JPEGs at 224 px (DATA=imagefolder:PATH)
+	$(BIN)/python bench/predictor_data_speed.py $(if $(DATA),--data $(DATA),--make-jpegs 5000) --out docs/results/predictor_data_speed.json
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

@@ -52,6 +52,23 @@ def shrink(phase: str, data: str, space: str, schedule: str, seed: int, carbon: 
     stages.log_metrics(record, metrics)
 
 
+def open_supernet(uri: str, carbon: str, pushgateway: str, supernet: Output[Model],
+                  metrics: Output[Metrics]):
+    """A supernet checkpoint folder from a URI (a folder or s3://), copied and verified."""
+    from onceforall import stages
+
+    run = stages.RunContext.from_env(carbon, pushgateway)
+    record = stages.open_supernet(uri, supernet.path, run=run)
+    stages.log_metrics(record, metrics)
+
+
+def supernet_space(supernet: Input[Model]) -> str:
+    """The supernet's search space as ``json:{...}``, the ``space`` of the stages that need one."""
+    from onceforall import stages
+
+    return stages.supernet_space(supernet.path).to_spec()
+
+
 def fit_accuracy_predictor(data: str, schedule: str, seed: int, subnets: int, carbon: str,
                            pushgateway: str, supernet: Input[Model], predictor: Output[Model],
                            accuracy_data: Output[Dataset], metrics: Output[Metrics]):
@@ -151,5 +168,20 @@ def report(carbon: str, pushgateway: str, publish_uri: str, targets: list, scrat
     stages.log_metrics(record, metrics)
 
 
-FUNCTIONS = (train_teacher, train_scratch, shrink, fit_accuracy_predictor, placement, profile_target, search,
-             export, stage_model, report)
+def report_specialized(carbon: str, pushgateway: str, publish_uri: str, targets: list,
+                       report: Output[Markdown], summary: Output[Dataset], metrics: Output[Metrics]):
+    """The report of a specialize-only run: as ``report``, without a from-scratch baseline (no
+    training ran; the report says so)."""
+    import shutil
+
+    from onceforall import stages
+
+    run = stages.RunContext.from_env(carbon, pushgateway)
+    record = stages.report_staged([t["name"] for t in targets], stages.run_root(summary.uri, run.run_id),
+                                  summary.path, publish_uri=publish_uri, run=run)
+    shutil.copyfile(f"{summary.path}/{stages.REPORT_MD}", report.path)
+    stages.log_metrics(record, metrics)
+
+
+FUNCTIONS = (train_teacher, train_scratch, shrink, open_supernet, supernet_space, fit_accuracy_predictor,
+             placement, profile_target, search, export, stage_model, report, report_specialized)

@@ -29,8 +29,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .bn import recalibrate_bn
-from .data import Dataset, calibration_images, normalize, resize
+from .bn import recalibrate_bn, recalibrate_bn_batches
+from .data import (Dataset, calibration_batches, calibration_images, eval_batches, head_rows, is_streamed,
+                   normalize, resize)
 from .efficiency import CostTable
 from .errors import UserError
 from .space import SearchSpace, SubnetConfig
@@ -105,6 +106,10 @@ class SubnetEvaluator:
     5,000-image labels at 0.843 with one view and 0.874 with both. The accuracy predictor's data
     and the validation shortlist use it; test accuracy (the numbers reported and reproduced)
     never does.
+
+    A streamed dataset (imagefolder.py) is read again for every subnet, at its resolution: the
+    calibration images under the reference's training transform, then ``split`` under its
+    evaluation transform; nothing is held but one batch.
     """
 
     def __init__(self, net: OFASupernet, data: Dataset, *, split: str = "val",
@@ -114,6 +119,10 @@ class SubnetEvaluator:
         self.space = net.space
         self.batch_size = batch_size
         self.mirror = mirror
+        self.data, self.split, self.calib_images, self.seed = data, split, calib_images, seed
+        self.streamed = is_streamed(data)
+        if self.streamed:
+            return
         calib = calibration_images(data, calib_images, seed)
         images = getattr(data, split)
         x = normalize(images.images, data.mean, data.std)
@@ -126,6 +135,8 @@ class SubnetEvaluator:
         """(views, images) bool: which images subnet ``cfg`` classifies right, BN recalibrated
         once; view 0 is the images as they are, view 1 (with ``mirror``) the images flipped."""
         subnet = self.net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
+        if self.streamed:
+            return self._correct_streamed(subnet, cfg.r)
         recalibrate_bn(subnet, self.calib[cfg.r], cfg.r)
         subnet.eval()
         x = self.eval_x[cfg.r]
@@ -133,6 +144,19 @@ class SubnetEvaluator:
             torch.cat([subnet(v[s:s + self.batch_size]).argmax(1)
                        for s in range(0, len(v), self.batch_size)]) == self.labels
             for v in ((x, x.flip(-1)) if self.mirror else (x,))])
+
+    def _correct_streamed(self, subnet: torch.nn.Module, r: int) -> torch.Tensor:
+        recalibrate_bn_batches(subnet, calibration_batches(self.data, self.calib_images, self.seed, r))
+        subnet.eval()
+        rows = head_rows(self.data, self.space.num_classes)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            logits = subnet(x)
+            return (logits if rows is None else logits[:, rows]).argmax(1)
+
+        right = [torch.stack([predict(v) == y for v in ((x, x.flip(-1)) if self.mirror else (x,))])
+                 for x, y in eval_batches(self.data, self.split, r, self.batch_size)]
+        return torch.cat(right, dim=1)
 
     def __call__(self, cfg: SubnetConfig) -> float:
         return accuracy_pct(self.correct(cfg))

@@ -16,7 +16,7 @@ Two semantics:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,20 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, resolution: int, *,
     ``semantics``: "ours" or "reference" (see the module's docstring).
     Only the BN buffers change; the model's train/eval mode is restored.
     """
+    batches = (resize(images[start:start + batch_size], resolution)
+               for start in range(0, len(images), batch_size))
+    recalibrate_bn_batches(model, batches, forward=forward, semantics=semantics)
+
+
+@torch.no_grad()
+def recalibrate_bn_batches(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                           forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           semantics: str = "ours") -> None:
+    """:func:`recalibrate_bn` on batches already at the subnet's resolution (a streamed dataset's,
+    data.calibration_batches)."""
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     forward = forward or model
-    batches = (resize(images[start:start + batch_size], resolution)
-               for start in range(0, len(images), batch_size))
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if semantics == "reference":
         _reference_statistics(model, bns, (b.contiguous() for b in batches), forward)

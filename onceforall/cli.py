@@ -88,7 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
-    from .data import calibration_images, load_dataset
+    from .data import calibration_images, is_streamed, load_dataset
     from .evaluate import evaluate_subnets
     from .space import SubnetConfig
     from .supernet import OFASupernet
@@ -112,8 +112,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         configs = {"config": SubnetConfig.from_dict(parsed, space, source)}
     else:
         configs = reference_configs(space)
-    calib = calibration_images(data, 2000, meta.get("seed", 0))
-    print(json.dumps(evaluate_subnets(net, configs, data, calib, split=args.split), indent=1))
+    seed = meta.get("seed", 0)
+    calib = None if is_streamed(data) else calibration_images(data, 2000, seed)
+    print(json.dumps(evaluate_subnets(net, configs, data, calib, split=args.split, seed=seed), indent=1))
     return 0
 
 
@@ -248,7 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = run_local(space=args.space, schedule=args.schedule, data=args.data, targets=args.targets,
                         out=args.out, pipeline_root=args.pipeline_root, seed=args.seed,
                         predictor_subnets=args.predictor_subnets, cache=args.cache, carbon=args.carbon,
-                        pushgateway=args.pushgateway, runner=args.runner, image=args.image or "")
+                        pushgateway=args.pushgateway, runner=args.runner, image=args.image or "",
+                        supernet=args.supernet or "")
     except StageFailed as exc:
         print(f"ofa: a stage failed: {exc}", file=sys.stderr)
         return 1
@@ -272,7 +274,8 @@ def _options(args: argparse.Namespace):
 def cmd_compile(args: argparse.Namespace) -> int:
     from onceforall_pipelines.ofa_pipeline import compile_pipeline
 
-    print(compile_pipeline(args.out, _options(args)))
+    out = args.out or f"pipelines/onceforall{'-specialize' if args.specialize else ''}.yaml"
+    print(compile_pipeline(out, _options(args), specialize=args.specialize))
     return 0
 
 
@@ -290,8 +293,11 @@ def _cluster_params(args: argparse.Namespace) -> dict:
     """Pipeline parameters from the flags: only those given, so the pipeline's defaults apply."""
     from .targets import load_targets, pipeline_items
 
-    params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed")
+    params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed", "supernet")
               if getattr(args, k) is not None}
+    if args.supernet is not None and args.space is not None:
+        raise UserError("--space and --supernet: a specialize-only run takes the supernet's space",
+                        field="--space", fix="leave out --space")
     if args.targets:
         params["targets"] = pipeline_items(load_targets(args.targets))
     for item in args.param or []:
@@ -311,13 +317,18 @@ def _package(args: argparse.Namespace) -> str:
     from onceforall_pipelines.ofa_pipeline import compile_pipeline
 
     return str(compile_pipeline(Path(tempfile.mkdtemp(prefix="ofa-")) / "onceforall.yaml",
-                                _options(args)))
+                                _options(args), specialize=args.supernet is not None))
+
+
+def _pipeline_name(args: argparse.Namespace) -> str:
+    """The uploaded pipeline's name: the specialize-only one is a pipeline of its own, not a version."""
+    return args.pipeline_name or ("onceforall-specialize" if args.supernet is not None else "onceforall")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from onceforall_pipelines.cluster import submit
 
-    result = submit(args.host, _package(args), pipeline_name=args.pipeline_name,
+    result = submit(args.host, _package(args), pipeline_name=_pipeline_name(args),
                     params=_cluster_params(args), experiment=args.experiment, version=args.version,
                     run_name=args.run_name, namespace=args.namespace, token=args.token,
                     wait=args.wait, timeout_s=args.timeout, service_account=args.service_account or None,
@@ -329,7 +340,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from onceforall_pipelines.cluster import schedule
 
-    result = schedule(args.host, _package(args), pipeline_name=args.pipeline_name, cron=args.cron,
+    result = schedule(args.host, _package(args), pipeline_name=_pipeline_name(args), cron=args.cron,
                       params=_cluster_params(args), experiment=args.experiment, job_name=args.job_name,
                       max_concurrency=args.max_concurrency, namespace=args.namespace, token=args.token,
                       version=args.version, service_account=args.service_account or None,
@@ -343,7 +354,7 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
                                                  "(kubectl port-forward svc/ml-pipeline-ui 8080:80)")
     p.add_argument("--package", help="compiled pipeline YAML (default: compile now with the options below)")
     _compile_options(p)
-    p.add_argument("--pipeline-name", default="onceforall")
+    p.add_argument("--pipeline-name", help="default onceforall, with --supernet onceforall-specialize")
     p.add_argument("--experiment", default="onceforall")
     p.add_argument("--version", help="pipeline version name (default: sha256 prefix + time)")
     p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
@@ -353,7 +364,10 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
                    help="go on when the KFP backend's version is outside the supported range")
     p.add_argument("--service-account", default="ofa-pipeline-runner",
                    help="ServiceAccount of the run's pods (manifests/base/rbac.yaml; '' for the default)")
-    p.add_argument("--data", help="pipeline parameter: fashion-mnist or s3://bucket/prefix")
+    p.add_argument("--data", help="pipeline parameter: fashion-mnist, s3://bucket/prefix or "
+                                  "imagefolder:s3://bucket/prefix (streamed ImageNet layout)")
+    p.add_argument("--supernet", help="pipeline parameter of the specialize-only pipeline (compiled "
+                                      "instead of the training one): s3://... of a checkpoint folder")
     p.add_argument("--space", help="pipeline parameter: search space preset")
     p.add_argument("--schedule", help="pipeline parameter: training schedule")
     p.add_argument("--targets", help="target spec YAML, sent as the targets parameter")
@@ -382,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/) or s3://bucket/prefix")
+                   help="fashion-mnist, synthetic[:N], a folder (IDX or train/ test/), s3://bucket/prefix, "
+                        "or imagefolder:PATH_OR_S3 (train/<class>/*.JPEG and val/<class>/, streamed; "
+                        "specialize-only)")
+    p.add_argument("--supernet", help="specialize this supernet instead of training one: a checkpoint "
+                                      "folder (ours, e.g. from `ofa import-official`), a folder or "
+                                      "s3://...; --space is then the checkpoint's")
     p.add_argument("--targets", help="target spec YAML (default: the four example targets)")
     p.add_argument("--out", default="runs/published",
                    help="where models/<target>/, report.json and report.md go: a folder or s3://...")
@@ -405,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")
-    p.add_argument("--out", default="pipelines/onceforall.yaml")
+    p.add_argument("--out", help="default pipelines/onceforall.yaml, with --specialize "
+                                 "pipelines/onceforall-specialize.yaml")
+    p.add_argument("--specialize", action="store_true",
+                   help="the specialize-only pipeline (a supernet URI instead of training)")
     _compile_options(p)
     p.set_defaults(func=cmd_compile)
 

@@ -1,5 +1,8 @@
 """Datasets held in memory as uint8 tensors, with batched augmentation on tensors.
 
+Streamed ImageNet-layout folders (``imagefolder:PATH``, read on demand) live in imagefolder.py;
+:func:`load_dataset` opens them too, and the batch functions below serve both kinds.
+
 Sources: Fashion-MNIST IDX files (baked into the image at /usr/share/datasets/fashion-mnist, where
 Debian's ``dataset-fashion-mnist`` puts them too, or any folder or ``s3://`` prefix holding them),
 ImageFolder trees of small images, and a synthetic dataset for tests. A validation split is held out
@@ -95,12 +98,18 @@ class Dataset:
 
 def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0,
                  image_size: int | None = None) -> Dataset:
-    """``fashion-mnist``, ``synthetic[:N]``, or a folder holding IDX files or an ImageFolder tree.
+    """``fashion-mnist``, ``synthetic[:N]``, a folder holding IDX files or an ImageFolder tree of
+    small images (loaded into memory), or ``imagefolder:PATH`` (a folder or s3:// prefix of
+    ``train/<class>/`` and ``val/<class>/``, streamed: imagefolder.py; ``image_size`` is not used).
 
     IDX files of Fashion-MNIST are checked against :data:`FASHION_MNIST_SHA256`: always for
     ``fashion-mnist``, and in a folder as soon as one of its files is Fashion-MNIST's (so a damaged copy
     fails, while another IDX dataset such as MNIST, with the same file names, loads as it is).
     """
+    if spec.startswith("imagefolder:"):
+        from .imagefolder import open_image_folder
+
+        return open_image_folder(spec, val_size=val_size, seed=seed)  # type: ignore[return-value]
     if spec == "fashion-mnist":
         folder = _find_fashion_mnist()
         train, test, _ = _read_idx_folder(folder, require_fashion_mnist=True)
@@ -111,8 +120,8 @@ def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0,
     path = Path(spec)
     if not path.exists():
         raise UserError("no such dataset folder", source=spec, field="data",
-                        fix="give fashion-mnist, synthetic, or a folder with IDX files or "
-                            "train/ and test/ class folders")
+                        fix="give fashion-mnist, synthetic, a folder with IDX files or "
+                            "train/ and test/ class folders, or imagefolder:PATH")
     if not path.is_dir():
         raise UserError("dataset must be a folder", source=spec, field="data",
                         fix="give the folder that holds the IDX files or train/ and test/")
@@ -345,8 +354,42 @@ def train_batch(data: Dataset, order: torch.Tensor, step: int, batch_size: int, 
     return x, data.train.labels[idx][rank::world]
 
 
+def is_streamed(data) -> bool:
+    """Whether ``data`` reads its images on demand (imagefolder.StreamedDataset)."""
+    return bool(getattr(data, "streamed", False))
+
+
+def head_rows(data: Dataset, num_classes: int) -> torch.Tensor | None:
+    """The classifier rows ``data``'s labels index (a streamed dataset with fewer classes than the
+    head: imagefolder.py), or None: every row, labels are row numbers."""
+    rows = tuple(getattr(data, "head", ()) or ())
+    if not rows or rows == tuple(range(num_classes)):
+        return None
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def in_memory(data: Dataset) -> Dataset:
+    """``data``, which training needs held in memory: a streamed dataset is a clear error."""
+    if is_streamed(data):
+        raise UserError("training reads its images from memory; a streamed imagefolder: dataset "
+                        "serves specialization only", source=data.source, field="data",
+                        fix="specialize a trained supernet (ofa run --supernet URI), or train on a "
+                            "folder of small images (no imagefolder: prefix)")
+    return data
+
+
 def eval_batches(data: Dataset, split: str, resolution: int, batch_size: int = 1000,
                  limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized images of ``split`` at ``resolution`` (channels-last) and their labels.
+
+    Held in memory: resized from the native size. Streamed: the reference's evaluation transform
+    (resize the shorter side, center-crop; imagefolder.py), read batch by batch."""
+    if is_streamed(data):
+        from .imagefolder import pixel_batches
+
+        for x, y in pixel_batches(data, split, resolution, min(batch_size, 200), limit):  # type: ignore
+            yield resize(normalize(x, data.mean, data.std), resolution), y
+        return
     images: ImageSet = getattr(data, split)
     n = len(images) if limit is None else min(limit, len(images))
     for start in range(0, n, batch_size):
@@ -356,9 +399,30 @@ def eval_batches(data: Dataset, split: str, resolution: int, batch_size: int = 1
 
 def calibration_images(data: Dataset, num_images: int, seed: int) -> torch.Tensor:
     """A fixed, seeded subset of training images for BN recalibration (normalized, full size)."""
+    if is_streamed(data):
+        raise UserError("a streamed dataset's calibration images depend on the resolution",
+                        source=data.source, field="data",
+                        fix="use calibration_batches(data, n, seed, resolution)")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=gen)[:num_images]
     return normalize(data.train.images[idx], data.mean, data.std)
+
+
+def calibration_batches(data: Dataset, num_images: int, seed: int, resolution: int,
+                        batch_size: int = 200) -> Iterator[torch.Tensor]:
+    """The BN recalibration images at ``resolution``, normalized, in batches (bn.recalibrate_bn).
+
+    Held in memory: :func:`calibration_images` resized. Streamed: the same seeded subset of training
+    images under the reference's training transform at ``resolution`` (imagefolder.py)."""
+    if is_streamed(data):
+        from .imagefolder import calibration_pixel_batches
+
+        for x in calibration_pixel_batches(data, num_images, seed, resolution, batch_size):  # type: ignore
+            yield resize(normalize(x, data.mean, data.std), resolution)
+        return
+    calib = calibration_images(data, num_images, seed)
+    for start in range(0, len(calib), batch_size):
+        yield resize(calib[start:start + batch_size], resolution)
 
 
 def subsample(data: Dataset, train: int | None, val: int | None = None) -> Dataset:

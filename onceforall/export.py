@@ -5,6 +5,10 @@ dataset's native size. Normalization and the resize to the subnet's resolution a
 (the resize as two matrix products that equal torch's antialiased bilinear resize exactly), so
 anyone with onnxruntime and the dataset reproduces the card's accuracy without knowing our
 preprocessing.
+
+A streamed ImageNet-layout dataset (imagefolder.py) has no native size: its graph takes the image
+after the reference's evaluation transform (shorter side resized to ceil(r / 0.875), center crop r,
+done by the caller, as the card says) and normalizes it inside.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .bn import recalibrate_bn
+from .bn import recalibrate_bn_batches
 from .cpu_allotment import cpu_allotment
-from .data import Dataset, calibration_images, normalize, resize
+from .data import Dataset, calibration_batches, head_rows, is_streamed, normalize, resize
 from .efficiency import subnet_macs, subnet_params
 from .evaluate import accuracy
 from .latency import card_profiler, onnx_bytes
@@ -47,12 +51,14 @@ def resize_matrix(src: int, dst: int) -> torch.Tensor:
 
 
 class DeployModel(nn.Module):
-    """``pixel / 255`` at native size -> normalize -> resize to r -> subnet -> logits."""
+    """``pixel / 255`` at native size -> normalize -> resize to r -> subnet -> logits (of the
+    classifier's ``rows`` only, when given: the dataset's classes, data.head_rows)."""
 
     def __init__(self, subnet: StaticSubnet, mean: tuple[float, ...], std: tuple[float, ...],
-                 native: int, resolution: int):
+                 native: int, resolution: int, rows: torch.Tensor | None = None):
         super().__init__()
         self.subnet = subnet
+        self.rows = None if rows is None else nn.Buffer(rows)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.register_buffer("resize", resize_matrix(native, resolution))  # (r, native)
@@ -62,17 +68,48 @@ class DeployModel(nn.Module):
         x = (x - self.mean) / self.std  # (B, C, native, native)
         if not self.identity:
             x = self.resize @ x @ self.resize.T  # (B, C, r, r)
-        return self.subnet(x)
+        logits = self.subnet(x)  # (B, num_classes)
+        return logits if self.rows is None else logits.index_select(1, self.rows)  # (B, classes)
 
 
-def _ort_accuracy(sess, data: Dataset, split: str = "test", batch: int = 500) -> float:
-    images = getattr(data, split)
-    correct = 0
-    for start in range(0, len(images), batch):
-        x = images.images[start:start + batch].float().numpy() / 255.0
+def test_pixels(data: Dataset, resolution: int, batch: int = 500, limit: int | None = None):
+    """The test split as the exported graph takes it: ((B, C, H, W) uint8, labels) batches; native
+    size for data held in memory, the evaluation transform at ``resolution`` for streamed data."""
+    if is_streamed(data):
+        from .imagefolder import pixel_batches
+
+        yield from pixel_batches(data, "test", resolution, min(batch, 200), limit)  # type: ignore
+        return
+    n = len(data.test) if limit is None else min(limit, len(data.test))
+    for start in range(0, n, batch):
+        end = min(start + batch, n)
+        yield data.test.images[start:end], data.test.labels[start:end]
+
+
+def _ort_accuracy(sess, data: Dataset, resolution: int) -> float:
+    correct = total = 0
+    for images, labels in test_pixels(data, resolution):
+        x = images.float().numpy() / 255.0
         out = sess.run(None, {"input": x.astype(np.float32)})[0]
-        correct += int((out.argmax(1) == images.labels[start:start + batch].numpy()).sum())
-    return 100.0 * correct / len(images)
+        correct += int((out.argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
+def _input_spec(data: Dataset, resolution: int) -> dict[str, Any]:
+    if is_streamed(data):
+        from .imagefolder import eval_size
+
+        return {"values": "pixel / 255 in [0, 1] of the RGB image after the preprocessing below",
+                "preprocessing": {"resize_shorter_side_to": eval_size(resolution),
+                                  "resize_method": "bilinear (Pillow, antialiased)",
+                                  "center_crop": resolution, "in_graph": False,
+                                  "as": "the reference's (mit-han-lab/once-for-all) evaluation transform"},
+                "normalization": {"mean": list(data.mean), "std": list(data.std), "in_graph": True}}
+    return {"values": "pixel / 255 in [0, 1], the dataset's native size",
+            "normalization": {"mean": list(data.mean), "std": list(data.std), "in_graph": True},
+            "resize": {"to": resolution, "method": "bilinear, antialiased (torch semantics)",
+                       "in_graph": True}}
 
 
 def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASupernet:
@@ -105,11 +142,14 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     space = net.space
     cfg = space.validate_config(cfg)
     subnet = net.get_active_subnet(cfg)
-    recalibrate_bn(subnet, calibration_images(data, calib_images, seed), cfg.r)
+    recalibrate_bn_batches(subnet, calibration_batches(data, calib_images, seed, cfg.r))
     subnet.eval()
 
-    deploy = DeployModel(subnet, data.mean, data.std, data.image_size, cfg.r).eval()
-    example = data.test.images[:8].float() / 255.0  # (8, C, native, native)
+    native = cfg.r if is_streamed(data) else data.image_size
+    rows = head_rows(data, space.num_classes)
+    deploy = DeployModel(subnet, data.mean, data.std, native, cfg.r, rows).eval()
+    example_pixels = next(iter(test_pixels(data, cfg.r, 8, 8)))[0]  # (8, C, native, native) uint8
+    example = example_pixels.float() / 255.0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL
@@ -123,7 +163,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     # Latency, in a fresh process (card_profiler): inside the pipeline's export stage a 2-thread
     # card came out ~1.5x what the search and reproduce measured in 5 of 6 runs, whether taken
     # before or after the accuracy passes.
-    shape = (space.in_channels, data.image_size, data.image_size)
+    shape = (space.in_channels, native, native)
     profiler = card_profiler(target.runtime, target.threads, target.batch_size, host_probe_reference_ms)
     probe_ms = None
     if target.runtime == "onnxruntime":  # the published file itself, as onceforall.reproduce times it
@@ -137,14 +177,15 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     with torch.inference_mode():
         ref = deploy(example).numpy()
         # The same subnet the way training feeds it (antialiased resize in torch) agrees too.
-        via_train_path = subnet(resize(normalize(data.test.images[:8], data.mean, data.std), cfg.r))
+        via_train_path = subnet(resize(normalize(example_pixels, data.mean, data.std), cfg.r))
+        via_train_path = via_train_path if rows is None else via_train_path[:, rows]
     got = sess.run(None, {"input": example.numpy()})[0]
     parity = float(np.abs(got - ref).max())
     preprocessing_diff = float(np.abs(via_train_path.numpy() - ref).max())
     got3 = sess.run(None, {"input": example[:3].numpy()})[0]
     if parity > 1e-4 or got3.shape[0] != 3:
         raise RuntimeError(f"onnxruntime differs from torch by {parity:.2e} (> 1e-4)")
-    ort_acc = _ort_accuracy(sess, data)
+    ort_acc = _ort_accuracy(sess, data, cfg.r)
     torch_acc = accuracy(subnet, data, "test", cfg.r)
 
 
@@ -156,13 +197,11 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
         "space": space.name,
         "input": {
             "name": "input", "shape": ["batch", *shape], "dtype": "float32", "layout": "NCHW",
-            "values": "pixel / 255 in [0, 1], the dataset's native size",
-            "normalization": {"mean": list(data.mean), "std": list(data.std), "in_graph": True},
-            "resize": {"to": cfg.r, "method": "bilinear, antialiased (torch semantics)",
-                       "in_graph": True},
+            **_input_spec(data, cfg.r),
         },
-        "output": {"name": "output", "shape": ["batch", space.num_classes], "kind": "logits",
-                   "classes": list(data.classes)},
+        "output": {"name": "output", "shape": ["batch", space.num_classes if rows is None else len(rows)],
+                   "kind": "logits", "classes": list(data.classes),
+                   **({"classifier_rows": rows.tolist()} if rows is not None else {})},
         "dataset": {"name": data.name, "split": "test", "images": len(data.test),
                     "source": data.source},
         "accuracy": {"test_top1_pct_onnxruntime": round(ort_acc, 3),
@@ -189,7 +228,10 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
         "onnx": {"file": MODEL, "sha256": ckpt.sha256(model_path), "opset": OPSET,
                  "max_abs_diff_vs_torch": parity,
                  "max_abs_diff_vs_training_preprocessing": preprocessing_diff},
-        "bn_recalibration": {"images": calib_images, "from": "training split", "seed": seed},
+        "bn_recalibration": {"images": min(calib_images, len(data.train)), "from": "training split",
+                             "seed": seed, **({"transform": "the reference's training transform at the "
+                                               "subnet's resolution (random-resized-crop, flip, colour "
+                                               "jitter)"} if is_streamed(data) else {})},
         "supernet": str(supernet_dir),
         "export_s": round(time.monotonic() - t0, 2),
     }

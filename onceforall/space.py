@@ -170,6 +170,10 @@ class SearchSpace:
                 del out[key]
         return out
 
+    def to_spec(self) -> str:
+        """``json:{...}``, one line that get_space reads back."""
+        return JSON_SPEC + json.dumps(self.to_dict(), separators=(",", ":"))
+
     @classmethod
     def from_dict(cls, raw: Any, source: str | None = None) -> "SearchSpace":
         return _parse_space(raw, source)
@@ -277,11 +281,23 @@ PRESETS = {"fashion-mnist": fashion_mnist_space, "imagenet-mbv3": imagenet_mbv3_
            "ofa-mbv3-w1.0": lambda: ofa_mbv3_space(1.0), "ofa-mbv3-w1.2": lambda: ofa_mbv3_space(1.2)}
 
 
+JSON_SPEC = "json:"
+
+
 def get_space(name_or_path: str | Path) -> SearchSpace:
-    """A preset by name, or a YAML file."""
+    """A preset by name, a YAML file, or ``json:`` and the space as a JSON object
+    (``SearchSpace.to_spec``: what the specialize-only pipeline's open-supernet stage hands to the
+    stages after it; the prefix keeps a runner from reading the text as a JSON value)."""
     key = str(name_or_path)
     if key in PRESETS:
         return PRESETS[key]()
+    if key.startswith(JSON_SPEC):
+        try:
+            raw = json.loads(key[len(JSON_SPEC):])
+        except json.JSONDecodeError as exc:
+            raise UserError(f"not a JSON object ({exc})", field="space",
+                            fix="write json: and the space as one JSON object") from None
+        return _parse_space(raw, "space")
     path = Path(key)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return load_space(path)

@@ -60,6 +60,11 @@ def check_data(space: SearchSpace, data: Dataset) -> None:
         raise UserError(f"dataset has {data.channels} channel(s), space {space.name!r} expects "
                         f"{space.in_channels}", field="data",
                         fix="use a space whose in_channels matches the data")
+    rows = getattr(data, "head", ())
+    if rows and max(rows) >= space.num_classes:
+        raise UserError(f"dataset names classifier row {max(rows)}, space {space.name!r} has "
+                        f"{space.num_classes} classes", source=data.source, field="classes",
+                        fix="list at most num_classes classes in classes.txt")
     if int(data.train.labels.max()) >= space.num_classes:
         raise UserError(f"dataset has {int(data.train.labels.max()) + 1} classes, space "
                         f"{space.name!r} has {space.num_classes}", field="data",
@@ -241,6 +246,60 @@ def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: st
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]
+    return record
+
+
+# -- a supernet from elsewhere (specialize-only runs) -------------------------------------------
+
+def supernet_space(uri: str) -> SearchSpace:
+    """The search space of the checkpoint folder at ``uri`` (a folder or s3://), from its sidecar
+    alone: what a specialize-only run checks its inputs against before anything starts."""
+    from . import store
+    from .checkpoint import FORMAT, SIDECAR
+
+    where = store.join(uri, SIDECAR)
+    if not store.exists(where):
+        raise UserError("no checkpoint here (checkpoint.json is missing)", source=uri, field="supernet",
+                        fix="give the folder that `ofa import-official` or a training phase wrote")
+    try:
+        meta = json.loads(store.read_text(where))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"not valid JSON ({exc})", source=where, field="supernet",
+                        fix="copy the checkpoint folder again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "space" not in meta:
+        raise UserError("not a checkpoint of this project", source=where, field="format",
+                        fix=f"convert it first (ofa import-official) into {FORMAT}")
+    return SearchSpace.from_dict(meta["space"], where)
+
+
+def open_supernet(uri: str, out_dir: str | Path, *, run: RunContext = RunContext()) -> dict[str, Any]:
+    """Stage open-supernet: copy the checkpoint folder at ``uri`` (local or s3://; the files its
+    sidecar names) into ``out_dir`` and load it, which checks every file's sha256. The record's
+    ``space`` is the checkpoint's search space (what the stages after it specialize over).
+
+    The supernet's own history (its training stages, if any) stays out of this run's ledger: this
+    run did not pay for it, and the report says so."""
+    from . import store
+    from .checkpoint import SIDECAR, load_checkpoint
+
+    space = supernet_space(uri)
+    out_dir = Path(out_dir)
+    with _stage("open-supernet", out_dir, run) as record:
+        import shutil
+
+        meta = json.loads(store.read_text(store.join(uri, SIDECAR)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (*meta.get("files", {}), SIDECAR):
+            if store.is_s3(uri):
+                store.download(store.join(uri, name), out_dir)
+            elif Path(uri).resolve() != out_dir.resolve():
+                shutil.copyfile(store.download(store.join(uri, name), out_dir), out_dir / name)
+        ckpt = load_checkpoint(out_dir, space=space)
+        record["source"] = {"uri": uri, "sha256": meta["files"], "phase": meta.get("phase"),
+                            **({"imported_from": meta["imported_from"]} if "imported_from" in meta else {})}
+        record["metrics"] = {"tensors": len(ckpt.weights),
+                             "parameters": int(sum(t.numel() for t in ckpt.weights.values()))}
+        record["space"] = space.to_dict()
     return record
 
 
@@ -546,7 +605,9 @@ def report_staged(target_names: list[str], root: str, out_dir: str | Path, *,
         return report(dirs, out_dir, scratch_dir=scratch_dir, publish_uri=publish_uri, run=run)
 
 
-SHARED_STAGES = ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES), "fit-accuracy-predictor")
+SHARED_STAGES = ("open-supernet", "train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES),
+                 "fit-accuracy-predictor")
+TRAINING_STAGES = ("train-teacher", *(f"shrink-{p}" for p in SHRINK_PHASES))
 PER_TARGET_STAGES = ("profile-target", "search", "export")
 
 
@@ -576,6 +637,13 @@ def energy_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
         "methods": methods,
         "estimate": any(m == "model" for m in methods),
     }
+    opened = next((r for r in metered if r["stage"] == "open-supernet"), None)
+    if not any(s in TRAINING_STAGES for s, _ in by):
+        out["training"] = {
+            "in_run": False,
+            **({"supernet": opened["source"]["uri"]} if opened and "source" in opened else {}),
+            "note": "no supernet was trained in this run: the energy of training it "
+                    "is not counted here, and there is no from-scratch baseline to compare with"}
     scratch = by.get(("train-scratch", None))
     out["standard"] = standard_claim()
     if scratch:
@@ -701,6 +769,10 @@ def report_markdown(doc: dict[str, Any]) -> str:
     if e["estimate"]:
         lines.append("Figures whose method is `model` are CodeCarbon's estimates (no RAPL/NVML counters "
                      "were readable), not measurements.")
+    if e.get("training"):
+        t = e["training"]
+        of = f" of the supernet `{t['supernet']}`" if t.get("supernet") else ""
+        lines += ["", "## Training", "", f"Specialize-only run{of}: {t['note']}."]
     s = e.get("savings")
     if s:
         lines += _savings_lines(s, e.get("implied"))

@@ -298,6 +298,18 @@ def read_text(uri: str | Path) -> str:
         return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
 
 
+def read_bytes(uri: str | Path) -> bytes:
+    """The whole of one file, local or s3 (an image of a streamed dataset)."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.is_file():
+            raise UserError("no such file", source=str(path), fix="check the path")
+        return path.read_bytes()
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri, "reading"):
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
 def write_text(uri: str | Path, text: str) -> str:
     """Write a small text file (UTF-8): one PUT on s3, temp file + rename locally. Returns ``uri``."""
     if not is_s3(uri):
@@ -496,7 +508,7 @@ def _write_if_local(path: Path, text: str, version: str | None) -> bool:
         os.close(fd)  # releases the lock
 
 
-def _files_under(uri: str) -> list[str]:
+def files_under(uri: str) -> list[str]:
     """Relative POSIX paths of every file under a local folder or an s3 prefix, sorted."""
     if not is_s3(uri):
         root = _local(uri)
@@ -511,7 +523,7 @@ def copy_dir(src_uri: str, dest_uri: str, *, last: str | None = None) -> list[st
     nothing passes through this machine); ``last`` as in :func:`publish_dir`. Returns the destinations."""
     if is_s3(src_uri) != is_s3(dest_uri):
         raise UserError("cannot copy between a local folder and s3", source=f"{src_uri} -> {dest_uri}")
-    rels = _files_under(src_uri)
+    rels = files_under(src_uri)
     if not rels:
         raise UserError("nothing to copy: no files there", source=src_uri)
     if last is not None:

@@ -222,6 +222,8 @@ def check_placement(selector: Any, tolerations: Any, err=None) -> tuple[dict[str
 
 
 EXAMPLE_TARGETS = Path(__file__).parent / "resources" / "targets.yaml"
+#: the example targets for an ImageNet supernet: the specialize-only pipeline's defaults
+IMAGENET_TARGETS = Path(__file__).parent / "resources" / "targets-imagenet.yaml"
 
 
 def pipeline_items(targets: list[Target]) -> list[dict[str, Any]]:

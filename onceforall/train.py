@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import durable
-from .data import Dataset, calibration_images, epoch_order, resize, subsample, train_batch
+from .data import Dataset, calibration_images, epoch_order, in_memory, resize, subsample, train_batch
 from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, rank_checksums,
                    rank_device)
 from .efficiency import CostTable
@@ -266,7 +266,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     dev, info = rank_device(pick_device(device))
     pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
     resumed_from = checkpoint_uri if pulled else str(out_dir)
-    data = subsample(data, schedule.train_images, schedule.val_images)
+    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
     # -- state: resume, or start from the previous phase -------------------------------------
@@ -482,7 +482,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
                                     warmup_epochs=0)
     dev, info = rank_device(pick_device(device))
-    data = subsample(data, schedule.train_images, schedule.val_images)
+    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
     name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
     resume_dir = out_dir / RESUME_DIR

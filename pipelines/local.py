@@ -76,15 +76,26 @@ class LocalRun:
     report: dict[str, Any]
 
 
-def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> list:
-    """Every run input resolved once, here, before kfp starts anything."""
+def check_inputs(space: str, schedule: str, data: str, targets: str | None, supernet: str = "") -> list:
+    """Every run input resolved once, here, before kfp starts anything. With ``supernet`` (a
+    specialize-only run) the space is the checkpoint's and ``space`` is not used."""
     from onceforall.efficiency import subnet_macs, subnet_params
     from onceforall.errors import UserError
-    from onceforall.stages import setup
-    from onceforall.targets import EXAMPLE_TARGETS, load_targets
+    from onceforall.schedule import get_schedule
+    from onceforall.stages import check_data, open_data, setup, supernet_space
+    from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets
 
-    sp, _, _ = setup(space, schedule, data)
-    parsed = load_targets(targets or EXAMPLE_TARGETS)
+    if supernet:
+        sp = supernet_space(supernet)
+        get_schedule(schedule)
+        check_data(sp, open_data(data, image_size=max(sp.resolutions)))
+    else:
+        sp, _, ds = setup(space, schedule, data)
+        if getattr(ds, "streamed", False):
+            raise UserError("a streamed imagefolder: dataset serves specialize-only runs", source=data,
+                            field="--data", fix="pass --supernet URI (a trained or imported supernet)")
+    targets = targets or str(IMAGENET_TARGETS if supernet else EXAMPLE_TARGETS)
+    parsed = load_targets(targets)
     # Budgets in MACs or params are checked now; latency budgets need the target's own table.
     smallest = {"macs": subnet_macs(sp, sp.min_config()), "params": subnet_params(sp, sp.min_config())}
     for t in parsed:
@@ -92,7 +103,7 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> l
         if low is not None and t.constraint.budget < low:
             raise UserError(f"the {t.constraint.kind} budget {t.constraint.budget:g} of target {t.name!r} "
                             f"is below the smallest subnet of space {sp.name!r}, {low:g}",
-                            source=str(targets or EXAMPLE_TARGETS), field="constraint.budget",
+                            source=targets, field="constraint.budget",
                             fix=f"give a budget of at least {low:g}")
     return parsed
 
@@ -100,9 +111,13 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None) -> l
 def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: str = "fashion-mnist",
               targets: str | None = None, out: str = "runs/published", pipeline_root: str | None = None,
               seed: int = 0, predictor_subnets: int = 0, cache: bool = False, carbon: str | None = None,
-              pushgateway: str = "", runner: str = "subprocess", image: str = "",
+              pushgateway: str = "", runner: str = "subprocess", image: str = "", supernet: str = "",
               term: TextIO | None = None) -> LocalRun:
     """Run the whole pipeline here; models, cards and the report are published to ``out``.
+
+    ``supernet``: a checkpoint folder (a folder or s3://) to specialize instead of training one: the
+    specialize-only pipeline (ofa_pipeline.build_specialize_pipeline); ``space`` is then the
+    checkpoint's.
 
     ``runner``: ``subprocess`` (every stage a process of this environment) or ``container`` (every
     stage in ``image``, default the one ``make image`` builds, through podman: ``containers.py``)."""
@@ -110,7 +125,7 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
 
     from onceforall.targets import pipeline_items
 
-    from .ofa_pipeline import Options, build_pipeline
+    from .ofa_pipeline import Options, build_pipeline, build_specialize_pipeline
 
     term = term or sys.stderr
     from onceforall.energy import Carbon
@@ -118,11 +133,12 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     if runner not in RUNNERS:
         raise UserError(f"unknown runner {runner!r}", field="--runner",
                         fix=f"use one of {', '.join(RUNNERS)}")
-    parsed = check_inputs(space, schedule, data, targets)
+    parsed = check_inputs(space, schedule, data, targets, supernet)
     if runner == "container":
         # a container's working directory is the image's, so local paths are passed absolute
         out = out if store.is_s3(out) else str(Path(out).absolute())
-        data = str(Path(data).absolute()) if Path(data).is_dir() else data
+        data = _absolute(data)
+        supernet = str(Path(supernet).absolute()) if supernet and Path(supernet).is_dir() else supernet
     if store.is_s3(out):
         store.check_writable(out)
     remote_root = pipeline_root if pipeline_root and store.is_s3(pipeline_root) else None
@@ -136,15 +152,17 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     # One target at a time: two latency measurements sharing this machine's cores would both be wrong.
     # No retries: here a failure is not a lost node, and it should show at once.
     image = image or (LOCAL_IMAGE if runner == "container" else "")
-    pipeline = build_pipeline(Options(image=image, target_parallelism=1, s3_secret="", retries=0,
-                                      pushgateway="", run_id_from_pod=False))
+    build = build_specialize_pipeline if supernet else build_pipeline
+    pipeline = build(Options(image=image, target_parallelism=1, s3_secret="", retries=0,
+                             pushgateway="", run_id_from_pod=False))
     # The run id reaches the stages through the environment, as on a cluster (never a task parameter,
     # so a second run reuses the cached stages), and names this run's folder of the pipeline root,
     # where the targets' branches stage their models for the report (stages.run_root).
     run_id = f"ofa-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     (root / run_id).mkdir()  # before a container run hands the root's folders to the image's user
     t0 = time.monotonic()
-    term.write(f"ofa run: {len(parsed)} targets, schedule {schedule}, data {data}, "
+    term.write(f"ofa run: {'specialize ' + supernet + ', ' if supernet else ''}"
+               f"{len(parsed)} targets, schedule {schedule}, data {data}, "
                f"{'in containers of ' + image if runner == 'container' else 'as subprocesses'}; "
                f"full log: {log_path}\n")
     with open(log_path, "w") as log, warnings.catch_warnings(), contextlib.ExitStack() as stack:
@@ -153,15 +171,16 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
         sink = _Filter(log, term)
         # set before the container runner copies the environment it passes into the containers
         stack.enter_context(_env(RUN_ID_ENV, run_id))
-        kfp_runner = (_container_runner(stack, image, root, out, data) if runner == "container"
+        kfp_runner = (_container_runner(stack, image, root, out, [data, supernet]) if runner == "container"
                       else local.SubprocessRunner(use_venv=False))
         local.init(runner=kfp_runner, pipeline_root=str(root / run_id), raise_on_error=True,
                    enable_caching=cache, cache_root=str(root / ".kfp_cache"))
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                pipeline(data=data, space=space, schedule=schedule, targets=pipeline_items(parsed),
-                         publish_uri=out, seed=seed, predictor_subnets=predictor_subnets,
-                         carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)
+                common = dict(data=data, schedule=schedule, targets=pipeline_items(parsed), publish_uri=out,
+                              seed=seed, predictor_subnets=predictor_subnets,
+                              carbon=Carbon.parse(carbon).spec, pushgateway=pushgateway)
+                pipeline(**common, **({"supernet": supernet} if supernet else {"space": space}))
         except RuntimeError as exc:
             sink.flush()
             tail = "\n".join("    " + line for line in list(sink.recent)[-25:])
@@ -191,7 +210,14 @@ def _env(name: str, value: str):
             os.environ[name] = saved
 
 
-def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: str, data: str):
+def _absolute(data: str) -> str:
+    """``data`` with a local folder made absolute (also after an imagefolder: prefix)."""
+    prefix = "imagefolder:" if data.startswith("imagefolder:") else ""
+    path = data[len(prefix):]
+    return prefix + str(Path(path).absolute()) if Path(path).is_dir() else data
+
+
+def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: str, inputs: list[str]):
     """kfp's DockerRunner on podman, for as long as ``stack`` lives: the API served, the folders that
     stages write handed to the image's user, the local folders of the run mounted."""
     from . import containers
@@ -204,8 +230,10 @@ def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: 
         Path(out).mkdir(parents=True, exist_ok=True)
         writes.append(Path(out))
         mounts.append((Path(out), False))
-    if Path(data).is_dir():
-        mounts.append((Path(data), True))
+    for uri in inputs:  # the data and the supernet, read only
+        path = Path(uri.removeprefix("imagefolder:")) if uri else None
+        if path is not None and path.is_dir():
+            mounts.append((path, True))
     stack.enter_context(containers.owned_by(writes, uid, gid))
     label = root.name + "-" + str(os.getpid())
     stack.callback(containers.stop_labelled, label)  # on the way out, before ownership goes back

@@ -1,4 +1,5 @@
-"""The Once-for-All pipeline: train once, specialize for every target in parallel, report.
+"""The Once-for-All pipelines: train once, specialize for every target in parallel, report; and
+specialize-only, from a supernet URI.
 
     dataset -> train-teacher -> shrink[kernel] -> ... -> shrink[width-2]    (the supernet)
     dataset -> train-scratch                  (one architecture alone: the savings baseline)
@@ -12,6 +13,15 @@ and a cluster (image, GPUs, S3 secret, resources, how many targets run at once) 
 field, fixed at compile time, never read from the environment at import. The same function is
 compiled to ``pipelines/onceforall.yaml`` (``ofa compile``) and run by ``ofa run`` through
 ``kfp.local``.
+
+``build_specialize_pipeline(options)`` is the second entry (``pipelines/onceforall-specialize.yaml``,
+``ofa compile --specialize``, ``ofa run --supernet URI``): open-supernet replaces the training
+stages; everything from fit-accuracy-predictor on is the same code (``_specialize``). A second
+compiled pipeline rather than a dsl.If branch of the first: one pipeline with optional training
+would hand the later stages a supernet from one of two branches (dsl.OneOf, or an optional input
+artifact), constructs that pipelines/fidelity.py does not check and the oldest backends of the
+range predate; two pipelines from the same blocks use nothing the training pipeline does not
+already use, and the training pipeline and its cache keys stay as they were.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline signature's types at runtime.
@@ -25,11 +35,13 @@ from onceforall.energy import DEFAULT_CARBON
 from onceforall.launch import LAUNCH_ENV, Launch
 from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
 from onceforall.store import SECRET_VARIABLES
-from onceforall.targets import EXAMPLE_TARGETS, load_targets, pipeline_items
+from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets, pipeline_items
 from onceforall.trainjob import POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV
 
 PIPELINE_NAME = "onceforall"
 COMPILED = Path(__file__).with_name("onceforall.yaml")
+SPECIALIZE_NAME = "onceforall-specialize"
+COMPILED_SPECIALIZE = Path(__file__).with_name("onceforall-specialize.yaml")
 # The Secret of manifests/base/s3-credentials.yaml; each key becomes the env var of the same name,
 # which boto3's standard credential chain reads in every stage.
 S3_SECRET_KEYS = SECRET_VARIABLES
@@ -76,13 +88,13 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
-def default_targets() -> list[dict]:
-    return pipeline_items(load_targets(EXAMPLE_TARGETS))
+def default_targets(path: Path = EXAMPLE_TARGETS) -> list[dict]:
+    return pipeline_items(load_targets(path))
 
 
-def build_pipeline(options: Options = Options()):
-    """The pipeline function for ``options``: compile it, or call it under ``kfp.local``."""
-    from kfp import dsl
+def _blocks(options: Options):
+    """What both pipelines are built from: the components on the image, ``configure`` (name, cache,
+    retries, resources, environment of a task) and ``place`` (a task on its target's nodes)."""
     from kfp import kubernetes as k8s
 
     from onceforall_components import DEFAULT_IMAGE, build
@@ -139,6 +151,56 @@ def build_pipeline(options: Options = Options()):
         k8s.add_toleration_json(task, placement.outputs["tolerations"])
         return task
 
+    return c, configure, place
+
+
+def _specialize(blocks, options: Options, *, targets, space, data, schedule, seed, predictor_subnets,
+                supernet, run: dict):
+    """The shared part after a supernet: fit-accuracy-predictor, then every target's branch
+    (placement -> profile-target -> search -> export -> stage-model) in a dsl.ParallelFor.
+    Returns the loop's last task, which the report runs after.
+
+    ``space`` None: the supernet's own, read from its artifact by a small task inside the loop.
+    Not a task output passed into the loop: kfp.local 2.17 hands a loop body the loop's item for
+    an upstream task's output parameter (an artifact, or a parameter made inside the loop, comes
+    through right)."""
+    from kfp import dsl
+
+    c, configure, place = blocks
+    fit = configure(c.fit_accuracy_predictor(data=data, schedule=schedule, seed=seed,
+                                             subnets=predictor_subnets, supernet=supernet, **run),
+                    "fit-accuracy-predictor")
+    with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
+        placement = configure(c.placement(node_selector=target.node_selector,
+                                          tolerations=target.tolerations), "placement", small=True)
+        if space is None:
+            space = configure(c.supernet_space(supernet=supernet), "supernet-space", small=True).output
+        prof = place(configure(c.profile_target(target=target.spec, space=space, schedule=schedule,
+                                                seed=seed, **run), "profile-target", measures=True),
+                     placement)
+        # A latency search measures its pick on the target's hardware before it settles.
+        found = place(configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
+                                         seed=seed, predictor=fit.outputs["predictor"],
+                                         latency=prof.outputs["latency"], supernet=supernet, **run),
+                                "search", measures=True), placement)
+        # The card's measured latency is taken on the target's hardware too.
+        exp = place(configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
+                                       search=found.outputs["result"], **run), "export", measures=True),
+                    placement)
+        # Never cached: it puts this run's copy of the (possibly cached) model where the report
+        # reads it.
+        staged = configure(c.stage_model(target=target.spec, model=exp.outputs["model"]), "stage-model",
+                           small=True, cache=False)
+    return staged
+
+
+def build_pipeline(options: Options = Options()):
+    """The pipeline function for ``options``: compile it, or call it under ``kfp.local``."""
+    from kfp import dsl
+
+    blocks = _blocks(options)
+    c, configure, _ = blocks
+
     @dsl.pipeline(name=PIPELINE_NAME, description=(
         "Once-for-All: train one elastic supernet with progressive shrinking, then search, export "
         "and publish a specialized subnet for every hardware target."))
@@ -158,30 +220,8 @@ def build_pipeline(options: Options = Options()):
         # the baseline of the report's savings: one architecture trained alone, metered the same way
         scratch = configure(c.train_scratch(data=data, space=space, schedule=schedule, seed=seed, **run),
                             "train-scratch", train=True)
-        fit = configure(c.fit_accuracy_predictor(data=data, schedule=schedule, seed=seed,
-                                                 subnets=predictor_subnets, supernet=supernet, **run),
-                        "fit-accuracy-predictor")
-
-        with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
-            placement = configure(c.placement(node_selector=target.node_selector,
-                                              tolerations=target.tolerations), "placement", small=True)
-            prof = place(configure(c.profile_target(target=target.spec, space=space, schedule=schedule,
-                                                    seed=seed, **run), "profile-target", measures=True),
-                         placement)
-            # A latency search measures its pick on the target's hardware before it settles.
-            found = place(configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
-                                             seed=seed, predictor=fit.outputs["predictor"],
-                                             latency=prof.outputs["latency"], supernet=supernet, **run),
-                                    "search", measures=True), placement)
-            # The card's measured latency is taken on the target's hardware too.
-            exp = place(configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
-                                           search=found.outputs["result"], **run), "export", measures=True),
-                        placement)
-            # Never cached: it puts this run's copy of the (possibly cached) model where the report
-            # reads it.
-            staged = configure(c.stage_model(target=target.spec, model=exp.outputs["model"]), "stage-model",
-                               small=True, cache=False)
-
+        staged = _specialize(blocks, options, targets=targets, space=space, data=data, schedule=schedule,
+                             seed=seed, predictor_subnets=predictor_subnets, supernet=supernet, run=run)
         report = configure(c.report(publish_uri=publish_uri, targets=targets,
                                     scratch=scratch.outputs["model"], **run), "report", cache=False)
         report.after(staged)
@@ -189,12 +229,45 @@ def build_pipeline(options: Options = Options()):
     return onceforall
 
 
-def compile_pipeline(path: str | Path = COMPILED, options: Options = Options()) -> Path:
+def build_specialize_pipeline(options: Options = Options()):
+    """The specialize-only pipeline: a supernet checkpoint folder (a URI, e.g. MIT's published
+    supernet after ``ofa import-official``) instead of training, then the same stages as
+    :func:`build_pipeline` after its supernet, and a report without a from-scratch baseline."""
+    from kfp import dsl
+
+    blocks = _blocks(options)
+    c, configure, _ = blocks
+
+    @dsl.pipeline(name=SPECIALIZE_NAME, description=(
+        "Once-for-All, specialize only: take a trained supernet from a URI, then search, export and "
+        "publish a specialized subnet for every hardware target."))
+    def onceforall_specialize(supernet: str, data: str, schedule: str = "quick",
+                              targets: list = default_targets(IMAGENET_TARGETS), publish_uri: str = "",
+                              seed: int = 0, predictor_subnets: int = 0, carbon: str = DEFAULT_CARBON,
+                              pushgateway: str = ""):
+        run = dict(carbon=carbon, pushgateway=pushgateway)
+        # the URI is its cache key: publish a changed supernet under a new URI
+        opened = configure(c.open_supernet(uri=supernet, **run), "open-supernet")
+        staged = _specialize(blocks, options, targets=targets, space=None, data=data,
+                             schedule=schedule, seed=seed, predictor_subnets=predictor_subnets,
+                             supernet=opened.outputs["supernet"], run=run)
+        report = configure(c.report_specialized(publish_uri=publish_uri, targets=targets, **run), "report",
+                           cache=False)
+        report.after(staged)
+
+    return onceforall_specialize
+
+
+def compile_pipeline(path: str | Path = COMPILED, options: Options = Options(), *,
+                     specialize: bool = False) -> Path:
+    """Compile the training pipeline (or with ``specialize`` the specialize-only one) to ``path``,
+    and check it against every supported backend's rules."""
     from kfp import compiler
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(options), str(path))
+    build = build_specialize_pipeline if specialize else build_pipeline
+    compiler.Compiler().compile(build(options), str(path))
     # The header comment lists parameter defaults; kfp prints dict-valued ones in protobuf's map order,
     # which changes from process to process. Point to the spec instead, so the file is reproducible.
     text = re.sub(r"^(#\s+\w+: (?:list|dict)) \[Default: .*\]$",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from onceforall_pipelines.fidelity import PER_RUN, RULES, check, load
-from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
+from onceforall_pipelines.ofa_pipeline import COMPILED, COMPILED_SPECIALIZE, Options, compile_pipeline
 
 OLD = Path(__file__).parent / "fixtures" / "onceforall-3643940.yaml"
 
@@ -18,18 +18,21 @@ def errors(path, version):
     return [str(i) for i in check(load(path), RULES[version]) if i.severity == "error"]
 
 
+@pytest.mark.parametrize("compiled", [COMPILED, COMPILED_SPECIALIZE], ids=["train", "specialize"])
 @pytest.mark.parametrize("version", sorted(RULES))
-def test_committed_pipeline_runs_on_every_supported_backend(version):
-    assert errors(COMPILED, version) == []
+def test_committed_pipeline_runs_on_every_supported_backend(version, compiled):
+    assert errors(compiled, version) == []
 
 
+@pytest.mark.parametrize("specialize", [False, True], ids=["train", "specialize"])
 @pytest.mark.parametrize("options", [Options(gpus=8, image="reg/x:1"),
                                      Options(nodes=2, gpus=8, image="reg/x:1"),
                                      Options(s3_secret="", pushgateway=""),
                                      Options(target_parallelism=2, retries=0)])
 @pytest.mark.parametrize("version", sorted(RULES))
-def test_compile_options_keep_it_runnable(tmp_path, options, version):
-    assert errors(compile_pipeline(tmp_path / "p.yaml", options), version) == []
+def test_compile_options_keep_it_runnable(tmp_path, options, version, specialize):
+    path = compile_pipeline(tmp_path / "p.yaml", options, specialize=specialize)
+    assert errors(path, version) == []
 
 
 def test_supported_range_is_the_rules_range():
@@ -54,11 +57,12 @@ def test_old_pipeline_fails_where_it_failed_on_clusters():
     assert not any("collects the outputs" in e or "optional" in e for e in old217)
 
 
-def test_training_stages_cache_across_runs():
-    """Nothing per run and nothing about the targets reaches a training stage's cache key."""
-    spec = load(COMPILED).spec
+@pytest.mark.parametrize("compiled", [COMPILED, COMPILED_SPECIALIZE], ids=["train", "specialize"])
+def test_training_stages_cache_across_runs(compiled):
+    """Nothing per run and nothing about the targets reaches a shared stage's cache key."""
+    spec = load(compiled).spec
     for name, task in spec.root.dag.tasks.items():
-        if not name.startswith(("train-", "shrink", "fit-accuracy-predictor")):
+        if not name.startswith(("train-", "shrink", "fit-accuracy-predictor", "open-supernet")):
             continue
         assert task.caching_options.enable_cache, name
         for pname, p in task.inputs.parameters.items():

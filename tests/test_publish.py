@@ -40,7 +40,7 @@ def _tree(uri: str) -> dict[str, bytes]:
         bucket, key = store.split_s3(store.join(uri, rel))
         return store.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
-    return {rel: read(rel) for rel in store._files_under(uri)}
+    return {rel: read(rel) for rel in store.files_under(uri)}
 
 
 def _expect_current(pub: str, tag: str, models: dict[str, Path], report: Path) -> None:
@@ -183,7 +183,7 @@ def test_server_killed_mid_upload_then_restarted(s3_server, s3_pub, tmp_path):
     # the stage's retry publishes run-2 completely, once
     assert publish_run(s3_pub, "run-2", m2, r2)["current"]
     _expect_current(s3_pub, "run-2", m2, r2)
-    assert sorted(store._files_under(store.join(s3_pub, "releases"))) == sorted(
+    assert sorted(store.files_under(store.join(s3_pub, "releases"))) == sorted(
         f"{run}/{rel}" for run in ("run-1", "run-2")
         for rel in [REPORT_MD, REPORT_JSON] + [f"models/{t}/{f}" for t in TARGETS
                                                 for f in ("model.onnx", "pareto.png", CARD)])

@@ -452,6 +452,26 @@ def test_training_run_refuses_streamed_data_before_it_starts(folder, tmp_path):
                             supernet=str(random_supernet(tmp_path / "in", "imagenet-mbv3")))) == 4
 
 
+def test_container_run_mounts_the_supernet_and_the_data_read_only(folder, tmp_path):
+    """`ofa run --supernet DIR --data imagefolder:DIR --runner container`: what the containers see
+    (computed, no container started)."""
+    from onceforall_pipelines.local import container_mounts
+
+    root, out = tmp_path / "root", tmp_path / "published"
+    sn = random_supernet(tmp_path / "sn", "fashion-mnist")
+    root.mkdir()
+    out.mkdir()
+    writes, mounts = container_mounts(root, str(out), [f"imagefolder:{folder}", str(sn)])
+    assert writes == [root, out]
+    assert mounts == [(root, False), (out, False), (folder, True), (sn, True)]
+    # from S3 nothing is mounted but the root; a folder under the root, or named twice, once
+    inside = random_supernet(root / "supernet", "fashion-mnist")
+    writes, mounts = container_mounts(root, "s3://b/out", ["imagefolder:s3://b/imagenet", "s3://b/sn"])
+    assert writes == [root] and mounts == [(root, False)]
+    _, mounts = container_mounts(root, str(out), [str(sn), str(sn), str(inside), str(tmp_path / "nope")])
+    assert mounts == [(root, False), (out, False), (sn, True)]
+
+
 def test_ofa_evaluate_on_streamed_data(folder, tmp_path, capsys):
     from onceforall.cli import main
 

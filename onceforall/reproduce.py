@@ -139,7 +139,8 @@ def reproduce(card_path: str | Path, data_dir: str | Path | None = None, *,
     # decides how long, never the value).
     lat = card["latency"]
     protocol = {**_card_protocol(lat), **({"repeats": repeats} if repeats else {})}
-    batch = {"input": first[:lat["batch_size"]]}
+    # the first test images, repeated where a batch holds more (the values do not change the time)
+    batch = {"input": np.resize(first, (lat["batch_size"], *first.shape[1:]))}
     fns = [lambda: sess.run(None, batch)]
     card_probe = lat.get("host_probe_ms")
     if card_probe is not None:

@@ -137,7 +137,7 @@ class SubnetEvaluator:
         subnet = self.net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
         if self.streamed:
             return self._correct_streamed(subnet, cfg.r)
-        recalibrate_bn(subnet, self.calib[cfg.r], cfg.r)
+        recalibrate_bn(subnet, self.calib[cfg.r], cfg.r, semantics=self.net.bn_semantics)
         subnet.eval()
         x = self.eval_x[cfg.r]
         return torch.stack([
@@ -146,7 +146,8 @@ class SubnetEvaluator:
             for v in ((x, x.flip(-1)) if self.mirror else (x,))])
 
     def _correct_streamed(self, subnet: torch.nn.Module, r: int) -> torch.Tensor:
-        recalibrate_bn_batches(subnet, calibration_batches(self.data, self.calib_images, self.seed, r))
+        recalibrate_bn_batches(subnet, calibration_batches(self.data, self.calib_images, self.seed, r),
+                               semantics=self.net.bn_semantics)
         subnet.eval()
         rows = head_rows(self.data, self.space.num_classes)
 

@@ -90,14 +90,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .data import calibration_images, is_streamed, load_dataset
     from .evaluate import evaluate_subnets
+    from .export import load_supernet
     from .space import SubnetConfig
-    from .supernet import OFASupernet
     from .train import reference_configs
 
     meta = ckpt.read_meta(args.checkpoint)
-    space = ckpt.load_checkpoint(args.checkpoint).space
-    net = OFASupernet(space)
-    ckpt.load_weights(net, ckpt.load_checkpoint(args.checkpoint, space=space))
+    net = load_supernet(args.checkpoint)  # with the BN semantics its sidecar records
+    space = net.space
     data = load_dataset(args.data, val_size=args.val_size, seed=meta.get("seed", 0))
     if args.config:
         raw = args.config

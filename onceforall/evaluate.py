@@ -34,7 +34,8 @@ def accuracy(model: nn.Module, data: Dataset, split: str, resolution: int, *,
 def evaluate_subnets(net: OFASupernet, configs: dict[str, SubnetConfig], data: Dataset,
                      calib_images: torch.Tensor | None, split: str = "val",
                      limit: int | None = None, *, seed: int = 0) -> dict[str, float]:
-    """Accuracy of each named subnet after BN recalibration, on a copy: ``net`` is left untouched.
+    """Accuracy of each named subnet after BN recalibration (``net.bn_semantics``), on a copy:
+    ``net`` is left untouched.
 
     ``calib_images``: normalized full-size training images; None for a streamed dataset
     (imagefolder.py), whose 2,000 calibration images (``seed``) are read at each subnet's resolution."""
@@ -43,8 +44,9 @@ def evaluate_subnets(net: OFASupernet, configs: dict[str, SubnetConfig], data: D
     for name, cfg in configs.items():
         fwd = lambda x, cfg=cfg: work(x, cfg)  # noqa: E731
         if calib_images is None:
-            recalibrate_bn_batches(work, calibration_batches(data, 2000, seed, cfg.r), forward=fwd)
+            recalibrate_bn_batches(work, calibration_batches(data, 2000, seed, cfg.r), forward=fwd,
+                                   semantics=net.bn_semantics)
         else:
-            recalibrate_bn(work, calib_images, cfg.r, forward=fwd)
+            recalibrate_bn(work, calib_images, cfg.r, forward=fwd, semantics=net.bn_semantics)
         out[name] = round(accuracy(work, data, split, cfg.r, forward=fwd, limit=limit), 3)
     return out

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .bn import recalibrate_bn_batches
+from .bn import SEMANTICS, recalibrate_bn_batches
 from .cpu_allotment import cpu_allotment
 from .data import Dataset, calibration_batches, head_rows, is_streamed, normalize, resize
 from .efficiency import subnet_macs, subnet_params
+from .errors import UserError
 from .evaluate import accuracy
 from .latency import card_profiler, onnx_bytes
 from .ort_timing import ort_session
@@ -113,8 +114,14 @@ def _input_spec(data: Dataset, resolution: int) -> dict[str, Any]:
 
 
 def load_supernet(folder: str | Path, space: SearchSpace | None = None) -> OFASupernet:
+    """The supernet of checkpoint ``folder``, with the BN recalibration semantics its sidecar records
+    (``bn_recalibration``, written by `ofa import-official --bn`; "ours" when absent)."""
     c = ckpt.load_checkpoint(folder, space=space)
-    net = OFASupernet(c.space)
+    semantics = c.meta.get("bn_recalibration", "ours")
+    if semantics not in SEMANTICS:
+        raise UserError(f"unknown BN recalibration {semantics!r}", source=str(Path(folder) / ckpt.SIDECAR),
+                        field="bn_recalibration", fix=f"use one of {list(SEMANTICS)}, or import it again")
+    net = OFASupernet(c.space, bn_semantics=semantics)
     ckpt.load_weights(net, c)
     return net.eval()
 
@@ -142,7 +149,8 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     space = net.space
     cfg = space.validate_config(cfg)
     subnet = net.get_active_subnet(cfg)
-    recalibrate_bn_batches(subnet, calibration_batches(data, calib_images, seed, cfg.r))
+    recalibrate_bn_batches(subnet, calibration_batches(data, calib_images, seed, cfg.r),
+                           semantics=net.bn_semantics)
     subnet.eval()
 
     native = cfg.r if is_streamed(data) else data.image_size
@@ -229,9 +237,10 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
                  "max_abs_diff_vs_torch": parity,
                  "max_abs_diff_vs_training_preprocessing": preprocessing_diff},
         "bn_recalibration": {"images": min(calib_images, len(data.train)), "from": "training split",
-                             "seed": seed, **({"transform": "the reference's training transform at the "
-                                               "subnet's resolution (random-resized-crop, flip, colour "
-                                               "jitter)"} if is_streamed(data) else {})},
+                             "seed": seed, "semantics": net.bn_semantics,
+                             **({"transform": "the reference's training transform at the subnet's "
+                                 "resolution (random-resized-crop, flip, colour jitter)"}
+                                if is_streamed(data) else {})},
         "supernet": str(supernet_dir),
         "export_s": round(time.monotonic() - t0, 2),
     }

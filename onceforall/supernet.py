@@ -58,11 +58,18 @@ class StaticSubnet(nn.Module):
 
 
 class OFASupernet(nn.Module):
-    """Elastic depth (first D blocks of each unit), kernel and expand ratio; any input resolution."""
+    """Elastic depth (first D blocks of each unit), kernel and expand ratio; any input resolution.
 
-    def __init__(self, space: SearchSpace):
+    ``bn_semantics``: how its subnets' BN statistics are recalibrated (bn.recalibrate_bn): "ours",
+    or "reference" for an imported official supernet imported so (its sidecar's
+    ``bn_recalibration``, read by export.load_supernet). Every stage that recalibrates this
+    supernet's subnets passes it on.
+    """
+
+    def __init__(self, space: SearchSpace, *, bn_semantics: str = "ours"):
         super().__init__()
         self.space = space
+        self.bn_semantics = bn_semantics
         self.stem = _stem(space)
         self.first_block = MBConv(space.stem_width, space.first_block_width, space.stem_width, 3,
                                   space.first_block_stride, "relu", False)

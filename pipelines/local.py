@@ -224,24 +224,32 @@ def _container_runner(stack: contextlib.ExitStack, image: str, root: Path, out: 
 
     stack.enter_context(containers.docker_api())
     uid, gid = containers.image_user(image)
-    writes = [root]
-    mounts: list[tuple[Path, bool]] = []
     if not store.is_s3(out):
         Path(out).mkdir(parents=True, exist_ok=True)
-        writes.append(Path(out))
-        mounts.append((Path(out), False))
-    for uri in inputs:  # the data and the supernet, read only
-        path = Path(uri.removeprefix("imagefolder:")) if uri else None
-        if path is not None and path.is_dir():
-            mounts.append((path, True))
+    writes, mounts = container_mounts(root, out, inputs)
     stack.enter_context(containers.owned_by(writes, uid, gid))
     label = root.name + "-" + str(os.getpid())
     stack.callback(containers.stop_labelled, label)  # on the way out, before ownership goes back
     stack.enter_context(containers.stop_on_signal(label))
-    # kfp mounts the run's own pipeline root (root/<run id>); the whole root goes in too, since a
-    # cached task's outputs lie in an earlier run's folder
-    mounts = [(root, False), *((p, ro) for p, ro in mounts if not p.is_relative_to(root))]
     return containers.runner(image, mounts, label)
+
+
+def container_mounts(root: Path, out: str, inputs: list[str]) -> tuple[list[Path], list[tuple[Path, bool]]]:
+    """What a container run binds: (the folders its stages write, handed to the image's user;
+    the (folder, read_only) mounts). The pipeline root and a local ``out`` are written; the local
+    folders among ``inputs`` (the data, ``imagefolder:`` or not, and the supernet: absolute paths,
+    or s3:// URIs, which are not mounted) are read only, each once. kfp mounts the run's own
+    pipeline root (root/<run id>); the whole root goes in too, since a cached task's outputs lie
+    in an earlier run's folder; a folder under it needs no mount of its own."""
+    writes, mounts = [root], [(root, False)]
+    if not store.is_s3(out):
+        writes.append(Path(out))
+        mounts.append((Path(out), False))
+    for uri in inputs:
+        path = Path(uri.removeprefix("imagefolder:")) if uri and not store.is_s3(uri) else None
+        if path is not None and path.is_dir() and all(path != p for p, _ in mounts):
+            mounts.append((path, True))
+    return writes, [mounts[0], *((p, ro) for p, ro in mounts[1:] if not p.is_relative_to(root))]
 
 
 class StageFailed(Exception):

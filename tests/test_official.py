@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -29,41 +27,9 @@ from onceforall.export import load_supernet
 from onceforall.official import import_official
 from onceforall.space import get_space, imagenet_mbv3_space
 from onceforall.supernet import OFASupernet
+from official_ref import published_file, reference_net, stub_reference_loaders
 
 WIDTHS = (1.0, 1.2)
-
-
-def reference_class():
-    # `ofa.utils` star-imports its data loaders, which need torchvision and torch._six (gone in
-    # torch 2); the networks never use them. Without that one module the package imports on torch 2.
-    sys.modules.setdefault("ofa.utils.my_dataloader", types.ModuleType("ofa.utils.my_dataloader"))
-    from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
-
-    return OFAMobileNetV3
-
-
-def reference_net(width: float, seed: int = 0):
-    """The model zoo's OFAMobileNetV3 with every weight and BN statistic random (seeded)."""
-    net = reference_class()(dropout_rate=0, width_mult=width, ks_list=[3, 5, 7],
-                            expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-            elif ".bn." in name and name.endswith("weight"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("bias"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-            elif name.endswith("_matrix"):  # kernel transforms: identity plus noise
-                t.copy_(torch.eye(t.shape[0]) + torch.randn(t.shape, generator=g) * 0.1)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2.0 / t[0].numel()))
-    return net.eval()
 
 
 _IMPORTED: dict[float, tuple] = {}
@@ -75,7 +41,7 @@ def _imported(width: float, tmp_path_factory) -> tuple:
         tmp = tmp_path_factory.mktemp(f"official-w{width}")
         ref = reference_net(width)
         source = tmp / f"ofa_mbv3_d234_e346_k357_w{width}"
-        torch.save({"state_dict": ref.state_dict()}, source)
+        published_file(ref, source)
         folder = import_official(source, tmp / "ours")
         _IMPORTED[width] = ref, load_supernet(folder), folder, source
     return _IMPORTED[width]
@@ -326,7 +292,7 @@ def test_published_latency_tables_import_within_1e_9_ms(imported, tmp_path):
     from onceforall.latency import LatencyTable
     from onceforall.official_tables import import_latency_tables
 
-    sys.modules.setdefault("ofa.utils.my_dataloader", types.ModuleType("ofa.utils.my_dataloader"))
+    stub_reference_loaders()
     from ofa.nas.efficiency_predictor.latency_lookup_table import MBv3LatencyTable
 
     ref_net, net = imported[0], imported[1]

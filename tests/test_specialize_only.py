@@ -1,9 +1,11 @@
 """Specialize-only runs (issue #23): a supernet URI instead of training, on streamed ImageNet-layout data.
 
-The supernet here is the `imagenet-mbv3` space with random weights, saved in our checkpoint format
-(what `ofa import-official` writes for MIT's published ones); the data a few classes of JPEGs of
-mixed sizes written by the test. The classifier keeps its 1,000 rows; the dataset's few classes
-slice it (imagefolder.py), so random weights still score about one in three and the predictor has
+The supernet of the end-to-end run is MIT's OFAMobileNetV3 w1.0 built by the reference package with
+random weights and BN statistics (official_ref.py), saved in the published layout and imported by
+`ofa import-official`; the unit tests of the data and the report use the `imagenet-mbv3` space with
+random weights saved in our checkpoint format. The data: a few classes of JPEGs of mixed sizes
+written by the test. The classifier keeps its 1,000 rows; the dataset's few classes slice it
+(imagefolder.py), so random weights still score about one in three and the predictor has
 something to fit.
 """
 
@@ -20,17 +22,21 @@ import torch
 import yaml
 
 from onceforall import store
+from onceforall import checkpoint as ckpt
 from onceforall.checkpoint import WEIGHTS, save_checkpoint
-from onceforall.data import calibration_batches, eval_batches, head_rows, in_memory, load_dataset
+from onceforall.data import (calibration_batches, calibration_images, eval_batches, head_rows, in_memory,
+                             load_dataset, subsample)
 from onceforall.errors import UserError
-from onceforall.export import CARD, MODEL
+from onceforall.export import CARD, MODEL, load_supernet
 from onceforall.imagefolder import (calibration_pixel_batches, eval_size, eval_transform, open_image_folder,
                                     pixel_batches)
+from onceforall.official import import_official
 from onceforall.space import get_space
 from onceforall.stages import (REPORT_JSON, REPORT_MD, energy_summary, open_supernet, report_markdown,
                                supernet_space)
 from onceforall.supernet import OFASupernet
 from onceforall_pipelines.ofa_pipeline import COMPILED_SPECIALIZE, compile_pipeline
+from official_ref import published_file, reference_net
 from test_cluster import kfp_server  # noqa: F401 (the stand-in KFP API server, a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +227,135 @@ def test_committed_specialize_pipeline_is_fresh(tmp_path):
     assert set(spec["root"]["inputDefinitions"]["parameters"]) >= {"supernet", "data", "targets"}
 
 
+# -- BN semantics: the supernet's own, in every stage that recalibrates ------------------------------
+
+@pytest.fixture(scope="module")
+def official_source(tmp_path_factory):
+    """MIT's OFAMobileNetV3 w1.0 with random weights, in the published layout."""
+    return published_file(reference_net(1.0, seed=1), tmp_path_factory.mktemp("official") / "w1.0.pth")
+
+
+def test_the_sidecars_bn_semantics_travel_with_the_supernet(official_source, tmp_path):
+    assert load_supernet(import_official(official_source, tmp_path / "ref", bn="reference")).bn_semantics \
+        == "reference"
+    assert load_supernet(import_official(official_source, tmp_path / "ours")).bn_semantics == "ours"
+    own = random_supernet(tmp_path / "own", "fashion-mnist")  # trained here: no bn_recalibration
+    assert "bn_recalibration" not in ckpt.read_meta(own) and load_supernet(own).bn_semantics == "ours"
+    meta = json.loads((own / ckpt.SIDECAR).read_text())
+    (own / ckpt.SIDECAR).write_text(json.dumps({**meta, "bn_recalibration": "biased"}))
+    with pytest.raises(UserError, match="bn_recalibration"):
+        load_supernet(own)
+
+
+def _semantics_seen(monkeypatch, *modules) -> list:
+    """The ``semantics`` each recalibration in ``modules`` asks for (the real recalibration runs)."""
+    from onceforall import bn
+
+    seen = []
+    for module in modules:
+        for name in ("recalibrate_bn", "recalibrate_bn_batches"):
+            if hasattr(module, name):
+                def spy(*args, semantics="ours", real=getattr(bn, name), **kw):
+                    seen.append((real.__name__, semantics))
+                    return real(*args, semantics=semantics, **kw)
+
+                monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_accuracy_data_and_evaluation_recalibrate_as_the_supernet_says(official_source, folder, tmp_path,
+                                                                      monkeypatch):
+    from onceforall import accuracy_data, evaluate
+
+    seen = _semantics_seen(monkeypatch, accuracy_data, evaluate)
+    net = load_supernet(import_official(official_source, tmp_path / "ref", bn="reference"))
+    data = subsample(open_image_folder(f"imagefolder:{folder}", val_size=3, workers=0), None, 3)
+    cfg = net.space.min_config()
+    accuracy_data.SubnetEvaluator(net, data, calib_images=4, mirror=False).correct(cfg)
+    evaluate.evaluate_subnets(net, {"min": cfg}, data, None)
+    assert seen == [("recalibrate_bn_batches", "reference")] * 2
+    # our own supernets (no bn_recalibration in the sidecar): ours, held in memory or streamed
+    seen.clear()
+    own = load_supernet(random_supernet(tmp_path / "own", "fashion-mnist"))
+    fm = load_dataset("synthetic:60", val_size=12)
+    fm_cfg = own.space.min_config()
+    accuracy_data.SubnetEvaluator(own, fm, calib_images=8, mirror=False).correct(fm_cfg)
+    evaluate.evaluate_subnets(own, {"min": fm_cfg}, fm, calibration_images(fm, 8, 0))
+    assert seen == [("recalibrate_bn", "ours")] * 2
+
+
+@pytest.fixture(scope="module")
+def exported(official_source, folder, tmp_path_factory):
+    """The min subnet of an official supernet imported with the reference's BN semantics, exported on
+    the JPEG folder: (supernet folder, model folder, card)."""
+    from onceforall.export import export_subnet
+    from onceforall.targets import Target
+
+    tmp = tmp_path_factory.mktemp("exported")
+    supernet = import_official(official_source, tmp / "ref", bn="reference")
+    net = load_supernet(supernet)
+    data = open_image_folder(f"imagefolder:{folder}", val_size=3, workers=0)
+    target = Target.from_dict({"name": "t", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+                               "constraint": {"kind": "params", "budget": 1e9}})
+    card = export_subnet(supernet, net.space.min_config(), data, target, tmp / "model", seed=2,
+                         calib_images=8)
+    return supernet, tmp / "model", card
+
+
+def test_export_recalibrates_with_the_reference_semantics_of_an_imported_supernet(exported, folder):
+    """The exported graph is the subnet recalibrated as the reference's set_running_statistics
+    would, on the same calibration images: not as ours would."""
+    import onnxruntime as ort
+
+    from onceforall.bn import recalibrate_bn_batches
+    from onceforall.export import DeployModel
+
+    supernet, model_dir, card = exported
+    assert card["bn_recalibration"]["semantics"] == "reference"
+    data = open_image_folder(f"imagefolder:{folder}", val_size=3, workers=0)
+    cfg = load_supernet(supernet).space.min_config()
+    pixels = torch.cat([x for x, _ in pixel_batches(data, "test", cfg.r)]).float() / 255.0
+    sess = ort.InferenceSession(str(model_dir / MODEL), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: pixels.numpy()})[0])
+
+    def deployed(semantics: str) -> torch.Tensor:
+        subnet = load_supernet(supernet).get_active_subnet(cfg)
+        recalibrate_bn_batches(subnet, calibration_batches(data, 8, 2, cfg.r), semantics=semantics)
+        model = DeployModel(subnet.eval(), data.mean, data.std, cfg.r, cfg.r, head_rows(data, 1000)).eval()
+        with torch.no_grad():
+            return model(pixels)
+
+    want, ours = deployed("reference"), deployed("ours")
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (got - ours).abs().max() > 1e-2 * ours.abs().max()
+
+
+def test_reproduce_a_card_made_from_a_folder_of_jpegs(exported, folder, tmp_path):
+    """onceforall.reproduce reads the card's image folder (its val/) with the card's preprocessing,
+    without torch or the library's data code, and gets the card's accuracy on the same images."""
+    from onceforall.reproduce import card_test_batches, reproduce
+
+    _, model_dir, card = exported
+    rep = reproduce(model_dir / CARD, repeats=3)  # the card's own folder: it is local
+    assert rep["sha256_ok"] and rep["test_images"] == card["dataset"]["images"] == 12
+    assert rep["test_acc"] == card["accuracy"]["test_top1_pct_onnxruntime"]
+    # the pixels are the library's evaluation transform's, at the card's resolution
+    r = card["resolution"]
+    data = open_image_folder(f"imagefolder:{folder}", val_size=3, workers=0)
+    (x, y), = list(card_test_batches(card, folder))
+    want, labels = zip(*pixel_batches(data, "test", r))
+    assert np.array_equal(x, torch.cat(want).numpy() / np.float32(255.0))
+    assert np.array_equal(y, torch.cat(labels).numpy())
+    # a class the model does not know; data that is not here
+    (folder_copy := tmp_path / "copy" / "val" / "n99999999").mkdir(parents=True)
+    (folder_copy / "x.JPEG").write_bytes((Path(data.test.files[0])).read_bytes())
+    with pytest.raises(ValueError, match="n99999999"):
+        next(card_test_batches(card, tmp_path / "copy"))
+    remote = {**card, "dataset": {**card["dataset"], "source": "imagefolder:s3://b/imagenet"}}
+    with pytest.raises(FileNotFoundError, match="pass the folder as --data"):
+        card_test_batches(remote, None)
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 TARGETS = {"targets": [
@@ -230,11 +365,26 @@ TARGETS = {"targets": [
      "constraint": {"kind": "params", "budget": 4.0e6}}]}
 
 
+def import_official_cli(tmp_path: Path, *, bn: str) -> Path:
+    """MIT's OFAMobileNetV3 w1.0 (the reference package) with random weights and BN statistics, saved
+    as MIT publishes it, imported by `ofa import-official`: the folder it writes."""
+    source = published_file(reference_net(1.0, seed=3), tmp_path / "ofa_mbv3_d234_e346_k357_w1.0")
+    out = tmp_path / "supernet"
+    proc = subprocess.run([sys.executable, "-m", "onceforall", "import-official", str(source),
+                           "--out", str(out), "--bn", bn], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["bn_recalibration"] == bn
+    return out
+
+
 @pytest.mark.slow
 def test_ofa_run_supernet_end_to_end(tmp_path, folder):
-    """`ofa run --supernet` through kfp.local: from a supernet checkpoint folder and a folder of JPEGs
-    to published ONNX models with cards and a report that says no training ran."""
-    sn = random_supernet(tmp_path / "supernet")
+    """From MIT's published supernet layout (random weights) through `ofa import-official` and
+    `ofa run --supernet` (kfp.local) on a folder of JPEGs to published ONNX models with cards and a
+    report that says no training ran. Imported with the reference's BN semantics: every stage that
+    recalibrates uses them, and the cards say so."""
+    sn = import_official_cli(tmp_path, bn="reference")
     targets = tmp_path / "targets.yaml"
     targets.write_text(yaml.safe_dump(TARGETS))
     out, root = tmp_path / "published", tmp_path / "root"
@@ -253,7 +403,8 @@ def test_ofa_run_supernet_end_to_end(tmp_path, folder):
     for t in TARGETS["targets"]:
         card = json.loads((out / "models" / t["name"] / CARD).read_text())
         assert (out / "models" / t["name"] / MODEL).is_file()
-        assert card["space"] == "imagenet-mbv3" and card["output"]["classes"] == list(CLASSES)
+        assert card["space"] == "ofa-mbv3-w1.0" and card["output"]["classes"] == list(CLASSES)
+        assert card["bn_recalibration"]["semantics"] == "reference"
         r = card["resolution"]
         assert card["output"]["shape"] == ["batch", 3] and card["input"]["shape"] == ["batch", 3, r, r]
         assert card["input"]["preprocessing"]["resize_shorter_side_to"] == eval_size(card["resolution"])
@@ -299,6 +450,26 @@ def test_training_run_refuses_streamed_data_before_it_starts(folder, tmp_path):
         check_inputs("", "smoke", f"imagefolder:{folder}", None, supernet=str(sn))
     assert len(check_inputs("", "smoke", f"imagefolder:{folder}", None,
                             supernet=str(random_supernet(tmp_path / "in", "imagenet-mbv3")))) == 4
+
+
+def test_container_run_mounts_the_supernet_and_the_data_read_only(folder, tmp_path):
+    """`ofa run --supernet DIR --data imagefolder:DIR --runner container`: what the containers see
+    (computed, no container started)."""
+    from onceforall_pipelines.local import container_mounts
+
+    root, out = tmp_path / "root", tmp_path / "published"
+    sn = random_supernet(tmp_path / "sn", "fashion-mnist")
+    root.mkdir()
+    out.mkdir()
+    writes, mounts = container_mounts(root, str(out), [f"imagefolder:{folder}", str(sn)])
+    assert writes == [root, out]
+    assert mounts == [(root, False), (out, False), (folder, True), (sn, True)]
+    # from S3 nothing is mounted but the root; a folder under the root, or named twice, once
+    inside = random_supernet(root / "supernet", "fashion-mnist")
+    writes, mounts = container_mounts(root, "s3://b/out", ["imagefolder:s3://b/imagenet", "s3://b/sn"])
+    assert writes == [root] and mounts == [(root, False)]
+    _, mounts = container_mounts(root, str(out), [str(sn), str(sn), str(inside), str(tmp_path / "nope")])
+    assert mounts == [(root, False), (out, False), (sn, True)]
 
 
 def test_ofa_evaluate_on_streamed_data(folder, tmp_path, capsys):

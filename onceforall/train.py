@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import durable
-from .data import Dataset, calibration_images, epoch_order, in_memory, resize, subsample, train_batch
+from .data import (Dataset, calibration_images, epoch_order, is_streamed, resize, subsample,
+                   train_batch)
 from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, rank_checksums,
                    rank_device)
 from .efficiency import CostTable
@@ -39,6 +40,7 @@ from .recipe import (WeightEMA, freeze_transforms, lr_at, schedule_span, soft_cr
                      step_configs, step_resolution, train_step_losses)
 from .schedule import PhaseConfig, Schedule
 from .space import SearchSpace, SubnetConfig
+from .stream import StepShares, train_shares
 from .supernet import OFASupernet
 
 LOG = "log.jsonl"
@@ -237,6 +239,22 @@ def _subnets_step(net: OFASupernet, kd_net: OFASupernet | None, phase: PhaseConf
     return train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
 
 
+def _streamed_shares(data: Dataset, schedule: Schedule, seed: int, steps_per_epoch: int, start: int,
+                     stop: int, resolution_of, info: DistInfo, micro_batches: int = 1):
+    """A streamed dataset's training shares from global step ``start`` (stream.py), or None for data
+    held in memory (data.train_batch)."""
+    if not is_streamed(data):
+        return None
+    sampler = StepShares(len(data.train), schedule.batch_size, seed, steps_per_epoch, start, stop,
+                         resolution_of, rank=info.rank, world=info.world, micro_batches=micro_batches)
+    return train_shares(data, sampler, seed=seed)
+
+
+def _close(shares) -> None:
+    if shares is not None:
+        shares.close()  # stops the DataLoader's workers
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -266,7 +284,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     dev, info = rank_device(pick_device(device))
     pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
     resumed_from = checkpoint_uri if pulled else str(out_dir)
-    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
+    data = subsample(data, schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
     # -- state: resume, or start from the previous phase -------------------------------------
@@ -312,7 +330,19 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
 
     teacher_res = max(space.resolutions)
     costs = CostTable.build(space) if phase.sampler == "cost" else None
-    calib = calibration_images(data, schedule.bn_calib_images, seed)
+    calib = None if is_streamed(data) else calibration_images(data, schedule.bn_calib_images, seed)
+
+    def plan(step: int) -> tuple[int, list[SubnetConfig]]:
+        """The step's batch resolution and subnets, drawn from (seed, phase, step) alone."""
+        rng = np.random.default_rng([seed, phase_index, step])
+        resolution = step_resolution(phase, phase_space, rng)
+        return resolution, step_configs(phase, phase_space, rng, resolution, costs)
+
+    def decode_resolution(step: int) -> int:  # a streamed batch is decoded at the largest one needed
+        return max({c.r for c in plan(step)[1]} | ({teacher_res} if kd_net is not None else set()))
+
+    shares = _streamed_shares(data, schedule, seed * 1000 + phase_index, steps_per_epoch, global_step,
+                              total_steps, decode_resolution, info, micro_batches)
     refs = reference_configs(space)
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
@@ -346,10 +376,9 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     last_save = time.monotonic()
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = epoch_order(len(data.train), seed * 1000 + phase_index, epoch)
-        rng = np.random.default_rng([seed, phase_index, global_step])
-        resolution = step_resolution(phase, phase_space, rng)
-        cfgs = step_configs(phase, phase_space, rng, resolution, costs)
+        order = None if shares is not None else epoch_order(len(data.train), seed * 1000 + phase_index,
+                                                            epoch)
+        resolution, cfgs = plan(global_step)
         for group in opt.param_groups:
             group["lr"] = lr_of(global_step)
         step_loss, images = 0.0, 0
@@ -358,9 +387,9 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             # each micro-batch is the share of the global batch that rank (rank * micro_batches +
             # share) of a world micro_batches times larger would take, with that rank's dropout draws
             _torch_rng(dev, rng_state)
-            x, y = train_batch(data, order, step_in_epoch, schedule.batch_size,
-                               seed=seed * 1000 + phase_index, epoch=epoch,
-                               rank=info.rank * micro_batches + share, world=info.world * micro_batches)
+            x, y = next(shares) if shares is not None else train_batch(
+                data, order, step_in_epoch, schedule.batch_size, seed=seed * 1000 + phase_index,
+                epoch=epoch, rank=info.rank * micro_batches + share, world=info.world * micro_batches)
             step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
                                        teacher_res, space) / micro_batches
             images += len(y)
@@ -399,11 +428,13 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             last_save = time.monotonic()
         if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
             bar.close()
+            _close(shares)
             return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
                                elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
                                resumed_from)
 
     bar.close()
+    _close(shares)
     checksums = rank_checksums(net, info)
     if not val_acc and info.is_main:
         val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
@@ -482,7 +513,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
                                     warmup_epochs=0)
     dev, info = rank_device(pick_device(device))
-    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
+    data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
     name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
     resume_dir = out_dir / RESUME_DIR
@@ -501,11 +532,16 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     if start:
         bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
     t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
+    shares = _streamed_shares(data, schedule, seed * 1000, steps_per_epoch, start, total,
+                              lambda _step: cfg.r, info)
     for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
-        x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch,
-                           rank=info.rank, world=info.world)
+        if shares is not None:
+            x, y = next(shares)
+        else:
+            order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
+            x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000,
+                               epoch=epoch, rank=info.rank, world=info.world)
         x, y = resize(x, cfg.r).to(dev), y.to(dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase, steps_per_epoch)
@@ -533,6 +569,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
                 pointer = durable.push(resume_dir, checkpoint_uri, pointer)
             last_save = time.monotonic()
     bar.close()
+    _close(shares)
     checksums = rank_checksums(model, info)
     if not info.is_main:
         return {"rank": info.rank, "steps": total}  # rank 0 evaluates and writes

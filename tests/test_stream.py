@@ -1,0 +1,180 @@
+"""Training on streamed data (issue #24, item 1): ImageFolder trees decoded by DataLoader workers.
+
+The images here are JPEGs of mixed sizes written by the test (a hue per class); the space is the
+Fashion-MNIST one with three input channels and three classes, at 24-32 px, so that a phase trains
+in seconds.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onceforall import checkpoint as ckpt
+from onceforall.data import epoch_order, load_dataset
+from onceforall.errors import UserError
+from onceforall.imagefolder import open_image_folder
+from onceforall.schedule import smoke
+from onceforall.space import fashion_mnist_space
+from onceforall.stream import StepShares, train_shares
+from onceforall.train import run_phase, train_static
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = dataclasses.replace(fashion_mnist_space(), name="rgb-3", in_channels=3, num_classes=3,
+                            resolutions=(24, 28, 32))
+
+
+def make_tree(root: Path, *, train: int = 24, val: int = 4, size: tuple[int, int] = (40, 72),
+              seed: int = 0, suffix: str = ".JPEG") -> Path:
+    """``train/<class>/`` and ``val/<class>/`` of noisy images of a hue per class, mixed sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
+                base = np.full(3, 40.0)
+                base[c] = 200
+                pixels = (base + rng.normal(0, 30, (h, w, 3))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}{suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("tree"))
+
+
+def _schedule():
+    s = smoke()  # the teacher at every resolution: one resolution per batch, drawn per step
+    teacher = dataclasses.replace(s.teacher, epochs=2, n_resolutions=None)
+    return dataclasses.replace(s, teacher=teacher, batch_size=16, val_images=12, checkpoint_every_s=0.0)
+
+
+def test_shares_are_the_in_memory_batches_split_across_ranks():
+    res = {g: 24 + 4 * (g % 3) for g in range(12)}
+    whole = list(StepShares(50, 8, 7, 6, 0, 12, res.get))
+    assert len(whole) == 12 and all(len(share) == 8 for share in whole)
+    for g, share in enumerate(whole):
+        epoch, step = divmod(g, 6)
+        assert [k[0] for k in share] == epoch_order(50, 7, epoch)[step * 8:(step + 1) * 8].tolist()
+        assert {(k[1], k[2], k[3]) for k in share} == {(res[g], epoch, step)}
+    # two ranks with two micro-batches each: four interleaved quarters of every global batch
+    ranks = [list(StepShares(50, 8, 7, 6, 5, 12, res.get, rank=r, world=2, micro_batches=2))
+             for r in range(2)]
+    for g in range(5, 12):
+        quarters = ranks[0][2 * (g - 5):2 * (g - 5) + 2] + ranks[1][2 * (g - 5):2 * (g - 5) + 2]
+        assert sorted(k for q in quarters for k in q) == sorted(whole[g])
+        assert quarters[1] == whole[g][1::4]  # rank 0's second share is global share 1
+
+
+def test_streamed_phase_resumes_exactly_and_pixels_do_not_depend_on_workers(tree, tmp_path):
+    schedule = _schedule()
+    one_process = open_image_folder(f"imagefolder:{tree}", val_size=12, seed=0, workers=0)
+    two_workers = dataclasses.replace(one_process, workers=2)
+    full = run_phase(SPACE, schedule, "teacher", one_process, tmp_path / "full", progress=False)
+    assert full.steps == 2 * (60 // 16)
+    part = run_phase(SPACE, schedule, "teacher", two_workers, tmp_path / "cut", progress=False,
+                     stop_after_steps=4)
+    assert part.steps == 4
+    resumed = run_phase(SPACE, schedule, "teacher", two_workers, tmp_path / "cut", progress=False)
+    assert resumed.resumed_from_step == 4 and resumed.steps == full.steps
+    a, b = (load_file(str(tmp_path / d / ckpt.WEIGHTS)) for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = ckpt.read_meta(tmp_path / "full")
+    assert meta["dataset"]["streamed"] and set(full.val_accuracy) == {"max", "mid", "min"}
+
+
+def test_streamed_batches_are_decoded_at_the_steps_resolution(tree):
+    data = open_image_folder(f"imagefolder:{tree}", val_size=12, workers=0)
+    res = [32, 24, 28, 24]
+    sampler = StepShares(len(data.train), 16, 3, 3, 0, 4, res.__getitem__)
+    batches = list(train_shares(data, sampler, seed=3))
+    assert [x.shape[-1] for x, _ in batches] == res
+    assert all(x.shape == (16, 3, r, r) and x.dtype == torch.float32 for (x, _), r in zip(batches, res))
+    again = list(train_shares(data, StepShares(len(data.train), 16, 3, 3, 2, 4, res.__getitem__), seed=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[2:], again))  # resume: same pixels
+
+
+def test_static_network_trains_on_streamed_data(tree, tmp_path):
+    data = open_image_folder(f"imagefolder:{tree}", val_size=12, workers=0)
+    cfg = dataclasses.replace(SPACE.max_config(), r=28)
+    result = train_static(SPACE, _schedule(), cfg, data, tmp_path / "s", epochs=1, progress=False)
+    assert result["steps"] == 60 // 16 and 0 <= result["val_acc"] <= 100
+
+
+def test_folder_without_images_names_the_uri(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "a").mkdir(parents=True)
+        (tmp_path / "empty" / split / "a" / "notes.txt").write_text("no images")
+    with pytest.raises(UserError, match="no images under train") as err:
+        load_dataset(f"imagefolder:{tmp_path / 'empty'}")
+    assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_damaged_image_stops_training_naming_the_file(tmp_path):
+    root = make_tree(tmp_path / "t", train=6, val=2)
+    bad = root / "train" / "class1" / "img3.JPEG"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    data = open_image_folder(f"imagefolder:{root}", val_size=1, workers=1)
+    sampler = StepShares(len(data.train), len(data.train), 0, 1, 0, 1, lambda g: 24)
+    with pytest.raises(UserError, match="cannot read image") as err:
+        list(train_shares(data, sampler, seed=0))
+    assert "img3.JPEG" in str(err.value)
+
+
+MEMORY_CHILD = """
+import resource, sys
+from onceforall.data import load_dataset
+from onceforall.imagefolder import open_image_folder
+from onceforall.stream import StepShares, train_shares
+
+def vm_bytes():
+    return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+
+root, limit_mb, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "stream":
+    data = open_image_folder(root, val_size=10, workers=1)
+    sampler = StepShares(len(data.train), 32, 0, len(data.train) // 32, 0, len(data.train) // 32,
+                         lambda g: 64)
+limit = vm_bytes() + limit_mb * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    if mode == "stream":
+        seen = sum(len(y) for _, y in train_shares(data, sampler, seed=0))
+    else:
+        seen = len(load_dataset(root, val_size=10).train)
+except MemoryError:
+    print("MemoryError")
+    sys.exit(3)
+print("seen", seen)
+"""
+
+
+def test_streamed_epoch_stays_under_a_memory_limit_the_dataset_exceeds(tmp_path):
+    """303 JPEGs of 512 x 512 decode to 227 MB; an epoch streams through them in a process whose
+    address space may grow by 100 MB, a limit under which loading them into memory fails."""
+    root = make_tree(tmp_path / "big", train=100, val=1, size=(512, 512))
+    decoded_mb = 3 * 101 * 512 * 512 * 3 / 2**20
+    limit_mb = 100
+    assert decoded_mb > 2 * limit_mb
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+
+    def child(mode):
+        return subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(root), str(limit_mb), mode],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    streamed = child("stream")
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert streamed.stdout.split() == ["seen", str(32 * ((300 - 10) // 32))]
+    held = child("memory")  # the control: the same images held in memory do not fit
+    assert held.returncode == 3 and "MemoryError" in held.stdout, (held.stdout, held.stderr[-2000:])

@@ -338,8 +338,12 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         resolution = step_resolution(phase, phase_space, rng)
         return resolution, step_configs(phase, phase_space, rng, resolution, costs)
 
+    def kd_resolution(resolution: int) -> int:  # where the teacher sees the batch
+        return teacher_res if phase.kd_resolution == "max" else resolution
+
     def decode_resolution(step: int) -> int:  # a streamed batch is decoded at the largest one needed
-        return max({c.r for c in plan(step)[1]} | ({teacher_res} if kd_net is not None else set()))
+        resolution, cfgs = plan(step)
+        return max({c.r for c in cfgs} | ({kd_resolution(resolution)} if kd_net is not None else set()))
 
     shares = _streamed_shares(data, schedule, seed * 1000 + phase_index, steps_per_epoch, global_step,
                               total_steps, decode_resolution, info, micro_batches)
@@ -391,7 +395,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                 data, order, step_in_epoch, schedule.batch_size, seed=seed * 1000 + phase_index,
                 epoch=epoch, rank=info.rank * micro_batches + share, world=info.world * micro_batches)
             step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
-                                       teacher_res, space) / micro_batches
+                                       kd_resolution(resolution), space) / micro_batches
             images += len(y)
         if micro_batches > 1:
             for p in params:

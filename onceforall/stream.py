@@ -19,6 +19,7 @@ A damaged image stops training with an error naming the file (see :func:`train_s
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -86,13 +87,23 @@ def _fresh_s3_client(_worker: int) -> None:
     store.client.cache_clear()  # a boto3 client is not to be shared across processes
 
 
-def train_shares(data, sampler: StepShares, *, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The sampler's shares decoded: (normalized float (B, 3, r, r) channels-last, labels).
+def rank_workers(data) -> int:
+    """This rank's decoding processes: the dataset's, split among the ranks of this pod (torchrun's
+    ``LOCAL_WORLD_SIZE``), at least one each where the dataset has any."""
+    workers = int(getattr(data, "workers", 0))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, workers // local) if workers else 0
+
+
+def train_shares(data, sampler: StepShares, *, seed: int,
+                 workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The sampler's shares decoded: (normalized float (B, 3, r, r) channels-last, labels), by
+    ``workers`` processes (default :func:`rank_workers`).
 
     A damaged image is an error naming it, not a skip: skipping would give one rank a smaller share
     than the others (their batch-norm statistics and gradient averages would silently differ) for a
     fault that a correct copy of the dataset does not have."""
-    workers = int(getattr(data, "workers", 0))
+    workers = rank_workers(data) if workers is None else workers
     loader = torch.utils.data.DataLoader(
         _TrainImages(data.train, seed), batch_sampler=sampler, num_workers=workers,
         worker_init_fn=_fresh_s3_client if workers else None,

@@ -178,3 +178,106 @@ def test_streamed_epoch_stays_under_a_memory_limit_the_dataset_exceeds(tmp_path)
     assert streamed.stdout.split() == ["seen", str(32 * ((300 - 10) // 32))]
     held = child("memory")  # the control: the same images held in memory do not fit
     assert held.returncode == 3 and "MemoryError" in held.stdout, (held.stdout, held.stderr[-2000:])
+
+
+# -- tar shards (WebDataset layout) ------------------------------------------------------------------
+
+def write_shards(tree: Path, root: Path, per_shard: int = 10) -> Path:
+    """The images of an ImageFolder tree as WebDataset shards, samples in the tree's sorted file order:
+    ``split/part-00000N.tar`` with members ``classC/imgI.jpg`` and ``classC/imgI.cls``."""
+    import io
+    import tarfile
+
+    def add(tar, name, raw):
+        info = tarfile.TarInfo(name)
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+
+    for split in ("train", "val"):
+        classes = sorted(p.name for p in (tree / split).iterdir())
+        files = sorted(f.relative_to(tree / split).as_posix() for f in (tree / split).rglob("*.JPEG"))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for n, start in enumerate(range(0, len(files), per_shard)):
+            with tarfile.open(root / split / f"part-{n:06d}.tar", "w") as tar:
+                for f in files[start:start + per_shard]:
+                    key = f.rsplit(".", 1)[0]
+                    add(tar, f"{key}.jpg", (tree / split / f).read_bytes())
+                    add(tar, f"{key}.cls", str(classes.index(f.split("/")[0])).encode())
+                    add(tar, f"{key}.json", b"{}")  # a field that is not read
+    return root
+
+
+def test_shards_train_as_the_same_images_in_a_folder(tree, tmp_path):
+    shards = write_shards(tree, tmp_path / "wds")
+    folder = open_image_folder(f"imagefolder:{tree}", val_size=12, workers=0)
+    sharded = load_dataset(f"shards:{shards}", val_size=12)
+    assert len(list((shards / "train").glob("*.tar"))) == 8  # 72 images, 10 a shard
+    assert torch.equal(sharded.train.labels, folder.train.labels) and len(sharded.test) == len(folder.test)
+    sharded = dataclasses.replace(sharded, workers=1)
+    s = dataclasses.replace(_schedule(), teacher=dataclasses.replace(_schedule().teacher, epochs=1))
+    run_phase(SPACE, s, "teacher", folder, tmp_path / "folder", progress=False)
+    run_phase(SPACE, s, "teacher", sharded, tmp_path / "shards", progress=False)
+    a, b = (load_file(str(tmp_path / d / ckpt.WEIGHTS)) for d in ("folder", "shards"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_shard_member_names_the_shard_and_member(tree, tmp_path):
+    import tarfile
+
+    shards = write_shards(tree, tmp_path / "wds", per_shard=30)
+    shard = shards / "train" / "part-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data:member.offset_data + member.size] = b"\0" * member.size  # same size, no JPEG
+    shard.write_bytes(bytes(raw))
+    data = load_dataset(f"shards:{shards}", val_size=1)
+    data = dataclasses.replace(data, workers=1)
+    sampler = StepShares(len(data.train), len(data.train), 0, 1, 0, 1, lambda g: 24)
+    with pytest.raises(UserError, match="cannot read image") as err:
+        list(train_shares(data, sampler, seed=0))
+    assert "part-000000.tar#tar:" in str(err.value) and member.name in str(err.value)
+
+
+def test_bad_shards_fail_at_opening(tree, tmp_path):
+    shards = write_shards(tree, tmp_path / "wds", per_shard=30)
+    shard = shards / "train" / "part-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:700])  # truncated inside its first member
+    with pytest.raises(UserError, match="not a readable tar shard") as err:
+        load_dataset(f"shards:{shards}")
+    assert "part-000001.tar" in str(err.value)
+    empty = tmp_path / "none"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "readme.txt").write_text("no shards")
+    with pytest.raises(UserError, match="no .tar shards under train/") as err:
+        load_dataset(f"shards:{empty}")
+    assert str(empty) in str(err.value)
+
+
+def test_shards_from_s3_read_as_byte_ranges(s3_server, tree, tmp_path):
+    from onceforall import store
+
+    shards = write_shards(tree, tmp_path / "wds", per_shard=30)
+    bucket = s3_server.bucket()
+    store.publish_dir(shards, f"{bucket}/wds")
+    local = load_dataset(f"shards:{shards}", val_size=12)
+    remote = dataclasses.replace(load_dataset(f"shards:{bucket}/wds", val_size=12), workers=1)
+    assert remote.train.files[0].startswith("s3://") and torch.equal(remote.train.labels, local.train.labels)
+    res = [24, 32]
+    x_local = [x for x, _ in train_shares(dataclasses.replace(local, workers=0),
+                                          StepShares(len(local.train), 16, 1, 3, 0, 2, res.__getitem__),
+                                          seed=1)]
+    x_remote = [x for x, _ in train_shares(remote, StepShares(len(remote.train), 16, 1, 3, 0, 2,
+                                                              res.__getitem__), seed=1)]
+    assert all(torch.equal(a, b) for a, b in zip(x_local, x_remote))
+
+
+def test_decoding_processes_are_split_among_the_ranks_of_a_pod(monkeypatch):
+    from onceforall.stream import rank_workers
+
+    data = type("D", (), {"workers": 7})()
+    assert rank_workers(data) == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rank_workers(data) == 1
+    data.workers = 0
+    assert rank_workers(data) == 0

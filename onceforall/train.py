@@ -30,8 +30,8 @@ from . import checkpoint as ckpt
 from . import durable
 from .data import (Dataset, calibration_images, epoch_order, is_streamed, resize, subsample,
                    train_batch)
-from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, rank_checksums,
-                   rank_device)
+from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, broadcast_rng,
+                   rank_checksums, rank_device)
 from .efficiency import CostTable
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
@@ -425,6 +425,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             bar.message(f"epoch {epoch + 1}/{phase.epochs} val acc " +
                         " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
             loss_sum, loss_n = 0.0, 0
+        if end_of_epoch:
+            broadcast_rng(info, dev)  # rank 0's evaluation drew from its generators
         if global_step < total_steps and (
                 end_of_epoch or time.monotonic() - last_save > schedule.checkpoint_every_s
                 or (stop_after_steps is not None and global_step - start_step >= stop_after_steps)):

@@ -742,7 +742,7 @@ def containers(r: dict) -> list[str]:
 
 def stream_speed(r: dict) -> list[str]:
     st, mem = r["streamed"], r["in_memory"]
-    return ["## Streamed training data against the in-memory path (issue 24)", "",
+    lines = ["## Streamed training data against the in-memory path (issue 24)", "",
             f"Command: `{r.get('command', 'python bench/stream_speed.py')}`  ",
             f"Machine: {_machine(r.get('machine', {}))}", "", f"{r['what']}.", "",
             "| path | data | px | batch | decoding processes | images | images/s |",
@@ -751,6 +751,12 @@ def stream_speed(r: dict) -> list[str]:
             f"{st['workers']} | {st['images']} | {st['images_per_s']:,.0f} |",
             f"| in memory (data.train_batch) | `{mem['data']}` | {mem['resolution']} | {mem['batch']} | - | "
             f"{mem['images']} | {mem['images_per_s']:,.0f} |"]
+    sm = r.get("small_streamed")
+    if sm:
+        lines.append(f"| streamed, the in-memory set's images as PNGs | `{mem['data']}` | "
+                     f"{sm['resolution']} | {sm['batch']} | {sm['workers']} | {sm['images']} | "
+                     f"{sm['images_per_s']:,.0f} |")
+    return lines
 
 
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,

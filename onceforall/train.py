@@ -14,6 +14,7 @@ node continues from the last one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -167,6 +168,23 @@ def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: 
                         fix="give this run its own --out (and --checkpoint-uri), or the same settings")
 
 
+def _files_digest(data: Dataset) -> str | None:
+    """sha256 of a streamed dataset's training file list (its order is the batches'); None in memory."""
+    if not is_streamed(data):
+        return None
+    return hashlib.sha256("\n".join(data.train.files).encode()).hexdigest()
+
+
+def _check_same_files(meta: dict[str, Any], data: Dataset, where: str | None) -> None:
+    """A streamed run resumes on the files it started with: other files give other batches."""
+    theirs = meta.get("train_files_sha256")
+    if theirs is not None and theirs != _files_digest(data):
+        raise UserError("holds a checkpoint of a run on other training files (files added, removed or "
+                        "renamed since: the batches after the resumed step would differ)", source=where,
+                        field="data", fix="resume on the same files, or give this run its own --out "
+                                          "(and --checkpoint-uri)")
+
+
 def _start_weights(net: OFASupernet, space: SearchSpace, schedule: Schedule, phase: PhaseConfig,
                    out_dir: Path, init: str | Path | None, seed: int,
                    resumed_from: str) -> ckpt.Checkpoint | None:
@@ -291,6 +309,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
     net = OFASupernet(space)
     resume = _start_weights(net, space, schedule, phase, out_dir, init, seed, resumed_from)
+    if resume is not None:
+        _check_same_files(resume.meta, data, resumed_from)
     if resume is not None and resume.meta.get("completed"):
         return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
     freeze_transforms(net, phase)
@@ -366,7 +386,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                 "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "lr": lr_of(min(global_step, total_steps - 1)),
                 "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
-                "dataset": data.describe(), "world_size": info.world}
+                "dataset": data.describe(), "world_size": info.world,
+                "train_files_sha256": _files_digest(data)}
         if result is not None:
             meta["result"] = result
         meta.update(extra)

@@ -87,6 +87,9 @@ def test_streamed_phase_resumes_exactly_and_pixels_do_not_depend_on_workers(tree
     part = run_phase(SPACE, schedule, "teacher", two_workers, tmp_path / "cut", progress=False,
                      stop_after_steps=4)
     assert part.steps == 4
+    fewer = dataclasses.replace(two_workers, train=two_workers.train.subset(torch.arange(59)))
+    with pytest.raises(UserError, match="other training files"):  # another order: refused
+        run_phase(SPACE, schedule, "teacher", fewer, tmp_path / "cut", progress=False)
     resumed = run_phase(SPACE, schedule, "teacher", two_workers, tmp_path / "cut", progress=False)
     assert resumed.resumed_from_step == 4 and resumed.steps == full.steps
     a, b = (load_file(str(tmp_path / d / ckpt.WEIGHTS)) for d in ("full", "cut"))

@@ -19,6 +19,7 @@ A damaged image stops training with an error naming the file (see :func:`train_s
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Iterator
 
@@ -46,8 +47,8 @@ class _TrainImages(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, 3, epoch, step, index])
         try:
             img = read_image(self.split.files[index])
-        except UserError as exc:  # re-raised in the training process with its message intact
-            raise _Damaged(str(exc)) from None
+        except UserError as exc:  # re-raised in the training process as it was (train_shares)
+            raise _Damaged(json.dumps([exc.what, exc.source, exc.field, exc.fix])) from None
         return to_uint8(calibration_transform(img, resolution, rng)), self.split.labels[index]
 
 
@@ -113,12 +114,7 @@ def train_shares(data, sampler: StepShares, *, seed: int,
         for x, y in loader:
             yield resize(normalize(x, data.mean, data.std), x.shape[-1]), y
     except _Damaged as exc:
-        raise UserError(str(exc).splitlines()[-1], source=data.source, field="data",
-                        fix="replace the damaged file (or drop it) in the dataset") from None
-    except RuntimeError as exc:
-        if "_Damaged" not in str(exc):
-            raise
-        lines = [ln for ln in str(exc).splitlines() if "_Damaged:" in ln]
-        raise UserError(lines[-1].split("_Damaged:", 1)[1].strip() if lines else str(exc),
-                        source=data.source, field="data",
-                        fix="replace the damaged file (or drop it) in the dataset") from None
+        # from a worker, the message is its traceback; the error's fields are on its last line
+        last = str(exc).strip().splitlines()[-1].split("_Damaged: ", 1)[-1]
+        what, source, field, fix = json.loads(last)
+        raise UserError(what, source=source, field=field, fix=fix) from None

@@ -89,11 +89,18 @@ def _fresh_s3_client(_worker: int) -> None:
 
 
 def rank_workers(data) -> int:
-    """This rank's decoding processes: the dataset's, split among the ranks of this pod (torchrun's
-    ``LOCAL_WORLD_SIZE``), at least one each where the dataset has any."""
+    """This rank's decoding processes. One process: the dataset's ``workers``. Several ranks in the
+    pod (torchrun's ``LOCAL_WORLD_SIZE``): each its share of the pod's cores less one for itself, at
+    least 1 and at most 8 (the reference's ``n_worker`` per GPU); 0 stays 0 (decode in the rank)."""
     workers = int(getattr(data, "workers", 0))
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, workers // local) if workers else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not workers or local <= 1:
+        return workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // local - 1))
 
 
 def train_shares(data, sampler: StepShares, *, seed: int,

@@ -283,8 +283,13 @@ def test_decoding_processes_are_split_among_the_ranks_of_a_pod(monkeypatch):
     from onceforall.stream import rank_workers
 
     data = type("D", (), {"workers": 7})()
-    assert rank_workers(data) == 7
+    assert rank_workers(data) == 7  # one process: the dataset's
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(96)))
+    assert rank_workers(data) == 8  # 96 cores, 4 ranks: 23 each, at most 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert rank_workers(data) == 3  # 16 cores, 4 ranks: 4 each, one for the rank
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     assert rank_workers(data) == 1
     data.workers = 0
     assert rank_workers(data) == 0

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim bench-predictor-data clean
+.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim bench-predictor-data bench-stream clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ bench-claim: install ## benchmark: OFA subnets vs the same architectures from sc
 
 bench-predictor-data: install ## benchmark: predictor-data collection on streamed ImageNet-layout JPEGs at 224 px (DATA=imagefolder:PATH)
 	$(BIN)/python bench/predictor_data_speed.py $(if $(DATA),--data $(DATA),--make-jpegs 5000) --out docs/results/predictor_data_speed.json
+
+bench-stream: install ## benchmark: a streamed ImageFolder epoch at 224 px vs the in-memory path at 28 px, data path only (images/s; quiet machine)
+	$(BIN)/python bench/stream_speed.py
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

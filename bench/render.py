@@ -740,11 +740,31 @@ def containers(r: dict) -> list[str]:
     return lines
 
 
+def stream_speed(r: dict) -> list[str]:
+    st, mem = r["streamed"], r["in_memory"]
+    lines = ["## Streamed training data against the in-memory path (issue 24)", "",
+            f"Command: `{r.get('command', 'python bench/stream_speed.py')}`  ",
+            f"Machine: {_machine(r.get('machine', {}))}", "", f"{r['what']}.", "",
+            "| path | data | px | batch | decoding processes | images | images/s |",
+            "|---|---|---|---|---|---|---|",
+            f"| streamed (stream.py) | `{st['data']}` | {st['resolution']} | {st['batch']} | "
+            f"{st['workers']} | {st['images']} | {st['images_per_s']:,.0f} |",
+            f"| in memory (data.train_batch) | `{mem['data']}` | {mem['resolution']} | {mem['batch']} | - | "
+            f"{mem['images']} | {mem['images_per_s']:,.0f} |"]
+    sm = r.get("small_streamed")
+    if sm:
+        lines.append(f"| streamed, the in-memory set's images as PNGs | `{mem['data']}` | "
+                     f"{sm['resolution']} | {sm['batch']} | {sm['workers']} | {sm['images']} | "
+                     f"{sm['images_per_s']:,.0f} |")
+    return lines
+
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
             "recipe.json": recipe,
             "specialize.json": specialize, "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
-            "claim.json": claim, "paper_table1.json": paper_table1, "containers.json": containers}
+            "claim.json": claim, "paper_table1.json": paper_table1, "containers.json": containers,
+            "stream_speed.json": stream_speed}
 
 
 def render() -> Path:

@@ -18,7 +18,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "ofa-mbv3-w1.2) or YAML file")
     p.add_argument("--schedule", default="quick", help="smoke, quick, standard or paper")
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, synthetic[:N], or a folder (IDX files or train/ test/)")
+                   help="fashion-mnist, synthetic[:N], a folder (IDX files or train/ test/), or streamed: "
+                        "imagefolder:PATH_OR_S3 (train/<class>/*.JPEG, val/<class>/) or shards:PATH_OR_S3 "
+                        "(train/*.tar, val/*.tar in the WebDataset layout), decoded by DataLoader workers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--val-size", type=int, default=5000, help="images held out of train for validation")

@@ -99,8 +99,10 @@ class Dataset:
 def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0,
                  image_size: int | None = None) -> Dataset:
     """``fashion-mnist``, ``synthetic[:N]``, a folder holding IDX files or an ImageFolder tree of
-    small images (loaded into memory), or ``imagefolder:PATH`` (a folder or s3:// prefix of
-    ``train/<class>/`` and ``val/<class>/``, streamed: imagefolder.py; ``image_size`` is not used).
+    small images (loaded into memory), or streamed (``image_size`` is not used): ``imagefolder:PATH``
+    (a folder or s3:// prefix of ``train/<class>/`` and ``val/<class>/``: imagefolder.py) or
+    ``shards:PATH`` (tar shards in the WebDataset layout: shards.py). Training reads streamed data
+    through stream.py; small sets such as Fashion-MNIST stay in memory, where batches cost no decoding.
 
     IDX files of Fashion-MNIST are checked against :data:`FASHION_MNIST_SHA256`: always for
     ``fashion-mnist``, and in a folder as soon as one of its files is Fashion-MNIST's (so a damaged copy
@@ -110,6 +112,10 @@ def load_dataset(spec: str, *, val_size: int = 5000, seed: int = 0,
         from .imagefolder import open_image_folder
 
         return open_image_folder(spec, val_size=val_size, seed=seed)  # type: ignore[return-value]
+    if spec.startswith("shards:"):
+        from .shards import open_shards
+
+        return open_shards(spec, val_size=val_size, seed=seed)  # type: ignore[return-value]
     if spec == "fashion-mnist":
         folder = _find_fashion_mnist()
         train, test, _ = _read_idx_folder(folder, require_fashion_mnist=True)

@@ -52,6 +52,23 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(t.data, 0)
 
 
+def broadcast_rng(info: DistInfo, device: torch.device) -> None:
+    """Give every rank rank 0's torch generator states (CPU, and the GPU's): after rank 0 alone has
+    evaluated (which draws from them), the ranks' dropout draws would differ from then on."""
+    if info.world <= 1:
+        return
+    cuda = device.type == "cuda"
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if cuda else [])
+    synced = []
+    for state in states:
+        t = state.to(device) if cuda else state.clone()  # NCCL broadcasts device tensors only
+        dist.broadcast(t, 0)
+        synced.append(t.cpu())
+    torch.set_rng_state(synced[0])
+    if cuda:
+        torch.cuda.set_rng_state(synced[1], device)
+
+
 def allreduce_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Average gradients over ranks in one flat buffer; parameters no subnet used count as zero."""
     if info.world <= 1:

@@ -74,10 +74,9 @@ class FolderSplit:
 
 @dataclass(frozen=True)
 class StreamedDataset:
-    """The interface of data.Dataset for what specialization needs, with splits read on demand.
-
-    Training reads data held in memory (data.Dataset); a streamed dataset serves the stages after
-    training: predictor data, search feedback, export."""
+    """The interface of data.Dataset, with splits read on demand: training reads it through
+    stream.py, the stages after training (predictor data, search feedback, export) through
+    :func:`pixel_batches` and :func:`calibration_pixel_batches`."""
 
     name: str
     source: str
@@ -188,12 +187,19 @@ def read_image(uri: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        raw = store.read_bytes(uri)
+        raw = _read_bytes(uri)
         with Image.open(io.BytesIO(raw)) as im:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError(f"cannot read image ({exc})", source=uri,
                         fix="remove or replace the damaged file") from None
+
+
+def _read_bytes(uri: str) -> bytes:
+    """A file's bytes, or a tar shard's member's (shards.py: the same datasets, as shards)."""
+    from . import shards
+
+    return shards.read_member(uri) if shards.is_member(uri) else store.read_bytes(uri)
 
 
 def eval_size(resolution: int) -> int:

@@ -286,6 +286,40 @@ def exists(uri: str | Path) -> bool:
     return False
 
 
+def read_range(uri: str | Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of one file from ``offset`` (a member of a tar shard), local or s3."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.is_file():
+            raise UserError("no such file", source=str(path), fix="check the path")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri, "reading"):
+        return client().get_object(Bucket=bucket, Key=key,
+                                   Range=f"bytes={offset}-{offset + length - 1}")["Body"].read()
+
+
+@contextmanager
+def open_stream(uri: str | Path) -> Iterator:
+    """One file of any size, local (seekable) or s3 (read front to back), as a binary file object."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.is_file():
+            raise UserError("no such file", source=str(path), fix="check the path")
+        with open(path, "rb") as f:
+            yield f
+        return
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri, "reading"):
+        body = client().get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        yield body
+    finally:
+        body.close()
+
+
 def read_text(uri: str | Path) -> str:
     """The whole of a small text file (JSON, Markdown), local or s3, decoded as UTF-8."""
     if not is_s3(uri):

@@ -14,6 +14,7 @@ node continues from the last one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import durable
-from .data import Dataset, calibration_images, epoch_order, in_memory, resize, subsample, train_batch
-from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, rank_checksums,
-                   rank_device)
+from .data import (Dataset, calibration_images, epoch_order, is_streamed, resize, subsample,
+                   train_batch)
+from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, broadcast_rng,
+                   rank_checksums, rank_device)
 from .efficiency import CostTable
 from .errors import UserError
 from .evaluate import accuracy, evaluate_subnets
@@ -39,6 +41,7 @@ from .recipe import (WeightEMA, freeze_transforms, lr_at, schedule_span, soft_cr
                      step_configs, step_resolution, train_step_losses)
 from .schedule import PhaseConfig, Schedule
 from .space import SearchSpace, SubnetConfig
+from .stream import StepShares, train_shares
 from .supernet import OFASupernet
 
 LOG = "log.jsonl"
@@ -165,6 +168,23 @@ def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: 
                         fix="give this run its own --out (and --checkpoint-uri), or the same settings")
 
 
+def _files_digest(data: Dataset) -> str | None:
+    """sha256 of a streamed dataset's training file list (its order is the batches'); None in memory."""
+    if not is_streamed(data):
+        return None
+    return hashlib.sha256("\n".join(data.train.files).encode()).hexdigest()
+
+
+def _check_same_files(meta: dict[str, Any], data: Dataset, where: str | None) -> None:
+    """A streamed run resumes on the files it started with: other files give other batches."""
+    theirs = meta.get("train_files_sha256")
+    if theirs is not None and theirs != _files_digest(data):
+        raise UserError("holds a checkpoint of a run on other training files (files added, removed or "
+                        "renamed since: the batches after the resumed step would differ)", source=where,
+                        field="data", fix="resume on the same files, or give this run its own --out "
+                                          "(and --checkpoint-uri)")
+
+
 def _start_weights(net: OFASupernet, space: SearchSpace, schedule: Schedule, phase: PhaseConfig,
                    out_dir: Path, init: str | Path | None, seed: int,
                    resumed_from: str) -> ckpt.Checkpoint | None:
@@ -237,6 +257,22 @@ def _subnets_step(net: OFASupernet, kd_net: OFASupernet | None, phase: PhaseConf
     return train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
 
 
+def _streamed_shares(data: Dataset, schedule: Schedule, seed: int, steps_per_epoch: int, start: int,
+                     stop: int, resolution_of, info: DistInfo, micro_batches: int = 1):
+    """A streamed dataset's training shares from global step ``start`` (stream.py), or None for data
+    held in memory (data.train_batch)."""
+    if not is_streamed(data):
+        return None
+    sampler = StepShares(len(data.train), schedule.batch_size, seed, steps_per_epoch, start, stop,
+                         resolution_of, rank=info.rank, world=info.world, micro_batches=micro_batches)
+    return train_shares(data, sampler, seed=seed)
+
+
+def _close(shares) -> None:
+    if shares is not None:
+        shares.close()  # stops the DataLoader's workers
+
+
 def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
               out_dir: str | Path, *, init: str | Path | None = None,
               teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -266,13 +302,15 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     dev, info = rank_device(pick_device(device))
     pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
     resumed_from = checkpoint_uri if pulled else str(out_dir)
-    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
+    data = subsample(data, schedule.train_images, schedule.val_images)
     phase_space = phase.space(space)
 
     # -- state: resume, or start from the previous phase -------------------------------------
     torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
     net = OFASupernet(space)
     resume = _start_weights(net, space, schedule, phase, out_dir, init, seed, resumed_from)
+    if resume is not None:
+        _check_same_files(resume.meta, data, resumed_from)
     if resume is not None and resume.meta.get("completed"):
         return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
     freeze_transforms(net, phase)
@@ -312,7 +350,23 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
 
     teacher_res = max(space.resolutions)
     costs = CostTable.build(space) if phase.sampler == "cost" else None
-    calib = calibration_images(data, schedule.bn_calib_images, seed)
+    calib = None if is_streamed(data) else calibration_images(data, schedule.bn_calib_images, seed)
+
+    def plan(step: int) -> tuple[int, list[SubnetConfig]]:
+        """The step's batch resolution and subnets, drawn from (seed, phase, step) alone."""
+        rng = np.random.default_rng([seed, phase_index, step])
+        resolution = step_resolution(phase, phase_space, rng)
+        return resolution, step_configs(phase, phase_space, rng, resolution, costs)
+
+    def kd_resolution(resolution: int) -> int:  # where the teacher sees the batch
+        return teacher_res if phase.kd_resolution == "max" else resolution
+
+    def decode_resolution(step: int) -> int:  # a streamed batch is decoded at the largest one needed
+        resolution, cfgs = plan(step)
+        return max({c.r for c in cfgs} | ({kd_resolution(resolution)} if kd_net is not None else set()))
+
+    shares = _streamed_shares(data, schedule, seed * 1000 + phase_index, steps_per_epoch, global_step,
+                              total_steps, decode_resolution, info, micro_batches)
     refs = reference_configs(space)
     tracked = {k: refs[k] for k in ("max", "mid", "min")}
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
@@ -332,7 +386,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                 "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "lr": lr_of(min(global_step, total_steps - 1)),
                 "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
-                "dataset": data.describe(), "world_size": info.world}
+                "dataset": data.describe(), "world_size": info.world,
+                "train_files_sha256": _files_digest(data)}
         if result is not None:
             meta["result"] = result
         meta.update(extra)
@@ -346,10 +401,9 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     last_save = time.monotonic()
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = epoch_order(len(data.train), seed * 1000 + phase_index, epoch)
-        rng = np.random.default_rng([seed, phase_index, global_step])
-        resolution = step_resolution(phase, phase_space, rng)
-        cfgs = step_configs(phase, phase_space, rng, resolution, costs)
+        order = None if shares is not None else epoch_order(len(data.train), seed * 1000 + phase_index,
+                                                            epoch)
+        resolution, cfgs = plan(global_step)
         for group in opt.param_groups:
             group["lr"] = lr_of(global_step)
         step_loss, images = 0.0, 0
@@ -358,11 +412,11 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             # each micro-batch is the share of the global batch that rank (rank * micro_batches +
             # share) of a world micro_batches times larger would take, with that rank's dropout draws
             _torch_rng(dev, rng_state)
-            x, y = train_batch(data, order, step_in_epoch, schedule.batch_size,
-                               seed=seed * 1000 + phase_index, epoch=epoch,
-                               rank=info.rank * micro_batches + share, world=info.world * micro_batches)
+            x, y = next(shares) if shares is not None else train_batch(
+                data, order, step_in_epoch, schedule.batch_size, seed=seed * 1000 + phase_index,
+                epoch=epoch, rank=info.rank * micro_batches + share, world=info.world * micro_batches)
             step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
-                                       teacher_res, space) / micro_batches
+                                       kd_resolution(resolution), space) / micro_batches
             images += len(y)
         if micro_batches > 1:
             for p in params:
@@ -392,6 +446,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             bar.message(f"epoch {epoch + 1}/{phase.epochs} val acc " +
                         " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
             loss_sum, loss_n = 0.0, 0
+        if end_of_epoch:
+            broadcast_rng(info, dev)  # rank 0's evaluation drew from its generators
         if global_step < total_steps and (
                 end_of_epoch or time.monotonic() - last_save > schedule.checkpoint_every_s
                 or (stop_after_steps is not None and global_step - start_step >= stop_after_steps)):
@@ -399,11 +455,13 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
             last_save = time.monotonic()
         if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
             bar.close()
+            _close(shares)
             return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
                                elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
                                resumed_from)
 
     bar.close()
+    _close(shares)
     checksums = rank_checksums(net, info)
     if not val_acc and info.is_main:
         val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
@@ -482,7 +540,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
                                     warmup_epochs=0)
     dev, info = rank_device(pick_device(device))
-    data = subsample(in_memory(data), schedule.train_images, schedule.val_images)
+    data = subsample(data, schedule.train_images, schedule.val_images)
     cfg = space.validate_config(cfg)
     name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
     resume_dir = out_dir / RESUME_DIR
@@ -501,11 +559,16 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     if start:
         bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
     t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
+    shares = _streamed_shares(data, schedule, seed * 1000, steps_per_epoch, start, total,
+                              lambda _step: cfg.r, info)
     for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
-        x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000, epoch=epoch,
-                           rank=info.rank, world=info.world)
+        if shares is not None:
+            x, y = next(shares)
+        else:
+            order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
+            x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000,
+                               epoch=epoch, rank=info.rank, world=info.world)
         x, y = resize(x, cfg.r).to(dev), y.to(dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase, steps_per_epoch)
@@ -533,6 +596,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
                 pointer = durable.push(resume_dir, checkpoint_uri, pointer)
             last_save = time.monotonic()
     bar.close()
+    _close(shares)
     checksums = rank_checksums(model, info)
     if not info.is_main:
         return {"rank": info.rank, "steps": total}  # rank 0 evaluates and writes

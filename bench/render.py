@@ -759,9 +759,44 @@ def stream_speed(r: dict) -> list[str]:
     return lines
 
 
+PREDICTOR_DATA_WHAT = (
+    "`bench/predictor_data_speed.py` measures what the fit-accuracy-predictor stage spends per subnet "
+    "on an `imagefolder:` dataset at 224 px: JPEG decoding alone (`decode_images_per_s`), images "
+    "through a subnet end to end (2,000 calibration images under the reference's training transform "
+    "plus each validation image and its mirror image: `images_per_s`) and `s_per_subnet`, with random "
+    "imagenet-mbv3 weights (speed does not depend on them) or `--supernet DIR`.")
+
+
+def predictor_data_speed(r: dict) -> list[str]:
+    return ["## Predictor data on streamed ImageNet-layout data, 224 px (issue 23)", "",
+            PREDICTOR_DATA_WHAT, "", f"Data: `{r['data']}`; supernet: {r['supernet']}; machine: "
+            f"{r['machine']}, {r['cpus']} CPUs, {r['torch_threads']} torch threads, {r['workers']} "
+            "decoding processes", "",
+            "| subnets | calibration images | validation images x views | decode images/s | "
+            "images/s end to end | s per subnet |", "|---|---|---|---|---|---|",
+            f"| {r['subnets']} | {r['calib_images']} | {r['val_images']} x {r['views']} | "
+            f"{r['decode_images_per_s']:,.1f} | {r['images_per_s']:,.1f} | {r['s_per_subnet']:.2f} |"]
+
+
+# What a pending section says: how to measure it.
+PENDING = {
+    "predictor_data_speed.json": [
+        PREDICTOR_DATA_WHAT, "",
+        "    OMP_NUM_THREADS=2 PYTHONPATH=. python bench/predictor_data_speed.py "
+        "--data imagefolder:/data/imagenet --out docs/results/predictor_data_speed.json", "",
+        "(`--make-jpegs 5000` instead of `--data` writes noise JPEGs of ImageNet's typical 500 x 375; "
+        "they are larger than photos and decode slower, so the figure is then a lower bound.) To be run "
+        "on an idle machine (and on a GPU host): a figure measured beside another benchmark says nothing."],
+    "stream_speed.json": ["`make bench-stream` (`bench/stream_speed.py`: a streamed ImageFolder epoch at 224 "
+                          "px against the in-memory path at 28 px, the data path only), on an idle machine."],
+    "recipe.json": ["`make bench-recipe` (hours on 2 cores; resumable: run it on an idle machine, since "
+                    "its equal-wall-time plan times training steps)."],
+}
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
             "recipe.json": recipe,
-            "specialize.json": specialize, "host_probe.json": host_probe,
+            "specialize.json": specialize, "predictor_data_speed.json": predictor_data_speed,
+            "host_probe.json": host_probe,
             "cpu_speed.json": cpu_speed, "throughput.json": throughput, "pipeline.json": pipeline,
             "claim.json": claim, "paper_table1.json": paper_table1, "containers.json": containers,
             "stream_speed.json": stream_speed}
@@ -778,7 +813,7 @@ def render() -> Path:
         if path.exists():
             out += section(json.loads(path.read_text())) + [""]
         else:
-            out += [f"## {name}: pending (not measured yet)", ""]
+            out += [f"## {name}: pending (not measured yet)", "", *PENDING.get(name, []), ""]
     target = DOCS / "benchmarks.md"
     target.write_text("\n".join(out))
     return target

@@ -124,7 +124,7 @@ def open_image_folder(spec: str, *, val_size: int = 5000, seed: int = 0,
     if not root:
         raise UserError("imagefolder: needs a folder or s3:// prefix", source=spec, field="data",
                         fix="write imagefolder:/data/imagenet or imagefolder:s3://bucket/imagenet")
-    files = _list(root, spec)
+    files = list_tree(root, spec)
     test_split = "val" if any(f.startswith("val/") for f in files) else "test"
     by_split = {s: sorted(f for f in files if f.startswith(f"{s}/") and f.count("/") == 2
                           and PurePosixPath(f).suffix.lower() in SUFFIXES)
@@ -140,23 +140,31 @@ def open_image_folder(spec: str, *, val_size: int = 5000, seed: int = 0,
         return FolderSplit(tuple(store.join(root, n) for n in names),
                            torch.tensor([index[n.split("/")[1]] for n in names], dtype=torch.int64))
 
-    train, test = split(by_split["train"]), split(by_split[test_split])
+    return assemble(root, PREFIX, classes, split(by_split["train"]), split(by_split[test_split]),
+                    head=head, val_size=val_size, seed=seed, workers=workers)
+
+
+def assemble(root: str, prefix: str, classes: tuple[str, ...], train: FolderSplit, test: FolderSplit, *,
+             head: tuple[int, ...], val_size: int, seed: int, workers: int | None) -> StreamedDataset:
+    """The dataset of a listed tree (ImageFolder or shards): the training split less a seeded held-out
+    validation split (``val_size`` images; a fifth of them when out of range), and the test split."""
     if not 0 <= val_size < len(train):
         val_size = len(train) // 5
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val, train = train.subset(perm[:val_size].sort().values), train.subset(perm[val_size:].sort().values)
     name = PurePosixPath(root.split("://", 1)[-1]).name or root
-    return StreamedDataset(name, f"{PREFIX}{root}", classes, train, val, test, head=head,
+    return StreamedDataset(name, f"{prefix}{root}", classes, train, val, test, head=head,
                            workers=default_workers() if workers is None else workers)
 
 
-def _list(root: str, spec: str) -> list[str]:
+def list_tree(root: str, spec: str, what: str = "train/ and val/") -> list[str]:
+    """Every file under ``root`` (a folder or s3:// prefix); a missing or empty one is a UserError."""
     if not store.is_s3(root) and not os.path.isdir(root):
         raise UserError("no such folder", source=spec, field="data",
-                        fix="give the folder (or s3:// prefix) that holds train/ and val/")
+                        fix=f"give the folder (or s3:// prefix) that holds {what}")
     files = store.files_under(root)
     if not files:
-        raise UserError("empty", source=spec, field="data", fix="upload train/ and val/ first")
+        raise UserError("empty", source=spec, field="data", fix=f"upload {what} first")
     return files
 
 

@@ -33,7 +33,7 @@ import torch
 
 from . import store
 from .errors import UserError
-from .imagefolder import CLASSES_FILE, FolderSplit, StreamedDataset, default_workers
+from .imagefolder import CLASSES_FILE, FolderSplit, StreamedDataset, assemble, list_tree
 
 PREFIX = "shards:"
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -111,7 +111,7 @@ def open_shards(spec: str, *, val_size: int = 5000, seed: int = 0,
     if not root:
         raise UserError("shards: needs a folder or s3:// prefix", source=spec, field="data",
                         fix="write shards:/data/imagenet-wds or shards:s3://bucket/imagenet-wds")
-    files = _list(root, spec)
+    files = list_tree(root, spec, "train/ and val/ shards")
     test_split = "val" if any(f.startswith("val/") for f in files) else "test"
     splits = {}
     for split in ("train", test_split):
@@ -126,27 +126,8 @@ def open_shards(spec: str, *, val_size: int = 5000, seed: int = 0,
         splits[split] = FolderSplit(tuple(u for u, _ in samples),
                                     torch.tensor([label for _, label in samples], dtype=torch.int64))
     classes = _classes(root, files, max(int(s.labels.max()) for s in splits.values()))
-    train, test = splits["train"], splits[test_split]
-    if not 0 <= val_size < len(train):
-        val_size = len(train) // 5
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    val, train = train.subset(perm[:val_size].sort().values), train.subset(perm[val_size:].sort().values)
-    name = PurePosixPath(root.split("://", 1)[-1]).name or root
-    return StreamedDataset(name, f"{PREFIX}{root}", classes, train, val, test,
-                           head=tuple(range(len(classes))),
-                           workers=default_workers() if workers is None else workers)
-
-
-def _list(root: str, spec: str) -> list[str]:
-    import os
-
-    if not store.is_s3(root) and not os.path.isdir(root):
-        raise UserError("no such folder", source=spec, field="data",
-                        fix="give the folder (or s3:// prefix) that holds train/ and val/ shards")
-    files = store.files_under(root)
-    if not files:
-        raise UserError("empty", source=spec, field="data", fix="upload train/ and val/ shards first")
-    return files
+    return assemble(root, PREFIX, classes, splits["train"], splits[test_split],
+                    head=tuple(range(len(classes))), val_size=val_size, seed=seed, workers=workers)
 
 
 def _classes(root: str, files: list[str], max_label: int) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,7 +112,10 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
             "images_per_s": round(per_subnet * len(configs) / wall, 2),
             "s_per_subnet": round(wall / len(configs), 3),
             "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "data": spec, "supernet": args.supernet or "random imagenet-mbv3"}
+            "data": spec, "supernet": args.supernet or "random imagenet-mbv3",
+            "command": "python bench/predictor_data_speed.py " + " ".join(sys.argv[1:]),
+            "code_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()}
 
 
 if __name__ == "__main__":

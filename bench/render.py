@@ -744,7 +744,8 @@ def stream_speed(r: dict) -> list[str]:
     st, mem = r["streamed"], r["in_memory"]
     lines = ["## Streamed training data against the in-memory path (issue 24)", "",
             f"Command: `{r.get('command', 'python bench/stream_speed.py')}`  ",
-            f"Machine: {_machine(r.get('machine', {}))}", "", f"{r['what']}.", "",
+            f"Machine: {_machine(r.get('machine', {}))}  ", f"Code: `{r.get('code_commit', 'not recorded')}`",
+            "", f"{r['what']}. {r.get('notes', '')}", "",
             "| path | data | px | batch | decoding processes | images | images/s |",
             "|---|---|---|---|---|---|---|",
             f"| streamed (stream.py) | `{st['data']}` | {st['resolution']} | {st['batch']} | "
@@ -769,13 +770,16 @@ PREDICTOR_DATA_WHAT = (
 
 def predictor_data_speed(r: dict) -> list[str]:
     return ["## Predictor data on streamed ImageNet-layout data, 224 px (issue 23)", "",
+            f"Command: `{r.get('command', 'python bench/predictor_data_speed.py')}`  ",
+            f"Code: `{r.get('code_commit', 'not recorded')}`", "",
             PREDICTOR_DATA_WHAT, "", f"Data: `{r['data']}`; supernet: {r['supernet']}; machine: "
             f"{r['machine']}, {r['cpus']} CPUs, {r['torch_threads']} torch threads, {r['workers']} "
             "decoding processes", "",
             "| subnets | calibration images | validation images x views | decode images/s | "
             "images/s end to end | s per subnet |", "|---|---|---|---|---|---|",
             f"| {r['subnets']} | {r['calib_images']} | {r['val_images']} x {r['views']} | "
-            f"{r['decode_images_per_s']:,.1f} | {r['images_per_s']:,.1f} | {r['s_per_subnet']:.2f} |"]
+            f"{r['decode_images_per_s']:,.1f} | {r['images_per_s']:,.1f} | {r['s_per_subnet']:.2f} |",
+            "", r.get("notes", "")]
 
 
 # What a pending section says: how to measure it.

@@ -22,16 +22,17 @@ different workers (``chunk``/``num_chunks``) and a rerun skips rows already in t
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .bn import recalibrate_bn, recalibrate_bn_batches
-from .data import (Dataset, calibration_batches, calibration_images, eval_batches, head_rows, is_streamed,
-                   normalize, resize)
+from .data import (Dataset, calibration_batches, calibration_images, device_of, eval_batches, head_rows,
+                   is_streamed, normalize, resize)
 from .efficiency import CostTable
 from .errors import UserError
 from .space import SearchSpace, SubnetConfig
@@ -110,6 +111,9 @@ class SubnetEvaluator:
     A streamed dataset (imagefolder.py) is read again for every subnet, at its resolution: the
     calibration images under the reference's training transform, then ``split`` under its
     evaluation transform; nothing is held but one batch.
+
+    It runs on ``net``'s device: a dataset held in memory is put there once, resized to every
+    resolution; a streamed one goes there a batch at a time.
     """
 
     def __init__(self, net: OFASupernet, data: Dataset, *, split: str = "val",
@@ -121,19 +125,21 @@ class SubnetEvaluator:
         self.mirror = mirror
         self.data, self.split, self.calib_images, self.seed = data, split, calib_images, seed
         self.streamed = is_streamed(data)
+        self.device = device_of(net)
         if self.streamed:
             return
-        calib = calibration_images(data, calib_images, seed)
+        calib = calibration_images(data, calib_images, seed).to(self.device)
         images = getattr(data, split)
-        x = normalize(images.images, data.mean, data.std)
-        self.labels = images.labels
+        x = normalize(images.images.to(self.device), data.mean, data.std)
+        self.labels = images.labels.to(self.device)
         self.calib = {r: resize(calib, r) for r in self.space.resolutions}
         self.eval_x = {r: resize(x, r) for r in self.space.resolutions}
 
     @torch.inference_mode()
     def correct(self, cfg: SubnetConfig) -> torch.Tensor:
-        """(views, images) bool: which images subnet ``cfg`` classifies right, BN recalibrated
-        once; view 0 is the images as they are, view 1 (with ``mirror``) the images flipped."""
+        """(views, images) bool on the CPU: which images subnet ``cfg`` classifies right, BN
+        recalibrated once; view 0 is the images as they are, view 1 (with ``mirror``) the images
+        flipped."""
         subnet = self.net.get_active_subnet(cfg).to(memory_format=torch.channels_last)
         if self.streamed:
             return self._correct_streamed(subnet, cfg.r)
@@ -143,10 +149,11 @@ class SubnetEvaluator:
         return torch.stack([
             torch.cat([subnet(v[s:s + self.batch_size]).argmax(1)
                        for s in range(0, len(v), self.batch_size)]) == self.labels
-            for v in ((x, x.flip(-1)) if self.mirror else (x,))])
+            for v in ((x, x.flip(-1)) if self.mirror else (x,))]).cpu()
 
     def _correct_streamed(self, subnet: torch.nn.Module, r: int) -> torch.Tensor:
-        recalibrate_bn_batches(subnet, calibration_batches(self.data, self.calib_images, self.seed, r),
+        recalibrate_bn_batches(subnet, calibration_batches(self.data, self.calib_images, self.seed, r,
+                                                           device=self.device),
                                semantics=self.net.bn_semantics)
         subnet.eval()
         rows = head_rows(self.data, self.space.num_classes)
@@ -156,8 +163,8 @@ class SubnetEvaluator:
             return (logits if rows is None else logits[:, rows]).argmax(1)
 
         right = [torch.stack([predict(v) == y for v in ((x, x.flip(-1)) if self.mirror else (x,))])
-                 for x, y in eval_batches(self.data, self.split, r, self.batch_size)]
-        return torch.cat(right, dim=1)
+                 for x, y in eval_batches(self.data, self.split, r, self.batch_size, device=self.device)]
+        return torch.cat(right, dim=1).cpu()
 
     def __call__(self, cfg: SubnetConfig) -> float:
         return accuracy_pct(self.correct(cfg))
@@ -171,9 +178,10 @@ def accuracy_pct(right: torch.Tensor) -> float:
 def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: int, *,
                      seed: int = 0, chunk: int = 0, num_chunks: int = 1, sample_seed: int | None = None,
                      sampler: str = "mixed", mirror: bool = True,
-                     progress: Callable[[int, int, float], None] | None = None) -> Path:
+                     progress: Callable[[int, int, float], None] | None = None,
+                     done_in: Sequence[str | Path] = ()) -> Path:
     """Measure this chunk's share of ``stratified_configs(space, n, sample_seed, sampler)`` into
-    ``out_path``.
+    ``out_path`` (rows already there, or in a file of ``done_in``, are not measured again).
 
     ``seed`` fixes the measurement (the BN calibration images); ``sample_seed`` (default ``seed``)
     the subnets, so a second stratified set can extend a first one measured the same way.
@@ -188,11 +196,14 @@ def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: i
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     views = 2 if mirror else 1
-    old = read_rows(out_path)
-    if any(r.get("views", 1) != views for r in old):
-        raise UserError(f"rows measured with views={old[0].get('views', 1)}, this run measures "
-                        f"views={views}", source=str(out_path), field="mirror",
-                        fix="measure into a new file, or pass the same mirror setting")
+    old = []
+    for path in (out_path, *map(Path, done_in)):
+        rows = read_rows(path)
+        if any(r.get("views", 1) != views for r in rows):
+            raise UserError(f"rows measured with views={rows[0].get('views', 1)}, this run measures "
+                            f"views={views}", source=str(path), field="mirror",
+                            fix="measure into a new file, or pass the same mirror setting")
+        old += rows
     done = {json.dumps(r["config"], sort_keys=True) for r in old}
     sample_seed = seed if sample_seed is None else sample_seed
     todo = [c for c in stratified_configs(space, n, sample_seed, sampler)[chunk::num_chunks]
@@ -212,6 +223,75 @@ def collect_accuracy(net: OFASupernet, data: Dataset, out_path: str | Path, n: i
             f.flush()
             if progress:
                 progress(i + 1, len(todo), row["eval_s"])
+    return out_path
+
+
+def collect_accuracy_on(devices: Sequence[str], open_inputs: Callable[[], tuple[OFASupernet, Dataset]],
+                        out_path: str | Path, n: int, *, opened: tuple[OFASupernet, Dataset] | None = None,
+                        seed: int = 0, sampler: str = "mixed", mirror: bool = True,
+                        progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """:func:`collect_accuracy` on every device of ``devices`` at once (``["cuda:0", "cuda:1"]``).
+
+    One device: measured here. Several: one process per device (spawned) measures chunk i of them
+    into a side file beside ``out_path``; the rows are then merged into ``out_path`` in the sample's
+    order (the order one process writes them in), and the side files go. A rerun cut short skips
+    the rows in either. ``open_inputs`` (picklable, e.g. a functools.partial of a module-level
+    function) gives the supernet and the dataset; each process calls it, and moves the supernet to
+    its device; ``opened``: what it gives, where the caller has it already.
+    ``progress(done, total, seconds)`` counts the rows of every process.
+    """
+    out_path = Path(out_path)
+    net, data = opened or open_inputs()
+    if len(devices) <= 1:
+        return collect_accuracy(net.to(devices[0] if devices else "cpu"), data, out_path, n, seed=seed,
+                                sampler=sampler, mirror=mirror, progress=progress)
+    from torch import multiprocessing as mp
+
+    parts = [out_path.with_name(f"{out_path.stem}.part{i}{out_path.suffix}") for i in range(len(devices))]
+    held = sum(_count_lines(p) for p in parts)
+    todo = n - len(read_rows(out_path)) - held
+    t0 = time.monotonic()
+    ctx = mp.start_processes(_collect_part, nprocs=len(devices), join=False, start_method="spawn",
+                             args=(list(devices), open_inputs, out_path, parts, n, seed, sampler, mirror))
+    while not ctx.join(timeout=2.0):
+        if progress:
+            done = sum(_count_lines(p) for p in parts) - held
+            progress(done, todo, (time.monotonic() - t0) / max(done, 1))
+    return _merge_parts(out_path, parts, stratified_configs(net.space, n, seed, sampler))
+
+
+def _collect_part(i: int, devices: list[str], open_inputs, out_path: Path, parts: list[Path], n: int,
+                  seed: int, sampler: str, mirror: bool) -> None:
+    device = torch.device(devices[i])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # processes sharing the CPU share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    net, data = open_inputs()
+    collect_accuracy(net.to(device), data, parts[i], n, seed=seed, chunk=i, num_chunks=len(devices),
+                     sampler=sampler, mirror=mirror, done_in=[out_path])
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _merge_parts(out_path: Path, parts: list[Path], sample: list[SubnetConfig]) -> Path:
+    """Every row of ``out_path`` and ``parts`` into ``out_path``, in the order of ``sample`` (rows of
+    another sample, an earlier larger n, after them in the order they were)."""
+    rows = read_rows(out_path) + [r for p in parts for r in read_rows(p)]
+    by_key = {json.dumps(r["config"], sort_keys=True): r for r in rows}
+    rank = {json.dumps(c.to_dict(), sort_keys=True): i for i, c in enumerate(sample)}
+    keys = sorted(by_key, key=lambda k: rank.get(k, len(rank)))  # stable: the others keep their order
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(by_key[k], sort_keys=True) + "\n" for k in keys))
+    os.replace(tmp, out_path)
+    for p in parts:
+        p.unlink(missing_ok=True)
     return out_path
 
 

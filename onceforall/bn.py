@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import resize
+from .data import device_of, resize
 
 SEMANTICS = ("ours", "reference")
 
@@ -37,9 +37,11 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, resolution: int, *,
     ``images`` are normalized full-size training images, resized here to ``resolution``.
     ``forward`` runs the model (e.g. ``lambda x: supernet(x, cfg)``); default ``model(x)``.
     ``semantics``: "ours" or "reference" (see the module's docstring).
-    Only the BN buffers change; the model's train/eval mode is restored.
+    Only the BN buffers change; the model's train/eval mode is restored. The images go to the
+    model's device a batch at a time.
     """
-    batches = (resize(images[start:start + batch_size], resolution)
+    dev = device_of(model)
+    batches = (resize(images[start:start + batch_size].to(dev, non_blocking=True), resolution)
                for start in range(0, len(images), batch_size))
     recalibrate_bn_batches(model, batches, forward=forward, semantics=semantics)
 
@@ -49,10 +51,12 @@ def recalibrate_bn_batches(model: nn.Module, batches: Iterable[torch.Tensor], *,
                            forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                            semantics: str = "ours") -> None:
     """:func:`recalibrate_bn` on batches already at the subnet's resolution (a streamed dataset's,
-    data.calibration_batches)."""
+    data.calibration_batches), moved to the model's device where they are not there yet."""
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     forward = forward or model
+    dev = device_of(model)
+    batches = (b.to(dev, non_blocking=True) for b in batches)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if semantics == "reference":
         _reference_statistics(model, bns, (b.contiguous() for b in batches), forward)

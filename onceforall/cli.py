@@ -269,7 +269,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace):
     from onceforall_pipelines.ofa_pipeline import Options
 
-    return Options(image=args.image or "", gpus=args.gpus, nodes=args.nodes, s3_secret=args.s3_secret)
+    for flag in ("gpus", "target_gpus", "nodes"):
+        if getattr(args, flag) < (1 if flag == "nodes" else 0):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a count",
+                            field=flag, fix=f"pass {'1' if flag == 'nodes' else '0'} or more")
+    return Options(image=args.image or "", gpus=args.gpus, target_gpus=args.target_gpus, nodes=args.nodes,
+                   s3_secret=args.s3_secret)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -283,7 +288,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="container image of every stage (default: the project's CPU image)")
     p.add_argument("--gpus", type=int, default=0,
-                   help="GPUs per training stage and node, one rank each (default 0)")
+                   help="GPUs per training stage and node, one rank each, and of fit-accuracy-predictor, "
+                        "one measuring process each (default 0)")
+    p.add_argument("--target-gpus", type=int, default=0,
+                   help="GPUs of each target's search and export pods, which run on the target's nodes "
+                        "(placement): only for targets whose nodes have them (default 0)")
     p.add_argument("--nodes", type=int, default=1,
                    help="nodes per training stage: > 1 runs it as a Kubeflow Trainer TrainJob (default 1)")
     p.add_argument("--s3-secret", default="ofa-s3-credentials",

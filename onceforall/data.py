@@ -318,8 +318,8 @@ def step_generator(*keys: int) -> torch.Generator:
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - m) / s
 
 
@@ -385,22 +385,36 @@ def in_memory(data: Dataset) -> Dataset:
 
 
 def eval_batches(data: Dataset, split: str, resolution: int, batch_size: int = 1000,
-                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized images of ``split`` at ``resolution`` (channels-last) and their labels.
+                 limit: int | None = None, *, device: torch.device | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized images of ``split`` at ``resolution`` (channels-last) and their labels, on
+    ``device`` (default the CPU).
 
     Held in memory: resized from the native size. Streamed: the reference's evaluation transform
-    (resize the shorter side, center-crop; imagefolder.py), read batch by batch."""
+    (resize the shorter side, center-crop; imagefolder.py), read batch by batch. The pixels go to
+    ``device`` as uint8 (a quarter of the bytes) and are normalized and resized there."""
     if is_streamed(data):
         from .imagefolder import pixel_batches
 
         for x, y in pixel_batches(data, split, resolution, min(batch_size, 200), limit):  # type: ignore
+            x, y = _to(x, device), _to(y, device)
             yield resize(normalize(x, data.mean, data.std), resolution), y
         return
     images: ImageSet = getattr(data, split)
     n = len(images) if limit is None else min(limit, len(images))
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        yield resize(normalize(images.images[sl], data.mean, data.std), resolution), images.labels[sl]
+        x, y = _to(images.images[sl], device), _to(images.labels[sl], device)
+        yield resize(normalize(x, data.mean, data.std), resolution), y
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters are: evaluation feeds its batches there."""
+    return next(model.parameters()).device
+
+
+def _to(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None else t.to(device, non_blocking=True)
 
 
 def calibration_images(data: Dataset, num_images: int, seed: int) -> torch.Tensor:
@@ -415,8 +429,10 @@ def calibration_images(data: Dataset, num_images: int, seed: int) -> torch.Tenso
 
 
 def calibration_batches(data: Dataset, num_images: int, seed: int, resolution: int,
-                        batch_size: int = 200) -> Iterator[torch.Tensor]:
-    """The BN recalibration images at ``resolution``, normalized, in batches (bn.recalibrate_bn).
+                        batch_size: int = 200, *, device: torch.device | None = None
+                        ) -> Iterator[torch.Tensor]:
+    """The BN recalibration images at ``resolution``, normalized, in batches (bn.recalibrate_bn),
+    on ``device`` (default the CPU).
 
     Held in memory: :func:`calibration_images` resized. Streamed: the same seeded subset of training
     images under the reference's training transform at ``resolution`` (imagefolder.py)."""
@@ -424,9 +440,9 @@ def calibration_batches(data: Dataset, num_images: int, seed: int, resolution: i
         from .imagefolder import calibration_pixel_batches
 
         for x in calibration_pixel_batches(data, num_images, seed, resolution, batch_size):  # type: ignore
-            yield resize(normalize(x, data.mean, data.std), resolution)
+            yield resize(normalize(_to(x, device), data.mean, data.std), resolution)
         return
-    calib = calibration_images(data, num_images, seed)
+    calib = _to(calibration_images(data, num_images, seed), device)
     for start in range(0, len(calib), batch_size):
         yield resize(calib[start:start + batch_size], resolution)
 

@@ -46,6 +46,33 @@ def rank_device(device: torch.device) -> tuple[torch.device, DistInfo]:
     return device, info
 
 
+def eval_devices(spec: str = "auto") -> list[str]:
+    """The devices a measuring stage (predictor data) spreads its subnets over, one process each:
+    ``auto`` every GPU this process sees (``--gpus N`` at compile time: the pod's N), else the CPU;
+    ``cuda`` every GPU; or a comma-separated list (``cuda:0,cuda:1``; ``cpu,cpu`` runs two CPU
+    processes, which is how the tests reach the multi-process path)."""
+    from .errors import UserError
+
+    spec = spec.strip()
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if spec in ("auto", "cuda"):
+        if spec == "cuda" and not gpus:
+            raise UserError("device cuda: this process sees no GPU", field="device",
+                            fix="use device auto or cpu, or run where a GPU is (ofa compile --gpus N)")
+        return gpus or ["cpu"]
+    out = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in out:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise UserError(f"device {d!r} is not a device", field="device",
+                            fix="use auto, cpu, cuda, cuda:N, or a comma-separated list of them") from None
+        if dev.type == "cuda" and (dev.index or 0) >= len(gpus):
+            raise UserError(f"device {d!r}: this process sees {len(gpus)} GPU(s)", field="device",
+                            fix="name a GPU it sees, or use device auto")
+    return out or ["cpu"]
+
+
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
     if info.world > 1:
         for t in list(module.parameters()) + list(module.buffers()):

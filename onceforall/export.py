@@ -28,7 +28,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .bn import SEMANTICS, recalibrate_bn_batches
 from .cpu_allotment import cpu_allotment
-from .data import Dataset, calibration_batches, head_rows, is_streamed, normalize, resize
+from .data import Dataset, calibration_batches, device_of, head_rows, is_streamed, normalize, resize
 from .efficiency import subnet_macs, subnet_params
 from .errors import UserError
 from .evaluate import accuracy
@@ -148,10 +148,15 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     net = net or load_supernet(supernet_dir)
     space = net.space
     cfg = space.validate_config(cfg)
+    # BN recalibration and torch's test accuracy on the supernet's device (a GPU where the pod has
+    # one); the graph, its parity and its latency on the CPU, as it is deployed.
     subnet = net.get_active_subnet(cfg)
-    recalibrate_bn_batches(subnet, calibration_batches(data, calib_images, seed, cfg.r),
+    torch_device = device_of(subnet)
+    recalibrate_bn_batches(subnet, calibration_batches(data, calib_images, seed, cfg.r, device=torch_device),
                            semantics=net.bn_semantics)
     subnet.eval()
+    torch_acc = accuracy(subnet, data, "test", cfg.r)
+    subnet = subnet.cpu()
 
     native = cfg.r if is_streamed(data) else data.image_size
     rows = head_rows(data, space.num_classes)
@@ -194,8 +199,6 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
     if parity > 1e-4 or got3.shape[0] != 3:
         raise RuntimeError(f"onnxruntime differs from torch by {parity:.2e} (> 1e-4)")
     ort_acc = _ort_accuracy(sess, data, cfg.r)
-    torch_acc = accuracy(subnet, data, "test", cfg.r)
-
 
     card = {
         "format": "onceforall-model-card/1",
@@ -213,7 +216,7 @@ def export_subnet(supernet_dir: str | Path, cfg: SubnetConfig, data: Dataset, ta
         "dataset": {"name": data.name, "split": "test", "images": len(data.test),
                     "source": data.source},
         "accuracy": {"test_top1_pct_onnxruntime": round(ort_acc, 3),
-                     "test_top1_pct_torch": round(torch_acc, 3),
+                     "test_top1_pct_torch": round(torch_acc, 3), "torch_device": torch_device.type,
                      "predicted_val_top1_pct": None if predicted_accuracy is None
                      else round(float(predicted_accuracy), 3)},
         "latency": {"measured_ms": round(latency_ms, 5),

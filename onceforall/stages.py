@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -307,12 +308,15 @@ def open_supernet(uri: str, out_dir: str | Path, *, run: RunContext = RunContext
 
 def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
                            data: str = "fashion-mnist", schedule: str = "quick", n: int = 0,
-                           seed: int = 0, progress: bool = True,
+                           seed: int = 0, device: str = "auto", progress: bool = True,
                            run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage fit-accuracy-predictor: measure ``n`` stratified subnets (0: the schedule's number)
-    on the validation split, then fit and judge the MLP. Resumes the measurements if cut short."""
-    from .accuracy_data import collect_accuracy, load_accuracy_rows
-    from .export import load_supernet
+    on the validation split, then fit and judge the MLP. Resumes the measurements if cut short.
+
+    ``device`` (dist.eval_devices): by default every GPU the pod has, one process each (a share of
+    the subnets apiece), else the CPU."""
+    from .accuracy_data import collect_accuracy_on, load_accuracy_rows
+    from .dist import eval_devices
     from .predictor import fit_predictor
     from .progress import Progress
 
@@ -321,13 +325,13 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
         t0 = time.monotonic()
         sch = get_schedule(schedule)
         n = n or sch.predictor_subnets
-        net = load_supernet(supernet_dir)
-        ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
-        check_data(net.space, ds)
-        ds = subsample(ds, None, sch.predictor_val_images)
+        devices = eval_devices(device)
+        open_inputs = functools.partial(_predictor_inputs, supernet_dir, data, seed, sch.predictor_val_images)
+        net, ds = open_inputs()
         bar = Progress("fit-accuracy-predictor", n, enabled=progress)
-        rows = collect_accuracy(net, ds, out_dir / ACCURACY_ROWS, n, seed=seed,
-                                progress=lambda i, total, s: bar.update(n - total + i, **{"s/subnet": s}))
+        rows = collect_accuracy_on(
+            devices, open_inputs, out_dir / ACCURACY_ROWS, n, opened=(net, ds), seed=seed,
+            progress=lambda i, total, s: bar.update(n - total + i, **{"s/subnet": s}))
         bar.close()
         measure_s = time.monotonic() - t0
         cfgs, accs = load_accuracy_rows([rows], net.space)
@@ -335,12 +339,25 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
         predictor.save(predictor_path(out_dir))
         record["metrics"] = {
             "subnets": len(cfgs), "val_images": len(ds.val), "measure_s": round(measure_s, 2),
+            "devices": len(devices),
             "val_acc_lowest": float(accs.min()), "val_acc_highest": float(accs.max()),
             **{name: fit[k] for name, k in (("kendall_tau", "kendall_tau"),
                                             ("spearman_rho", "spearman_rho"),
                                             ("rmse_pts", "rmse"), ("mae_pts", "mae"))
                if fit.get(k) is not None}}
+        record["devices"] = devices
     return record
+
+
+def _predictor_inputs(supernet_dir: str | Path, data: str, seed: int, val_images: int | None):
+    """The supernet and the validation images its subnets are measured on (every process that
+    measures opens its own)."""
+    from .export import load_supernet
+
+    net = load_supernet(supernet_dir)
+    ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
+    check_data(net.space, ds)
+    return net, subsample(ds, None, val_images)
 
 
 ACCURACY_ROWS = "accuracy.jsonl"  # beside the predictor: the measured subnets it was fit on
@@ -393,13 +410,14 @@ def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str 
 def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_dir: str | Path,
            out_dir: str | Path, *, space: str = "fashion-mnist", seed: int = 0,
            supernet_dir: str | Path | None = None, data: str = "fashion-mnist", schedule: str = "quick",
-           refine_rounds: int | None = None, run: RunContext = RunContext()) -> dict[str, Any]:
+           refine_rounds: int | None = None, device: str = "auto",
+           run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage search: evolution under the target's budget; ``search.json`` and the Pareto plot.
 
     With ``supernet_dir``, the search takes validation feedback (specialize.Refinement):
     ``refine_rounds`` times (None: ``schedule``'s) it measures its best points on the validation
-    images the predictor's rows were measured on (``schedule``'s) and fits the predictor again on
-    them and those rows (``accuracy.jsonl`` beside it)."""
+    images the predictor's rows were measured on (``schedule``'s), on ``device`` (train.pick_device),
+    and fits the predictor again on them and those rows (``accuracy.jsonl`` beside it)."""
     from .specialize import SEARCH_RESULT, pareto_plot, search_target
 
     tgt = _target(target)
@@ -409,7 +427,7 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
         sch = get_schedule(schedule)
         rounds = sch.refine_rounds if refine_rounds is None else refine_rounds
         refine = (validation_refinement(supernet_dir, Path(predictor_dir) / ACCURACY_ROWS, data, seed,
-                                        rounds, sch.predictor_val_images)
+                                        rounds, sch.predictor_val_images, device=device)
                   if supernet_dir is not None and rounds > 0 else None)
         result = search_target(get_space(space), tgt, predictor_path(predictor_dir), out_dir,
                                latency_path=table if table.is_file() else None, seed=seed,
@@ -437,15 +455,16 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
 
 
 def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed: int, rounds: int,
-                          val_images: int | None = None):
+                          val_images: int | None = None, *, device: str = "auto"):
     """The search's validation feedback: the supernet measured as the predictor's rows were
     (the first ``val_images`` validation images, with their mirror images where the rows have two
-    views, BN recalibrated), and the rows to fit again with."""
+    views, BN recalibrated), on ``device``, and the rows to fit again with."""
     from .accuracy_data import SubnetEvaluator, load_accuracy_rows, read_rows
     from .export import load_supernet
     from .specialize import Refinement
+    from .train import pick_device
 
-    net = load_supernet(supernet_dir)
+    net = load_supernet(supernet_dir).to(pick_device(device))
     ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
     check_data(net.space, ds)
     ds = subsample(ds, None, val_images)
@@ -456,14 +475,19 @@ def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed:
 
 
 def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir: str | Path,
-           out_dir: str | Path, *, data: str = "fashion-mnist", seed: int = 0,
+           out_dir: str | Path, *, data: str = "fashion-mnist", seed: int = 0, device: str = "auto",
            run: RunContext = RunContext()) -> dict[str, Any]:
     """Stage export: ONNX + model card of the searched subnet, verified against torch.
+
+    The shortlist's validation passes, BN recalibration and torch's test accuracy run on ``device``
+    (train.pick_device: a GPU where the pod has one); the ONNX graph, its parity check, its
+    onnxruntime accuracy and its latency on the CPU.
 
     The card's ``energy`` lists the stages that produced this model: the shared ones and this
     target's profile and search (the export's own figure is in the ledger beside it)."""
     from .export import export_subnet, load_supernet
     from .specialize import SEARCH_RESULT, select_on_validation
+    from .train import pick_device
 
     tgt = _target(target)
     out_dir = Path(out_dir)
@@ -471,7 +495,7 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
         doc = json.loads((Path(search_dir) / SEARCH_RESULT).read_text())
         if tgt.constraint.budget is None:  # budget_of_max: in ms as the search resolved it
             tgt = dataclasses.replace(tgt, constraint=Target.from_dict(doc["target"]).constraint)
-        net = load_supernet(supernet_dir)
+        net = load_supernet(supernet_dir).to(pick_device(device))
         space = net.space
         # A search.json of another space fails here, naming the file, before any work.
         SubnetConfig.from_dict(doc["best"], space, str(Path(search_dir) / SEARCH_RESULT))

@@ -58,7 +58,13 @@ class Options:
     ``backends.SUPPORTED`` (docs/deploy.md says which backend gets what)."""
 
     image: str = ""  # "" means components.DEFAULT_IMAGE
-    gpus: int = 0  # GPUs per training stage (teacher, shrink, scratch) and node; 0: CPU only
+    # GPUs per training stage (teacher, shrink, scratch) and node, and of fit-accuracy-predictor
+    # (which measures its subnets on all of them, one process each); 0: CPU only
+    gpus: int = 0
+    # GPUs of each target's search and export (their validation passes, BN recalibration and torch
+    # test accuracy; latency is still the target's CPU's). Their pods run on the target's nodes
+    # (placement), which must then have GPUs, so this is not implied by `gpus`.
+    target_gpus: int = 0
     # Nodes per training stage: > 1 runs each as a Kubeflow Trainer TrainJob of this many nodes with
     # `gpus` GPUs each (onceforall/trainjob.py; the cluster needs the Trainer and manifests/base RBAC)
     nodes: int = 1
@@ -102,7 +108,7 @@ def _blocks(options: Options):
     c = build(options.image or DEFAULT_IMAGE)
 
     def configure(task, name: str, *, train: bool = False, measures: bool = False, small: bool = False,
-                  cache: bool = True):
+                  cache: bool = True, gpus: int = 0):
         task.set_display_name(name)
         task.set_caching_options(cache)
         if options.retries:
@@ -115,9 +121,11 @@ def _blocks(options: Options):
             task.set_cpu_limit(cpu)
         task.set_memory_request(memory)
         task.set_memory_limit(memory)
-        if train and options.gpus and options.nodes == 1:
+        if train and options.nodes == 1:  # with nodes > 1 the TrainJob's pods hold them
+            gpus = options.gpus
+        if gpus:
             task.set_accelerator_type(options.gpu_resource)
-            task.set_accelerator_limit(options.gpus)
+            task.set_accelerator_limit(gpus)
         if train:
             launch_training(task)
         if options.pushgateway:
@@ -169,7 +177,7 @@ def _specialize(blocks, options: Options, *, targets, space, data, schedule, see
     c, configure, place = blocks
     fit = configure(c.fit_accuracy_predictor(data=data, schedule=schedule, seed=seed,
                                              subnets=predictor_subnets, supernet=supernet, **run),
-                    "fit-accuracy-predictor")
+                    "fit-accuracy-predictor", gpus=options.gpus)
     with dsl.ParallelFor(targets, parallelism=options.target_parallelism) as target:
         placement = configure(c.placement(node_selector=target.node_selector,
                                           tolerations=target.tolerations), "placement", small=True)
@@ -182,10 +190,11 @@ def _specialize(blocks, options: Options, *, targets, space, data, schedule, see
         found = place(configure(c.search(target=target.spec, space=space, data=data, schedule=schedule,
                                          seed=seed, predictor=fit.outputs["predictor"],
                                          latency=prof.outputs["latency"], supernet=supernet, **run),
-                                "search", measures=True), placement)
+                                "search", measures=True, gpus=options.target_gpus), placement)
         # The card's measured latency is taken on the target's hardware too.
         exp = place(configure(c.export(target=target.spec, data=data, seed=seed, supernet=supernet,
-                                       search=found.outputs["result"], **run), "export", measures=True),
+                                       search=found.outputs["result"], **run), "export", measures=True,
+                              gpus=options.target_gpus),
                     placement)
         # Never cached: it puts this run's copy of the (possibly cached) model where the report
         # reads it.

@@ -25,7 +25,7 @@ def test_committed_pipeline_runs_on_every_supported_backend(version, compiled):
 
 
 @pytest.mark.parametrize("specialize", [False, True], ids=["train", "specialize"])
-@pytest.mark.parametrize("options", [Options(gpus=8, image="reg/x:1"),
+@pytest.mark.parametrize("options", [Options(gpus=8, target_gpus=1, image="reg/x:1"),
                                      Options(nodes=2, gpus=8, image="reg/x:1"),
                                      Options(s3_secret="", pushgateway=""),
                                      Options(target_parallelism=2, retries=0)])
@@ -127,3 +127,25 @@ def test_training_stages_get_their_launch_compiled_in(tmp_path):
         assert launch["image"] == "reg/x:1" and "accelerator" not in resources
         assert {"OFA_POD_NAME", "OFA_POD_UID", "OFA_POD_NAMESPACE"} <= fields
     assert all(launch == {} for launch, _, _ in training(Options()))
+
+
+@pytest.mark.parametrize("specialize", [False, True], ids=["train", "specialize"])
+def test_gpus_go_where_they_pay(tmp_path, specialize):
+    """--gpus: fit-accuracy-predictor measures on all of them, also when training spans nodes;
+    --target-gpus: each target's search and export get that many (never implied: they run on the
+    target's nodes); profile-target measures latency on the target's CPU and gets none."""
+    import yaml
+
+    def accelerators(options):
+        path = compile_pipeline(tmp_path / "p.yaml", options, specialize=specialize)
+        executors = yaml.safe_load_all(path.read_text()).__next__()["deploymentSpec"]["executors"]
+        return {name.removeprefix("exec-"): ex["container"].get("resources", {}).get("accelerator", {})
+                .get("count") for name, ex in executors.items()}
+
+    for nodes in (1, 2):
+        got = accelerators(Options(nodes=nodes, gpus=8, image="reg/x:1"))
+        assert got["fit-accuracy-predictor"] == "8"
+        assert got["search"] is got["export"] is got["profile-target"] is None
+    got = accelerators(Options(gpus=8, target_gpus=1, image="reg/x:1"))
+    assert got["search"] == got["export"] == "1" and got["profile-target"] is None
+    assert set(accelerators(Options()).values()) == {None}

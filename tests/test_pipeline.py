@@ -167,7 +167,9 @@ def test_dag_shape_and_cluster_settings(tmp_path):
         small = name in ("exec-placement", "exec-stage-model")
         assert ex["container"]["resources"]["resourceCpuRequest"] == ("500m" if small else "2")
     assert executors["exec-train-teacher"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
-    assert "accelerator" not in executors["exec-search"]["container"]["resources"]
+    assert executors["exec-fit-accuracy-predictor"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    for name in ("exec-profile-target", "exec-search", "exec-export"):  # the target's nodes: none
+        assert "accelerator" not in executors[name]["container"]["resources"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-profile-target", "exec-search", "exec-export"):  # measure on the target
         res = executors[name]["container"]["resources"]

@@ -148,6 +148,30 @@ def test_collect_accuracy_in_chunks_and_resume(supernet_dir, idx_dir, tmp_path):
         collect_accuracy(net, data, out, 8, mirror=False)
 
 
+def test_collect_accuracy_on_several_devices_resumes_and_equals_one(supernet_dir, tmp_path):
+    """Two measuring processes (one per GPU on a cluster; ``cpu,cpu`` here), the first cut short
+    after one row: merged, the same rows in the same order as one process writes."""
+    import functools
+
+    from onceforall.accuracy_data import collect_accuracy_on
+    from onceforall.dist import eval_devices
+    from onceforall.stages import _predictor_inputs
+
+    opener = functools.partial(_predictor_inputs, str(supernet_dir), "synthetic:400", 0, 40)
+    one = read_rows(collect_accuracy_on(eval_devices("cpu"), opener, tmp_path / "one.jsonl", 6))
+    out = tmp_path / "two.jsonl"
+    (tmp_path / "two.part0.jsonl").write_text(json.dumps(one[0]) + "\n")  # chunk 0's first row
+    seen = []
+    collect_accuracy_on(eval_devices("cpu,cpu"), opener, out, 6, progress=lambda i, total, s: seen.append(total))
+    two = read_rows(out)
+    assert not list(tmp_path.glob("two.part*"))
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "eval_s"} for r in rows]  # noqa: E731
+    assert drop(two) == drop(one)
+    assert set(seen) <= {5}  # the resumed row is not measured again
+    with pytest.raises(UserError, match="device"):
+        eval_devices("cuda:7")
+
+
 def test_evaluator_scores_each_image_and_its_mirror(supernet_dir, idx_dir):
     data = load_dataset(str(idx_dir), val_size=60)
     net = OFASupernet(SMALL)

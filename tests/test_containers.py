@@ -111,3 +111,24 @@ def test_terminated_container_run_stops_its_stage_and_hands_the_folders_back(tmp
     assert docker_client.containers.list(filters=label) == []
     me = (os.getuid(), os.getgid())
     assert {(p.stat().st_uid, p.stat().st_gid) for p in [root, out, *root.rglob("*")]} == {me}
+
+
+def test_cuda_image_has_the_cpu_image_torch_and_every_shared_pin():
+    """Issue #24: a stage computes the same on either image but for the device. The CUDA lock is the
+    CPU lock plus torch's CUDA wheels, and both Dockerfiles install the same torch."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "images"
+
+    def lock(name):
+        return dict(line.split("==") for line in (root / name).read_text().splitlines()
+                    if line and not line.startswith("#"))
+
+    def torch_pins(dockerfile):
+        return set(re.findall(r"torch==([\w.+]+)", (root / dockerfile).read_text()))
+
+    cpu, cuda = lock("constraints-cpu.txt"), lock("constraints-cuda.txt")
+    cuda_only = {k for k in cuda if k in ("torch", "triton") or k.startswith(("nvidia-", "cuda-"))}
+    assert {k: v for k, v in cuda.items() if k not in cuda_only} == cpu
+    assert torch_pins("Dockerfile.cpu") == torch_pins("Dockerfile.cuda") == {cuda["torch"]}
+    assert any(k.startswith("nvidia-cudnn") for k in cuda_only)

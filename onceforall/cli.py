@@ -152,8 +152,9 @@ def cmd_accuracy_data(args: argparse.Namespace) -> int:
     from .accuracy_data import collect_accuracy
     from .data import load_dataset
     from .progress import Progress
+    from .train import pick_device
 
-    net = _supernet(args.supernet)
+    net = _supernet(args.supernet).to(pick_device(args.device))
     data = load_dataset(args.data, val_size=args.val_size, seed=args.seed)
     bar = Progress("accuracy-data", 1)
 
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=500, help="subnets in the whole (stratified) sample")
     p.add_argument("--chunk", type=int, default=0, help="this worker's chunk")
     p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     p.add_argument("--out", required=True, help="JSON lines file (appended; reruns resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=5000)

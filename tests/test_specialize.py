@@ -162,7 +162,8 @@ def test_collect_accuracy_on_several_devices_resumes_and_equals_one(supernet_dir
     out = tmp_path / "two.jsonl"
     (tmp_path / "two.part0.jsonl").write_text(json.dumps(one[0]) + "\n")  # chunk 0's first row
     seen = []
-    collect_accuracy_on(eval_devices("cpu,cpu"), opener, out, 6, progress=lambda i, total, s: seen.append(total))
+    collect_accuracy_on(eval_devices("cpu,cpu"), opener, out, 6,
+                        progress=lambda i, total, s: seen.append(total))
     two = read_rows(out)
     assert not list(tmp_path.glob("two.part*"))
     drop = lambda rows: [{k: v for k, v in r.items() if k != "eval_s"} for r in rows]  # noqa: E731

@@ -79,6 +79,10 @@ def setup(space: str, schedule: str, data: str, *, seed: int = 0,
     sch = get_schedule(schedule)
     ds = open_data(data, val_size=val_size, seed=seed, image_size=max(sp.resolutions))
     check_data(sp, ds)
+    if len(ds.train) < sch.batch_size:  # what every training stage would fail on, said before any runs
+        raise UserError(f"{len(ds.train)} training images (after the {len(ds.val)} held out for "
+                        f"validation) are fewer than one batch of {sch.batch_size} (schedule {sch.name!r})",
+                        source=data, field="data", fix="use more images, or a schedule with a smaller batch")
     return sp, sch, ds
 
 

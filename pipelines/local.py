@@ -90,10 +90,7 @@ def check_inputs(space: str, schedule: str, data: str, targets: str | None, supe
         get_schedule(schedule)
         check_data(sp, open_data(data, image_size=max(sp.resolutions)))
     else:
-        sp, _, ds = setup(space, schedule, data)
-        if getattr(ds, "streamed", False):
-            raise UserError("a streamed imagefolder: dataset serves specialize-only runs", source=data,
-                            field="--data", fix="pass --supernet URI (a trained or imported supernet)")
+        sp, _, _ = setup(space, schedule, data)
     targets = targets or str(IMAGENET_TARGETS if supernet else EXAMPLE_TARGETS)
     parsed = load_targets(targets)
     # Budgets in MACs or params are checked now; latency budgets need the target's own table.

@@ -31,7 +31,7 @@ def test_container_runner_without_podman_set_up_says_to_build_the_image(tmp_path
     monkeypatch.setenv("OFA_PODMAN_DIR", str(tmp_path))
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     with pytest.raises(UserError, match=r"--runner container: no podman set up in .*make image"):
-        run_local(schedule="smoke", data="synthetic:64", out=str(tmp_path / "out"),
+        run_local(schedule="smoke", data="synthetic:600", out=str(tmp_path / "out"),
                   pipeline_root=str(tmp_path / "root"), runner="container")
     assert not (tmp_path / "out").exists()
 

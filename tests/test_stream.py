@@ -125,6 +125,58 @@ def test_folder_without_images_names_the_uri(tmp_path):
     assert str(tmp_path / "empty") in str(err.value)
 
 
+def _tiny_rgb_space(path: Path) -> Path:
+    """A two-unit space with three input channels and three classes: a pipeline run in a minute."""
+    import yaml
+
+    from onceforall.space import UnitSpec
+
+    sp = dataclasses.replace(SPACE, name="tiny-rgb", stem_width=8, first_block_width=8,
+                             units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
+                             kernels=(3, 5), expands=(3, 6), resolutions=(16, 20, 24),
+                             final_expand_width=64, feature_width=64)
+    path.write_text(yaml.safe_dump(sp.to_dict()))
+    return path
+
+
+def test_a_run_on_too_few_streamed_images_fails_before_any_stage(tree, tmp_path):
+    from onceforall_pipelines.local import check_inputs
+
+    with pytest.raises(UserError, match="fewer than one batch of 64") as err:  # smoke: batch 64
+        check_inputs(str(_tiny_rgb_space(tmp_path / "space.yaml")), "smoke", f"imagefolder:{tree}", None)
+    assert f"imagefolder:{tree}" in str(err.value)
+
+
+@pytest.mark.slow  # about 70 s on 2 idle cores
+def test_ofa_run_trains_the_whole_pipeline_on_a_streamed_folder(tmp_path):
+    """`ofa run` without --supernet on a folder of JPEGs: the teacher, the five shrink phases and the
+    from-scratch baseline stream it, and its model card names it."""
+    import json
+
+    import yaml
+
+    root = make_tree(tmp_path / "tree", train=40, val=4)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"targets": [{
+        "name": "small-macs", "runtime": "onnxruntime", "threads": 1, "batch_size": 1,
+        "constraint": {"kind": "macs", "budget": 2e6}}]}))
+    out = tmp_path / "published"
+    proc = subprocess.run([sys.executable, "-m", "onceforall", "run", "--space",
+                           str(_tiny_rgb_space(tmp_path / "space.yaml")), "--data", f"imagefolder:{root}",
+                           "--schedule", "smoke", "--targets", str(targets), "--out", str(out),
+                           "--pipeline-root", str(tmp_path / "root")],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = {line.split("Executing task '")[1].split("'")[0] for line in proc.stderr.splitlines()
+               if "Executing task '" in line}
+    assert {"train-teacher", "shrink", "train-scratch", "export", "report"} <= started
+    card = json.loads((out / "models" / "small-macs" / "model_card.json").read_text())
+    assert card["dataset"]["source"] == f"imagefolder:{root}" and card["space"] == "tiny-rgb"
+    assert card["input"]["preprocessing"]["center_crop"] == card["resolution"]
+    assert "savings" in json.loads((out / "report.json").read_text())["energy"]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_damaged_image_stops_training_naming_the_file(tmp_path, workers):
     root = make_tree(tmp_path / "t", train=6, val=2)

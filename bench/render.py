@@ -470,16 +470,23 @@ def claim(r: dict, docs: Path = DOCS) -> list[str]:
     targets = r.get("targets", {})
     if targets:
         ft = r["settings"]["finetune"]
+        fts = {"finetuned": ft} if "epochs" in ft else ft  # one 2-epoch fine-tune before issue #21
+        said = "; ".join(f"{v['epochs']} epochs" + (f" ({v['fraction']:.0%} of the recipe's)"
+                                                     if "fraction" in v else "") for v in fts.values())
         lines += ["Test accuracy (%) of the subnet the search picked for each example target on the "
                   "`standard` supernet: as exported (no retraining), fine-tuned from the supernet "
-                  f"({ft['epochs']} epochs, lr {ft['lr']}), and the same architecture trained from "
+                  f"({said}; lr {next(iter(fts.values()))['lr']}), and the same architecture trained from "
                   f"scratch on the teacher's recipe ({_recipe(r)}), without and with distillation from the "
                   "teacher. Mean ± standard deviation over seeds where there are several; `pending` = "
-                  "not measured yet. The subnets are a snapshot "
+                  "not measured yet. McNemar: the exact two-sided p-value of the OFA subnet against each "
+                  "scratch seed on the same test images. The subnets are a snapshot "
                   f"(`{r['settings'].get('subnets', 'the specialization run')}`), so a later "
                   "specialization run that picks other subnets does not mix into these rows.", "",
-                  "| target | MACs | OFA as exported | OFA fine-tuned | scratch | scratch + KD | "
-                  "per-target NAS | OFA − best scratch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| target | MACs | OFA as exported | "
+                  + " | ".join(f"OFA fine-tuned {v['epochs']} ep" for v in fts.values())
+                  + " | scratch | scratch + KD | per-target NAS | OFA − best scratch "
+                    "| McNemar p vs scratch |",
+                  "|---|---:|---:|" + "---:|" * len(fts) + "---:|---:|---:|---:|---|"]
 
         def cell(t: dict, kind: str) -> str:
             if f"{kind}_test_acc" not in t:
@@ -489,9 +496,13 @@ def claim(r: dict, docs: Path = DOCS) -> list[str]:
                 f" ({t[f'{kind}_seeds']} seed{'s' if t[f'{kind}_seeds'] > 1 else ''})"
         for name, t in targets.items():
             diff = t.get("ofa_minus_best_scratch")
+            p = t.get("mcnemar", {}).get("scratch", {})
             lines.append(f"| {name} | {t['macs'] / 1e6:.2f}M | {t['ofa_test_acc']:.2f} | "
-                         f"{cell(t, 'finetuned')} | {cell(t, 'scratch')} | {cell(t, 'scratch_kd')} | "
-                         f"{cell(t, 'nas')} | {'pending' if diff is None else f'{diff:+.2f}'} |")
+                         + "".join(f"{cell(t, k)} | " for k in fts)
+                         + f"{cell(t, 'scratch')} | {cell(t, 'scratch_kd')} | "
+                         f"{cell(t, 'nas')} | {'pending' if diff is None else f'{diff:+.2f}'} | "
+                         + (", ".join(f"{v['p']:.3g}" for _, v in sorted(p.items())) or "pending") + " |")
+        lines += _claim_acceptance(r)
         nas = r["settings"].get("nas")
         if nas:
             lines += ["", f"Per-target NAS (`{nas['module']}`): {nas['candidates']} random architectures "
@@ -543,6 +554,32 @@ def claim(r: dict, docs: Path = DOCS) -> list[str]:
                   "section below (`docs/results/throughput.json`)."]
     lines += ["", "GPU: no GPU was available to this project's benchmark runs so far; the `standard` "
               "schedule and the throughput rows on a GPU are **pending**."]
+    return lines
+
+
+def _claim_acceptance(r: dict) -> list[str]:
+    """Issue #21's bars, as bench/claim.py measured them (nothing until there are scratch runs)."""
+    a = r.get("acceptance") or {}
+    if not a:
+        return []
+    mean, within = a["mean_over_targets"], a["per_target_within_se"]
+    lines = ["", f"Against training alone ({a['scratch_seeds']} seed(s) per target at least): "
+             f"{sum(within.values())} of {len(within)} targets within one standard error (0.27 points) of "
+             f"their scratch mean or above it"
+             + (f" (not: {', '.join(n for n, ok in within.items() if not ok)})" if not all(within.values())
+                else "")
+             + f"; over targets, OFA {mean['ofa']:.2f} against scratch {mean['scratch']:.2f} "
+             f"({'holds' if mean['holds'] else 'does not hold'})."]
+    shared, lp = a.get("shared_over_scratch_wall"), a["largest_pick"]
+    if shared:
+        s = r["shared"]
+        lines += ["", f"Shared training (teacher + every shrinking phase), trained again in this run: "
+                  f"{_fmt_s(s['wall_s'])}, **{shared['ratio']:.2f}x** one training alone of the largest "
+                  f"picked architecture ({lp['target']}, {_fmt_s(lp['scratch_wall_s'])}); the bar is "
+                  f"{shared['bar']:g}x ({'holds' if shared['holds'] else 'does not hold'}). The retraining "
+                  + ("reproduced the supernet's weights bit for bit." if s["reproduces_supernet"] else
+                     f"gave other weights (sha256 `{s['supernet_sha256'][:12]}`): its time stands, its "
+                     "weights are not the measured supernet's.")]
     return lines
 
 

@@ -50,6 +50,16 @@ def test_standard_cost_is_pending_on_another_supernet_or_an_unmetered_phase():
     assert m["measured"]["scratch_per_target_j"] == 10000.0
 
 
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images():
+    import numpy as np
+
+    ofa = np.array([True] * 10 + [False] * 2 + [True] * 50 + [False] * 8)
+    other = np.array([False] * 10 + [True] * 2 + [True] * 50 + [False] * 8)
+    # 10 images only OFA gets right, 2 only the other: p = 2 * P(X <= 2), X ~ B(12, 1/2) = 158/4096
+    assert claim.mcnemar(ofa, other) == {"ofa_only": 10, "other_only": 2, "p": round(158 / 4096, 4)}
+    assert claim.mcnemar(ofa, ofa)["p"] == 1.0
+
+
 def test_paper_table1_transcription_is_consistent():
     """Every row's N = 40 totals follow from its own search and training costs, and its CO2e and
     dollars from one fixed rate per GPU-hour, as the paper derives them: a mistyped figure fails."""
@@ -85,14 +95,25 @@ def test_tiny_claim_runs_the_whole_path_and_leaves_docs_alone(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "claim.py"), "--tiny", "--work", str(tmp_path)],
                    check=True, env=env, capture_output=True, timeout=300)
     doc = json_load(tmp_path / "claim.json")
+    assert set(doc["settings"]["finetune"]) == {"finetune_14", "finetune_42"}
     for t in doc["targets"].values():
-        assert {"finetuned", "scratch", "scratch_kd", "nas"} <= set(t["runs"])
+        assert {"finetune_14", "finetune_42", "scratch", "scratch_kd", "nas"} <= set(t["runs"])
+        # the OFA subnet as the export computes it, paired image by image with each scratch seed
+        assert abs(t["ofa_recomputed_test_acc"] - t["ofa_test_acc"]) < 1e-6
+        m = t["mcnemar"]["scratch"]["0"]
+        assert 0 < m["p"] <= 1 and m["ofa_only"] + m["other_only"] <= 80
         nas = t["runs"]["nas"]["0"]["nas"]
         assert nas["search_j"] > 0 and nas["final_j"] > 0 and nas["candidates"] == 3
         assert nas["proxy_val_acc"][nas["picked"]] == max(nas["proxy_val_acc"])
     tiny = doc["cost_model"]["tiny"]
     assert set(tiny["break_even_n"]) == {"scratch", "nas"} and tiny["rows"][-1]["n"] == 100
     assert tiny["baselines"]["nas"]["j"] > tiny["baselines"]["scratch"]["j"]  # proxies + the same training
+    # the shared training, again in this run: deterministic on the CPU, so the same weights
+    assert doc["shared"]["reproduces_supernet"] and doc["shared"]["wall_s"] > 0
+    a = doc["acceptance"]
+    assert a["shared_over_scratch_wall"]["ratio"] == pytest.approx(
+        doc["shared"]["wall_s"] / a["largest_pick"]["scratch_wall_s"], abs=0.01)
+    assert set(a["per_target_within_se"]) == set(doc["targets"])
     assert (tmp_path / "claim_cost_tiny.png").stat().st_size > 0
     assert "per-target NAS" in (tmp_path / "claim.md").read_text()
     assert (ROOT / "docs" / "results" / "claim.json").read_bytes() == committed

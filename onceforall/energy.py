@@ -99,9 +99,11 @@ class Meter:
     runs: the reading then has only the duration, and every method says ``none``.
     """
 
-    def __init__(self, carbon: str | Carbon | None = None, *, interval_s: float = 5.0):
+    def __init__(self, carbon: str | Carbon | None = None, *, interval_s: float = 5.0,
+                 gpu_ids: list[int] | None = None):
         self.carbon = carbon if isinstance(carbon, Carbon) else Carbon.parse(carbon)
         self.interval_s = interval_s
+        self.gpu_ids = gpu_ids  # None: every GPU the process sees; a rank of many: its own
         self.tracker = None
         self.reading: Reading | None = None
 
@@ -114,6 +116,8 @@ class Meter:
             kwargs: dict[str, Any] = {"country_iso_code": self.carbon.country or "USA"}
             if self.carbon.region:
                 kwargs["region"] = self.carbon.region
+            if self.gpu_ids is not None:
+                kwargs["gpu_ids"] = self.gpu_ids
             self.tracker = OfflineEmissionsTracker(
                 output_methods=[], log_level="error", measure_power_secs=self.interval_s,
                 tracking_mode="process", project_name="onceforall", **kwargs)
@@ -144,3 +148,22 @@ class Meter:
         methods = {"cpu": _cpu_method(self.tracker), "gpu": "nvml" if _has_gpu(self.tracker) else "none",
                    "ram": "model"}
         self.reading = Reading(cpu, gpu, ram, total, emissions_g, duration, g_per_kwh, methods, carbon)
+
+
+def combine(own: Reading, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage's energy when its training ran elsewhere (a TrainJob's nodes): ``own``, the launching
+    pod's reading, plus every rank's (``Reading.to_dict()``, each metering its own process and GPU).
+    Joules add up by component; the emissions are the total at ``own``'s intensity; the duration is
+    the stage's; a component's method is what measured it where it used energy ("model+nvml" where
+    readings differ). ``parts`` keeps the launcher's and the ranks' totals apart."""
+    parts = [own.to_dict(), *ranks]
+    out = own.to_dict()
+    for k in ("cpu_j", "gpu_j", "ram_j", "total_j"):
+        out[k] = round(sum(float(p[k]) for p in parts), 4)
+    out["emissions_g"] = round(out["total_j"] / KWH_J * own.g_per_kwh, 4)
+    for comp in ("cpu", "gpu", "ram"):
+        used = sorted({p["methods"].get(comp, "none") for p in parts if float(p[f"{comp}_j"]) > 0})
+        out["methods"][comp] = "+".join(used) if used else "none"
+    out["parts"] = {"launcher_j": round(own.total_j, 4), "ranks": len(ranks),
+                    "ranks_j": round(sum(float(r["total_j"]) for r in ranks), 4)}
+    return out

@@ -146,12 +146,14 @@ def run(spec: dict[str, Any], launch: Launch = Launch()) -> dict[str, Any]:
     if launch.nodes > 1:
         from . import trainjob  # platform code: only a multi-node stage talks to Kubernetes
 
-        trainjob.run(spec, launch)
-    elif launch.procs_per_node > 1:
+        # the launching pod's meter sees only itself: the ranks' readings go with the result
+        # (stages._stage adds them to the stage's energy)
+        rank_energy = trainjob.run(spec, launch)
+        return {**written_result(spec), "rank_energy": rank_energy}
+    if launch.procs_per_node > 1:
         run_local(spec, launch.procs_per_node)
-    else:
-        return run_rank(spec)
-    return written_result(spec)
+        return written_result(spec)
+    return run_rank(spec)
 
 
 def torchrun_command(spec: dict[str, Any], torchrun_args: list[str],

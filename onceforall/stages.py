@@ -130,7 +130,7 @@ def _stage(name: str, out_dir: str | Path, run: RunContext, *, target: str | Non
            inputs: Iterable[str | Path] = ()) -> Iterator[dict[str, Any]]:
     """Meter the body's energy; then write the ledger and push the figures. The body fills
     ``record["metrics"]``."""
-    from .energy import Meter
+    from .energy import Meter, combine
     from .metrics import push_stage
 
     record: dict[str, Any] = {"stage": name, "target": target, "run_id": run.run_id, "metrics": {}}
@@ -138,7 +138,8 @@ def _stage(name: str, out_dir: str | Path, run: RunContext, *, target: str | Non
     with Meter(run.carbon) as meter:
         yield record
     record["wall_s"] = round(time.monotonic() - t0, 3)
-    record["energy"] = meter.reading.to_dict()
+    ranks = record.pop("rank_energy", None)  # a multi-node stage's: its TrainJob's ranks metered themselves
+    record["energy"] = combine(meter.reading, ranks) if ranks else meter.reading.to_dict()
     push_error = push_stage(record, run.run_id, run.pushgateway)
     if push_error:
         record["push_error"] = push_error
@@ -220,6 +221,8 @@ def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, sc
                                    data=data, space=space, schedule=schedule, seed=seed, device=device,
                                    progress=progress, checkpoint_uri=checkpoint_uri)
         result = launcher.run(spec, launch)
+        if result.get("rank_energy"):
+            record["rank_energy"] = result["rank_energy"]
         record["metrics"] = {"epochs": result["epochs"], "steps": result["steps"],
                              "train_wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
                              **_accuracy_metrics(result["val_accuracy"])}
@@ -248,6 +251,8 @@ def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: st
         spec = launcher.scratch_spec(out_dir, data=data, space=space, schedule=schedule, seed=seed,
                                      device=device, progress=progress, checkpoint_uri=checkpoint_uri)
         result = launcher.run(spec, launch)
+        if result.get("rank_energy"):
+            record["rank_energy"] = result["rank_energy"]
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]

@@ -19,9 +19,11 @@ kfp (pyproject.toml: kubernetes>=28,<31). The RBAC this needs is manifests/base/
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -71,20 +73,45 @@ def remote_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get(key):
             inputs[key] = store.join(staging, "inputs", key)
             store.publish_dir(spec[key], inputs[key])
-    remote = {"inputs": inputs, "output": store.join(staging, "output")}
+    remote = {"inputs": inputs, "output": store.join(staging, "output"),
+              "energy": store.join(staging, "energy")}
     return {**spec, "out_dir": "", "progress": True, "remote": remote}
 
 
 def run_remote_rank(spec: dict[str, Any], remote: dict[str, Any]) -> None:
-    """One rank on a TrainJob node: fetch the inputs, train, and (rank 0) upload the output folder."""
-    rank = int(os.environ.get("RANK", "0"))
+    """One rank on a TrainJob node: fetch the inputs, train, and (rank 0) upload the output folder.
+    Every rank meters its own process and GPU and sends the reading to ``remote["energy"]``: the
+    launching pod adds them to the stage's figure (energy.combine)."""
+    import torch
+
+    from .energy import Meter
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     work = Path(tempfile.mkdtemp(prefix=f"ofa-rank{rank}-"))
     for key, uri in remote["inputs"].items():
         spec[key] = str(_fetch_dir(uri, work / key))
     spec["out_dir"] = str(work / "out")
-    run_rank(spec)
+    with Meter(gpu_ids=[local] if torch.cuda.is_available() else None) as meter:
+        run_rank(spec)
     if rank == 0:
         store.publish_dir(work / "out", remote["output"])
+    if remote.get("energy"):
+        reading = {"rank": rank, "node": socket.gethostname(), **meter.reading.to_dict()}
+        store.write_text(store.join(remote["energy"], f"rank-{rank}.json"), json.dumps(reading))
+
+
+def rank_energy(remote: dict[str, Any]) -> list[dict[str, Any]]:
+    """The readings the job's ranks sent, in rank order."""
+    uri = remote["energy"]
+    got = [json.loads(store.read_text(store.join(uri, rel))) for rel in store.files_under(uri)]
+    return sorted(got, key=lambda r: r["rank"])
+
+
+def _clear_energy(remote: dict[str, Any]) -> None:
+    """Readings an earlier job of this stage left (ranks write theirs when they finish, so nothing of
+    the job about to be followed is lost)."""
+    for rel in store.files_under(remote["energy"]):
+        store.remove(store.join(remote["energy"], rel))
 
 
 def _fetch_dir(uri: str, dest: Path) -> Path:
@@ -170,8 +197,9 @@ class Follow:
 
 
 def run(spec: dict[str, Any], launch: Launch, *, api_client=None, namespace: str | None = None,
-        owner: dict[str, str] | None = None, follow: Follow = Follow()) -> None:
-    """Run the stage as a TrainJob and copy rank 0's output folder to ``spec['out_dir']``."""
+        owner: dict[str, str] | None = None, follow: Follow = Follow()) -> list[dict[str, Any]]:
+    """Run the stage as a TrainJob and copy rank 0's output folder to ``spec['out_dir']``; the
+    ranks' energy readings (:func:`rank_energy`)."""
     from kubernetes import client
 
     if namespace is None:
@@ -183,12 +211,14 @@ def run(spec: dict[str, Any], launch: Launch, *, api_client=None, namespace: str
     api = api_client or kube_client()
     jobs, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     name = job_name(spec)
+    _clear_energy(remote["remote"])
     submit(jobs, namespace, trainjob_body(name, remote, launch, owner))
     try:
         wait(jobs, core, namespace, name, launch, follow)
     finally:
         delete(jobs, namespace, name)
     _fetch_dir(remote["remote"]["output"], Path(spec["out_dir"]))
+    return rank_energy(remote["remote"])
 
 
 def submit(jobs, namespace: str, body: dict) -> None:

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from onceforall import stages
-from onceforall.energy import KWH_J, Carbon, Meter
+from onceforall.energy import KWH_J, Carbon, Meter, Reading, combine
 from onceforall.errors import UserError
 from onceforall.metrics import build_registry, push_stage
 
@@ -37,6 +37,18 @@ def test_meter_reads_energy_and_says_how():
     with Meter("DEU") as m:
         sum(range(1_000_000))
     assert m.reading.carbon["source"] == "country" and 100 < m.reading.g_per_kwh < 1000
+
+
+def test_a_stage_on_many_nodes_adds_its_ranks_energy_to_its_own():
+    own = Reading(5.0, 0.0, 1.0, 6.0, 0.0008, 100.0, 480.0, {"cpu": "model", "gpu": "none", "ram": "model"})
+    rank = {"cpu_j": 40.0, "gpu_j": 300.0, "ram_j": 4.0, "total_j": 344.0, "emissions_g": 0.0,
+            "duration_s": 90.0, "g_per_kwh": 475.0, "methods": {"cpu": "rapl", "gpu": "nvml", "ram": "model"}}
+    e = combine(own, [rank, {**rank, "rank": 1}])
+    assert (e["cpu_j"], e["gpu_j"], e["ram_j"], e["total_j"]) == (85.0, 600.0, 9.0, 694.0)
+    assert e["emissions_g"] == pytest.approx(694.0 / KWH_J * 480.0, abs=1e-4)  # the launcher's intensity
+    assert e["duration_s"] == 100.0  # the stage's
+    assert e["methods"] == {"cpu": "model+rapl", "gpu": "nvml", "ram": "model"}
+    assert e["parts"] == {"launcher_j": 6.0, "ranks": 2, "ranks_j": 688.0}
 
 
 def _record(**extra):

@@ -57,7 +57,8 @@ def _spec(tmp_path, phase="teacher", init=None, teacher=None, checkpoint_uri="du
 
 
 def _run(server, spec, launch=Launch(nodes=2, image="ghcr.io/example/onceforall:test")):
-    trainjob.run(spec, launch, api_client=_api(server.url), namespace="ofa", owner=OWNER, follow=FAST)
+    return trainjob.run(spec, launch, api_client=_api(server.url), namespace="ofa", owner=OWNER,
+                        follow=FAST)
 
 
 @pytest.mark.parametrize("standin", ["run"], indirect=True)
@@ -66,7 +67,9 @@ def test_two_nodes_on_loopback_train_like_one_process(standin, tmp_path, capfd):
     run_phase(sp, sch, "teacher", data, tmp_path / "teacher", progress=False, device="cpu")
     # the kernel phase samples a random subnet at every step and distils from the teacher
     spec = _spec(tmp_path, "kernel", init=tmp_path / "teacher", teacher=tmp_path / "teacher")
-    _run(standin, spec)
+    (tmp_path / "durable" / "trainjob" / "energy").mkdir(parents=True)
+    (tmp_path / "durable" / "trainjob" / "energy" / "rank-7.json").write_text("{}")  # an earlier job's
+    energy = _run(standin, spec)
 
     body = standin.created[0]
     assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
@@ -81,6 +84,9 @@ def test_two_nodes_on_loopback_train_like_one_process(standin, tmp_path, capfd):
     assert durable.latest(spec["checkpoint_uri"], "kernel")["completed"]  # what a retry resumes from
     assert "epoch 1/1 val acc" in capfd.readouterr().out  # rank 0's log, streamed here
     assert standin.requests == granted()  # the Role grants exactly what a stage asks for
+    # every rank metered itself (the launching pod's meter sees only that pod): this job's two
+    assert [r["rank"] for r in energy] == [0, 1]
+    assert all(r["duration_s"] > 0 and r["methods"]["cpu"] in ("model", "rapl", "none") for r in energy)
 
     # One process taking each global batch as the two ranks' shares (micro_batches=2) takes the
     # same steps: batch-norm statistics per share, dropout draws per share, as on two ranks.

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim bench-predictor-data bench-stream clean
+.PHONY: help install run compile test test-containers image lint lint-deploy train bench-ps bench-kernel bench-recipe bench-pipeline bench-specialize bench-probe bench-noise bench-cpu bench-reference bench-throughput bench-claim bench-predictor-data bench-stream bench-gpu clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-predictor-data: install ## benchmark: predictor-data collection on streame
 
 bench-stream: install ## benchmark: a streamed ImageFolder epoch at 224 px vs the in-memory path at 28 px, data path only (images/s; quiet machine)
 	$(BIN)/python bench/stream_speed.py
+
+bench-gpu: install ## benchmark: the CUDA path on one GPU: training, step images/s, predictor data and export (a lent GPU machine, ~5 min)
+	$(BIN)/python bench/gpu_check.py --out docs/results/gpu_check.json
 
 bench-specialize: install ## benchmark: predictor, latency tables, search, export for the example targets
 	$(BIN)/python bench/specialize.py

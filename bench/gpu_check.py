@@ -14,8 +14,13 @@ with a lent GPU machine runs (`device`: 15 minutes of device time, one try and a
 
 One GPU gives images/s per GPU, not scaling efficiency across GPUs (no lent machine has two).
 
-    python bench/gpu_check.py --out $OUT/gpu_check.json              # on the device machine
-    python bench/gpu_check.py --device cpu --quick --out /tmp/g.json   # here: the script itself
+    PYTHONPATH=. python3 bench/gpu_check.py --out $OUT/gpu_check.json  # on the device machine
+    python bench/gpu_check.py --device cpu --quick --out /tmp/g.json     # here: the script itself
+
+The device machine's image has its own torch (2.11 when last read, Python 3.12), onnx, onnxruntime,
+safetensors and scipy, and no network: the project runs from the working tree (PYTHONPATH=.), not
+installed; codecarbon is not there, so nothing is metered (the meter says `none`). Its numbers are
+that torch's, not the CUDA image's 2.13.0: say so beside them.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Quality: for every example target, the subnet the search picked on the `standard
     standard teacher: `scratch_test_acc`, `scratch_kd_test_acc` (`--seeds 0 1 2`: mean and standard
     deviation), each seed paired with the OFA subnet image by image (exact McNemar test);
   * and, as the paper's alternative, found by a per-target NAS under the same budget and trained
-    from scratch on that recipe (onceforall/nas_baseline.py: K random architectures within the
+    from scratch on that recipe (onceforall/specialization/nas_baseline.py: K random architectures within the
     budget, a short proxy each, the best on validation trained fully): `nas_test_acc`.
 The supernet and teacher are fingerprinted (settings.trained_on: their weights' sha256 and the
 teacher's recipe); a rerun on another supernet stops rather than mix rows.
@@ -27,7 +27,7 @@ Every training is metered (energy, CO2, wall time) and recorded in docs/results/
 it finishes; a rerun skips what is measured (each training's folder under bench/_work/claim/ holds its
 result), so the suite runs in pieces. Several seeds: mean and spread.
 
-Cost (onceforall/cost.py), at each scale from what is measured at that scale: OFA with N targets
+Cost (onceforall/infra/cost.py), at each scale from what is measured at that scale: OFA with N targets
 (shared training once, per-target stages N times) against N trainings alone and N per-target NAS
 runs, N = 1, 2, 4, 10, 40, 100; break-even N against each; energy (J, Wh), CO2e at the carbon
 setting, wall time; the assumptions beside the numbers. `quick`: docs/results/quick_run_report.json
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine, weights_sha256  # noqa: E402
 
-from onceforall.cost import NS, Cost, cost_model  # noqa: E402
+from onceforall.infra.cost import NS, Cost, cost_model  # noqa: E402
 
 RESULT = ROOT / "docs" / "results" / "claim.json"
 QUICK_REPORT = ROOT / "docs" / "results" / "quick_run_report.json"
@@ -104,7 +104,7 @@ class Ctx:
 def trained_on(ctx: Ctx) -> dict:
     """What the claim's rows are measured on: the sha256 of the supernet's and the teacher's weights,
     and the teacher's recipe as its checkpoint records it (the scratch runs use that recipe)."""
-    from onceforall.checkpoint import read_meta
+    from onceforall.supernet.checkpoint import read_meta
 
     recipe = read_meta(ctx.teacher)["schedule"]["teacher"]
     return {"supernet_sha256": weights_sha256(ctx.supernet), "teacher_sha256": weights_sha256(ctx.teacher),
@@ -163,8 +163,8 @@ def recipe_schedule(ctx: Ctx):
 
 def train_one(kind: str, name: str, card: dict, seed: int, ctx: Ctx) -> dict:
     """One training (or one per-target NAS), metered; a finished folder is read back."""
-    from onceforall.export import load_supernet
-    from onceforall.space import SubnetConfig
+    from onceforall.specialization.export import load_supernet
+    from onceforall.supernet.space import SubnetConfig
 
     out = ctx.work / name / f"{kind}-s{seed}"
     net = load_supernet(ctx.supernet)
@@ -184,8 +184,8 @@ def finetune_epochs(kind: str, ctx: Ctx) -> int:
 
 
 def metered_static(space, schedule, cfg, ctx: Ctx, out: Path, kwargs: dict) -> dict:
-    from onceforall.energy import Meter
-    from onceforall.train import RESUME_DIR, train_static
+    from onceforall.infra.energy import Meter
+    from onceforall.training.train import RESUME_DIR, train_static
 
     fresh = not (out / "result.json").is_file()
     # a training cut short starts over, so that its energy is metered whole
@@ -201,9 +201,9 @@ def metered_static(space, schedule, cfg, ctx: Ctx, out: Path, kwargs: dict) -> d
 def nas_one(name: str, card: dict, seed: int, ctx: Ctx, space, out: Path) -> dict:
     """The per-target NAS under the budget the OFA search had (the card's, in ms for a latency
     target), with the target's own latency table; recorded like a training."""
-    from onceforall.latency import LatencyTable
-    from onceforall.nas_baseline import run_nas
-    from onceforall.targets import Target
+    from onceforall.specialization.latency import LatencyTable
+    from onceforall.specialization.nas_baseline import run_nas
+    from onceforall.specialization.targets import Target
 
     target = Target.from_dict(card["target"], where=f"{name} card target")
     table = LatencyTable.load(ctx.tables[name], space) if name in ctx.tables else None
@@ -289,10 +289,10 @@ def test_right(model, data, resolution: int):
 def ofa_right(ctx: Ctx, card: dict):
     """The exported subnet's right answers, recomputed from the supernet as the export computes them
     (BN recalibrated on the card's images and seed), and its accuracy to check against the card's."""
-    from onceforall.bn import recalibrate_bn_batches
+    from onceforall.supernet.bn import recalibrate_bn_batches
     from onceforall.data import calibration_batches
-    from onceforall.export import load_supernet
-    from onceforall.space import SubnetConfig
+    from onceforall.specialization.export import load_supernet
+    from onceforall.supernet.space import SubnetConfig
 
     net = load_supernet(ctx.supernet)
     cfg = SubnetConfig.from_dict(card["subnet"], net.space)
@@ -307,9 +307,9 @@ def static_right(ctx: Ctx, card: dict, folder: Path):
     """A training's right answers, from the weights it wrote (train_static's model.safetensors)."""
     from safetensors.torch import load_file
 
-    from onceforall.checkpoint import read_meta
-    from onceforall.space import SearchSpace, SubnetConfig
-    from onceforall.supernet import OFASupernet
+    from onceforall.supernet.checkpoint import read_meta
+    from onceforall.supernet.space import SearchSpace, SubnetConfig
+    from onceforall.supernet.supernet import OFASupernet
 
     space = SearchSpace.from_dict(read_meta(ctx.supernet)["space"])
     cfg = SubnetConfig.from_dict(card["subnet"], space)
@@ -341,10 +341,10 @@ def shared_training(doc: dict, ctx: Ctx) -> None:
     is recorded (training on the CPU at a fixed thread count is deterministic)."""
     if "shared" in doc:
         return
-    from onceforall.checkpoint import read_meta
-    from onceforall.energy import Meter
-    from onceforall.export import load_supernet
-    from onceforall.train import train_supernet
+    from onceforall.supernet.checkpoint import read_meta
+    from onceforall.infra.energy import Meter
+    from onceforall.specialization.export import load_supernet
+    from onceforall.training.train import train_supernet
 
     recorded = read_meta(ctx.supernet).get("schedule")
     recipe = json.loads(json.dumps(ctx.base_schedule.to_dict()))
@@ -412,7 +412,7 @@ def quick_figures() -> dict | None:
 
 def g_per_kwh(carbon: str | None, doc: dict) -> float:
     """The carbon setting's intensity; for a country, the one CodeCarbon applied to the trainings."""
-    from onceforall.energy import Carbon
+    from onceforall.infra.energy import Carbon
 
     c = Carbon.parse(carbon)
     if c.source == "fixed":
@@ -463,7 +463,7 @@ def shared_standard(doc: dict, ps: dict, spec: dict) -> tuple[Cost | None, list[
     """The standard shared training, metered by bench/progressive_shrinking.py on the supernet the
     rows measure, plus the accuracy predictor's measurements (not metered at this scale: their
     wall at the training's mean power, labelled an estimate)."""
-    from onceforall.schedule import get_schedule
+    from onceforall.training.schedule import get_schedule
 
     energies = [p.get("energy") for p in ps.get("phases", [])]
     same = ps.get("supernet_sha256") == doc.get("settings", {}).get("trained_on", {}).get("supernet_sha256")
@@ -514,8 +514,9 @@ def standard_model(doc: dict, quick: dict | None, g: float, ps: dict | None = No
         "and the latency settings are the same at both scales",
         "training alone = the searched subnet of each example target trained from scratch on the "
         "teacher's recipe, mean over targets and seeds; its architecture is given for free",
-        "per-target NAS = onceforall/nas_baseline.py per target (K proxies, the best trained fully on "
-        "the same recipe), mean over targets and seeds, plus that target's latency table (the quick "
+        "per-target NAS = onceforall/specialization/nas_baseline.py per target (K proxies, the best "
+        "trained fully on the same recipe), mean over targets and seeds, plus that target's latency "
+        "table (the quick "
         "run's profile stage) where its budget is a latency",
         "N > 4 scales the measured per-target costs linearly",
         "CO2e = energy x the carbon setting's intensity"]
@@ -564,8 +565,8 @@ def throughput(doc: dict) -> None:
 
 def standard_ctx(args) -> Ctx:
     from onceforall.data import load_dataset
-    from onceforall.nas_baseline import NASSettings
-    from onceforall.schedule import get_schedule
+    from onceforall.specialization.nas_baseline import NASSettings
+    from onceforall.training.schedule import get_schedule
 
     std = args.standard.resolve()
     supernet, teacher = std / "ps" / "width-2", std / "ps" / "teacher"
@@ -582,12 +583,12 @@ def tiny_ctx(work: Path, carbon: str | None) -> tuple[Ctx, Cost]:
     here (metered: the tiny shared cost), a MACs and a params target, each with its largest uniform
     subnet within budget as its "searched" subnet (no search; its accuracy measured on test)."""
     from onceforall.data import load_dataset
-    from onceforall.efficiency import CostTable
-    from onceforall.energy import Meter
-    from onceforall.nas_baseline import NASSettings
-    from onceforall.schedule import get_schedule
-    from onceforall.space import UnitSpec, get_space
-    from onceforall.train import train_supernet
+    from onceforall.supernet.efficiency import CostTable
+    from onceforall.infra.energy import Meter
+    from onceforall.specialization.nas_baseline import NASSettings
+    from onceforall.training.schedule import get_schedule
+    from onceforall.supernet.space import UnitSpec, get_space
+    from onceforall.training.train import train_supernet
 
     space = dataclasses.replace(
         get_space("fashion-mnist"), name="tiny", stem_width=8, first_block_width=8,
@@ -617,10 +618,10 @@ def tiny_ctx(work: Path, carbon: str | None) -> tuple[Ctx, Cost]:
 
 def tiny_cards(space, schedule, data, work: Path, targets: dict) -> dict[str, dict]:
     from onceforall.data import calibration_images
-    from onceforall.efficiency import subnet_macs, subnet_params
-    from onceforall.evaluate import evaluate_subnets
-    from onceforall.export import load_supernet
-    from onceforall.specialize import uniform_configs
+    from onceforall.supernet.efficiency import subnet_macs, subnet_params
+    from onceforall.supernet.evaluate import evaluate_subnets
+    from onceforall.specialization.export import load_supernet
+    from onceforall.specialization.specialize import uniform_configs
 
     net = load_supernet(work / "ps" / "width-2")
     calib = calibration_images(data, schedule.bn_calib_images, 0)
@@ -650,7 +651,7 @@ def main() -> int:
     ap.add_argument("--standard", type=Path, default=WORK / "standard",
                     help="the standard run's folder (ps/teacher, ps/width-2) the claim measures")
     ap.add_argument("--carbon", default=None, help="g CO2e/kWh or a country code (default $OFA_CARBON "
-                                                   "or 475, see onceforall/energy.py)")
+                                                   "or 475, see onceforall/infra/energy.py)")
     ap.add_argument("--tiny", action="store_true", help="synthetic data, a tiny space: the harness only")
     ap.add_argument("--work", type=Path, default=None, help="with --tiny: its folder (results there)")
     args = ap.parse_args()
@@ -668,7 +669,8 @@ def main() -> int:
                         k: {"fraction": round(f, 3), "epochs": finetune_epochs(k, ctx), "lr": FINETUNE_LR}
                         for k, f in FINETUNES.items()},
                     "scratch": f"teacher phase of the {ctx.base_schedule.name} schedule",
-                    "nas": dataclasses.asdict(ctx.nas) | {"module": "onceforall/nas_baseline.py"},
+                    "nas": dataclasses.asdict(ctx.nas)
+                    | {"module": "onceforall/specialization/nas_baseline.py"},
                     "carbon": ctx.carbon or "default (OFA_CARBON or 475 g/kWh)",
                     "supernet": str(ctx.supernet), "subnets": "bench/_work/claim/cards (snapshot of "
                     "the specialization run they were first taken from)"}})

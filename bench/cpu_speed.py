@@ -3,7 +3,7 @@
 Images/s of one training step (forward, backward, SGD) of the fashion-mnist supernet at batch 128 and
 resolution 28, for the max, a middle and the min subnet:
   * elastic supernet, NCHW vs channels-last memory format, 1 vs 2 threads, and channels-last with
-    torch's own depthwise weight gradient everywhere (what onceforall/ops.py replaces where the
+    torch's own depthwise weight gradient everywhere (what onceforall/supernet/ops.py replaces where the
     kernel is larger than the feature map);
   * the extracted static max subnet, eager vs torch.compile (compile time reported separately;
     the elastic supernet changes shape every step, so compiling it recompiles per subnet).
@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine  # noqa: E402
 
-from onceforall import ops  # noqa: E402
-from onceforall.space import get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
-from onceforall.train import reference_configs  # noqa: E402
+from onceforall.supernet import ops  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
+from onceforall.training.train import reference_configs  # noqa: E402
 
 BATCH, STEPS, WARMUP = 128, 8, 3
 

@@ -43,15 +43,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine  # noqa: E402
 
-from onceforall import checkpoint as ckpt  # noqa: E402
-from onceforall.accuracy_data import collect_accuracy, read_rows  # noqa: E402
+from onceforall.supernet import checkpoint as ckpt  # noqa: E402
+from onceforall.specialization.accuracy_data import collect_accuracy, read_rows  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
-from onceforall.export import export_subnet, load_supernet  # noqa: E402
-from onceforall.schedule import get_schedule  # noqa: E402
-from onceforall.space import get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
-from onceforall.targets import Target  # noqa: E402
-from onceforall.train import run_phase  # noqa: E402
+from onceforall.specialization.export import export_subnet, load_supernet  # noqa: E402
+from onceforall.training.schedule import get_schedule  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
+from onceforall.specialization.targets import Target  # noqa: E402
+from onceforall.training.train import run_phase  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:

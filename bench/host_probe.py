@@ -1,8 +1,9 @@
 """Does the host probe see what slows a model? Card-statistic windows of a model and the probe.
 
 For a 1-thread batch-1 and a 2-thread batch-16 subnet of the fashion-mnist space (onnxruntime), one
-process times the model and the host probe (onceforall/ort_timing.py, host_probe) together, window
-after window: each window is what a model card measures (time_many: the smallest of at least 8
+process times the model and the host probe (onceforall/specialization/ort_timing.py, host_probe)
+together, window after window: each window is what a model card measures (time_many: the smallest of at
+least 8
 interleaved medians of 25 calls, spanning 2 s). Over --seconds of windows it reports how much the
 model's window varies, how much the probe's does, how closely they move together, and how much
 of the model's spread is left in the windows where the probe ran within 10% of its best window
@@ -27,11 +28,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine  # noqa: E402
 
-from onceforall.latency import onnx_bytes  # noqa: E402
-from onceforall.ort_timing import (EXPECT_TOLERANCE, HOST_PROBE_SHAPE, host_probe, ort_session,  # noqa: E402
+from onceforall.specialization.latency import onnx_bytes  # noqa: E402
+from onceforall.specialization.ort_timing import (EXPECT_TOLERANCE, HOST_PROBE_SHAPE, host_probe, ort_session,  # noqa: E402
                                    time_many)
-from onceforall.space import get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
 
 SETTINGS = (("1 thread, batch 1", 1, 1, (2, 7, 6)), ("2 threads, batch 16", 2, 16, (3, 5, 4)))
 

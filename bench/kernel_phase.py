@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 from progressive_shrinking import machine, test_accuracy, weights_sha256  # noqa: E402  (bench/)
 
 from onceforall.data import calibration_images, load_dataset  # noqa: E402
-from onceforall.schedule import get_schedule  # noqa: E402
-from onceforall.space import get_space  # noqa: E402
-from onceforall.train import run_phase  # noqa: E402
+from onceforall.training.schedule import get_schedule  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.training.train import run_phase  # noqa: E402
 
 PHASE = "kernel"
 VARIANTS = {  # name: changes to the schedule's kernel phase

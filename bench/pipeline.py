@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from progressive_shrinking import machine  # noqa: E402
 
 from onceforall import stages  # noqa: E402
-from onceforall.targets import EXAMPLE_TARGETS, load_targets  # noqa: E402
+from onceforall.specialization.targets import EXAMPLE_TARGETS, load_targets  # noqa: E402
 
 RESULT = ROOT / "docs" / "results" / "pipeline.json"
 

@@ -2,7 +2,7 @@
 
 Each measured subnet is BN-recalibrated on training images (the reference's training transform at
 its resolution) and scored on validation images and their mirror images (the evaluation
-transform), all JPEGs decoded on demand (onceforall.imagefolder), exactly as the
+transform), all JPEGs decoded on demand (onceforall.data.imagefolder), exactly as the
 fit-accuracy-predictor stage does (accuracy_data.SubnetEvaluator). Here every subnet is at 224 px.
 Three figures, so the bottleneck shows:
 
@@ -37,12 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onceforall.accuracy_data import SubnetEvaluator, stratified_configs  # noqa: E402
+from onceforall.specialization.accuracy_data import SubnetEvaluator, stratified_configs  # noqa: E402
 from onceforall.data import subsample  # noqa: E402
-from onceforall.export import load_supernet  # noqa: E402
-from onceforall.imagefolder import open_image_folder, pixel_batches  # noqa: E402
-from onceforall.space import get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
+from onceforall.specialization.export import load_supernet  # noqa: E402
+from onceforall.data.imagefolder import open_image_folder, pixel_batches  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
 
 RESOLUTION = 224
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import weights_sha256  # noqa: E402
 
-from onceforall.accuracy_data import SubnetEvaluator, load_accuracy_rows  # noqa: E402
+from onceforall.specialization.accuracy_data import SubnetEvaluator, load_accuracy_rows  # noqa: E402
 from onceforall.data import load_dataset  # noqa: E402
-from onceforall.export import load_supernet  # noqa: E402
-from onceforall.predictor import AccuracyPredictor, split_indices  # noqa: E402
+from onceforall.specialization.export import load_supernet  # noqa: E402
+from onceforall.specialization.predictor import AccuracyPredictor, split_indices  # noqa: E402
 
 WORK = ROOT / "bench/_work/specialize"
 OUT = ROOT / "docs/results/predictor_noise.json"

@@ -26,14 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onceforall import checkpoint as ckpt  # noqa: E402
+from onceforall.supernet import checkpoint as ckpt  # noqa: E402
 from onceforall.data import calibration_images, load_dataset  # noqa: E402
-from onceforall.energy import Meter  # noqa: E402
-from onceforall.evaluate import evaluate_subnets  # noqa: E402
-from onceforall.schedule import get_schedule  # noqa: E402
-from onceforall.space import get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
-from onceforall.train import reference_configs, run_phase  # noqa: E402
+from onceforall.infra.energy import Meter  # noqa: E402
+from onceforall.supernet.evaluate import evaluate_subnets  # noqa: E402
+from onceforall.training.schedule import get_schedule  # noqa: E402
+from onceforall.supernet.space import get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
+from onceforall.training.train import reference_configs, run_phase  # noqa: E402
 
 
 def machine() -> dict:

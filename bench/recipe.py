@@ -41,16 +41,16 @@ sys.path.insert(0, str(ROOT))
 
 from progressive_shrinking import machine, weights_sha256  # noqa: E402  (bench/)
 
-from onceforall import checkpoint as ckpt  # noqa: E402
+from onceforall.supernet import checkpoint as ckpt  # noqa: E402
 from onceforall.data import calibration_images, load_dataset, resize, subsample, train_batch  # noqa: E402
-from onceforall.efficiency import CostTable  # noqa: E402
+from onceforall.supernet.efficiency import CostTable  # noqa: E402
 from onceforall.errors import UserError  # noqa: E402
-from onceforall.evaluate import evaluate_subnets  # noqa: E402
-from onceforall.recipe import step_configs, step_resolution, train_step_losses  # noqa: E402
-from onceforall.schedule import PhaseConfig, Schedule, get_schedule  # noqa: E402
-from onceforall.space import SearchSpace, UnitSpec, get_space  # noqa: E402
-from onceforall.supernet import OFASupernet  # noqa: E402
-from onceforall.train import reference_configs, run_phase, sgd  # noqa: E402
+from onceforall.supernet.evaluate import evaluate_subnets  # noqa: E402
+from onceforall.training.recipe import step_configs, step_resolution, train_step_losses  # noqa: E402
+from onceforall.training.schedule import PhaseConfig, Schedule, get_schedule  # noqa: E402
+from onceforall.supernet.space import SearchSpace, UnitSpec, get_space  # noqa: E402
+from onceforall.supernet.supernet import OFASupernet  # noqa: E402
+from onceforall.training.train import reference_configs, run_phase, sgd  # noqa: E402
 
 DOCS_RESULTS = ROOT / "docs" / "results" / "recipe.json"
 CLOSE = 0.3  # points: under this difference from the base, a second seed decides

@@ -33,10 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onceforall.efficiency import CostTable  # noqa: E402
-from onceforall.predictor import HIDDEN, MEMBERS, AccuracyPredictor, PredictorMLP, encoding_size  # noqa: E402
-from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
-from onceforall.space import SubnetConfig, get_space  # noqa: E402
+from onceforall.supernet.efficiency import CostTable  # noqa: E402
+from onceforall.specialization.predictor import (  # noqa: E402
+    HIDDEN, MEMBERS, AccuracyPredictor, PredictorMLP, encoding_size)
+from onceforall.specialization.search import EvolutionConfig, evolution_search  # noqa: E402
+from onceforall.supernet.space import SubnetConfig, get_space  # noqa: E402
 
 BUDGET_MACS = 6e6
 REPEATS = 3

@@ -172,7 +172,7 @@ def specialize(r: dict) -> list[str]:
         views = " and their mirror images (both views averaged)" if a.get("views") == 2 else ""
         if a.get("samplers"):
             sets += " (" + ", ".join(f"{v} {k}" for k, v in a["samplers"].items()) + \
-                "; onceforall/accuracy_data.py explains the samplers)"
+                "; onceforall/specialization/accuracy_data.py explains the samplers)"
         lines += [f"Accuracy data: {a['n']} stratified subnets{sets}, BN recalibrated, validation accuracy "
                   f"on {a['val_images']} images{views}; {a['eval_s_per_subnet']:.2f} s per subnet "
                   f"({_fmt_s(a['eval_s_total'])} in all); accuracies {a['val_acc_min']:.2f} to "
@@ -231,8 +231,9 @@ def specialize(r: dict) -> list[str]:
             lines += [row(f"{k.replace('_', ' ')}, validated earlier", e) for e in v.get("earlier", [])]
         lines += ["", "Every measurement is the smallest of at least 8 medians of 20 calls (as many as "
                   "span 2 s), the models interleaved round by round after a timed warm-up "
-                  "(onceforall/ort_timing.py, time_many). Measured again: the same 50 subnets measured a "
-                  "second time right after the first, against the first: the noise floor under any "
+                  "(onceforall/specialization/ort_timing.py, time_many). Measured again: the same 50 "
+                  "subnets measured a second time right after the first, against the first: the "
+                  "noise floor under any "
                   "table's MAPE on this machine at the time.", ""]
     if r.get("search"):
         s = r["search"]
@@ -286,8 +287,9 @@ def specialize(r: dict) -> list[str]:
                  if t["constraint"] == "latency_ms" and "host_slowdown" in t["reproduced"]}
         if cards:
             lines += ["Latency cards and their reproduction (`python -m onceforall.reproduce`, a fresh "
-                      "process right after the export). The host probe (onceforall/ort_timing.py) is timed "
-                      "in the same rounds as the model: its time when the target's latency table was "
+                      "process right after the export). The host probe "
+                      "(onceforall/specialization/ort_timing.py) is timed in the same rounds as the "
+                      "model: its time when the target's latency table was "
                       "measured, with the card, and with the reproduction (their ratio: how much slower "
                       "the reproduction's host ran):", "",
                       "| target | budget (headroom) | card (ms) | reproduced (ms) | probe: table / card / "
@@ -304,8 +306,9 @@ def specialize(r: dict) -> list[str]:
             lines.append("")
         refined = {n: t["refinement"] for n, t in r["targets"].items() if t.get("refinement")}
         if refined:
-            lines += ["Validation feedback in each search (onceforall/specialize.py, Refinement): per "
-                      "round, the validation accuracy (%) of the 8 best-scoring points not measured yet, "
+            lines += ["Validation feedback in each search (onceforall/specialization/specialize.py, "
+                      "Refinement): per round, the validation accuracy (%) of the 8 best-scoring "
+                      "points not measured yet, "
                       "before the predictor is fit again on them (weight 3) and its rows:", "",
                       "| target | " + " | ".join(f"round {i + 1}" for i in range(
                           max(len(f["val_acc_by_round"]) for f in refined.values()))) + " | wall |",
@@ -326,7 +329,7 @@ def cpu_speed(r: dict) -> list[str]:
              f"Images/s of one training step (forward, backward, SGD), batch {r['batch']}, resolution "
              f"{r['resolution']}. `oneDNN depthwise grad` is the elastic supernet with torch's own "
              "depthwise weight gradient everywhere, instead of the project's where the kernel is larger "
-             "than the feature map (`onceforall/ops.py`)."]
+             "than the feature map (`onceforall/supernet/ops.py`)."]
     for run in [r] + r.get("other_machines", []):
         before = not any("oneDNN" in row["layout"] for row in run["rows"])
         lines += ["", f"Machine: {_machine(run['machine'])}"
@@ -587,7 +590,7 @@ BASELINES = {"scratch": "training alone", "nas": "per-target NAS"}
 
 
 def cost_model_lines(m: dict, docs: Path = DOCS) -> list[str]:
-    """One scale's cost of N targets (bench/claim.py, onceforall/cost.py): OFA against each
+    """One scale's cost of N targets (bench/claim.py, onceforall/infra/cost.py): OFA against each
     measured baseline, the break-even N against each, or what is pending."""
     scale = m["scale"]
     head = f"**Cost of N targets at the `{scale}` scale**"

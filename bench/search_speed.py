@@ -12,10 +12,10 @@ import time
 import numpy as np
 import torch
 
-from onceforall.efficiency import CostTable
-from onceforall.predictor import HIDDEN, AccuracyPredictor, PredictorMLP, encoding_size
-from onceforall.search import EvolutionConfig, evolution_search
-from onceforall.space import get_space
+from onceforall.supernet.efficiency import CostTable
+from onceforall.specialization.predictor import HIDDEN, AccuracyPredictor, PredictorMLP, encoding_size
+from onceforall.specialization.search import EvolutionConfig, evolution_search
+from onceforall.supernet.space import get_space
 
 
 def main(space_name: str = "imagenet-mbv3") -> None:

@@ -1,8 +1,8 @@
 """Benchmark: specialize the `standard` supernet for the example targets.
 
 1. accuracy data: stratified subnets (two balanced sets and a graded one that reaches the corners;
-   see onceforall/accuracy_data.py), BN recalibrated, validation accuracy over each image and its
-   mirror image (resumable);
+   see onceforall/specialization/accuracy_data.py), BN recalibrated, validation accuracy over each
+   image and its mirror image (resumable);
 2. accuracy predictor: fit, then RMSE / Kendall tau on held-out subnets (all, and by sampler), and
    its error on the uniform subnets and the max subnet (step 5 measures them on validation);
 3. latency tables: onnxruntime at 1 and 2 threads (batch 1), validated on 50 whole subnets;
@@ -37,20 +37,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine, weights_sha256  # noqa: E402
 
-from onceforall.accuracy_data import (  # noqa: E402
+from onceforall.specialization.accuracy_data import (  # noqa: E402
     SubnetEvaluator, collect_accuracy, load_accuracy_rows, read_rows)
 from onceforall.data import load_dataset  # noqa: E402
-from onceforall.efficiency import CostTable  # noqa: E402
-from onceforall.export import export_subnet, load_supernet  # noqa: E402
-from onceforall.latency import (  # noqa: E402
+from onceforall.supernet.efficiency import CostTable  # noqa: E402
+from onceforall.specialization.export import export_subnet, load_supernet  # noqa: E402
+from onceforall.specialization.latency import (  # noqa: E402
     LatencyTable, Profiler, build_latency_table, card_profiler, measure_configs, validate_latency_table)
-from onceforall.predictor import fit_predictor, regression_metrics, split_indices  # noqa: E402
-from onceforall.search import EvolutionConfig, evolution_search  # noqa: E402
-from onceforall.specialize import (  # noqa: E402
+from onceforall.specialization.predictor import fit_predictor, regression_metrics, split_indices  # noqa: E402
+from onceforall.specialization.search import EvolutionConfig, evolution_search  # noqa: E402
+from onceforall.specialization.specialize import (  # noqa: E402
     Refinement, constraint_fn, pareto_plot, resolve_budget, search_target, select_on_validation,
     uniform_configs)
-from onceforall.space import SubnetConfig  # noqa: E402
-from onceforall.targets import load_targets  # noqa: E402
+from onceforall.supernet.space import SubnetConfig  # noqa: E402
+from onceforall.specialization.targets import load_targets  # noqa: E402
 
 
 # A standard supernet kept in the repository (weights and checkpoint.json, ~8 MB), so that this

@@ -54,7 +54,7 @@ def write_tree(root: Path, images: int, classes: int, seed: int = 0) -> Path:
 
 def streamed_epoch(spec: str, resolution: int, batch: int, workers: int) -> dict:
     from onceforall.data import load_dataset
-    from onceforall.stream import StepShares, train_shares
+    from onceforall.data.stream import StepShares, train_shares
 
     data = load_dataset(spec, val_size=0)
     steps = len(data.train) // batch
@@ -99,7 +99,7 @@ def small_as_files(spec: str, root: Path, images: int) -> str:
 
 
 def main() -> int:
-    from onceforall.imagefolder import default_workers
+    from onceforall.data.imagefolder import default_workers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="imagefolder:PATH or shards:PATH (default: write a tree)")

@@ -132,7 +132,7 @@ def ours_plan() -> dict:
     """The random subnets both sides use, in our config shape and in the reference's arguments."""
     import numpy as np
 
-    from onceforall.space import get_space
+    from onceforall.supernet.space import get_space
 
     space = get_space(SPACE).restrict(resolutions=[RESOLUTION])
     rng = np.random.default_rng(SEED)  # run_ours replays this stream with space.sample, step by step
@@ -148,10 +148,10 @@ def ours_plan() -> dict:
 def run_ours(plan: dict) -> dict:
     import numpy as np
 
-    from onceforall.bn import recalibrate_bn
-    from onceforall.space import SubnetConfig, get_space
-    from onceforall.supernet import OFASupernet
-    from onceforall.train import param_groups
+    from onceforall.supernet.bn import recalibrate_bn
+    from onceforall.supernet.space import SubnetConfig, get_space
+    from onceforall.supernet.supernet import OFASupernet
+    from onceforall.training.train import param_groups
 
     torch.set_num_threads(THREADS)
     space = get_space(SPACE).restrict(resolutions=[RESOLUTION])
@@ -175,7 +175,7 @@ def run_ours(plan: dict) -> dict:
             def step(i: int, row: str = row, rng=rng, seen=seen) -> None:
                 cfg = space.sample(rng) if row == "random" else fixed[row]
                 seen.append(cfg)
-                loss = criterion(net(x, cfg), y)  # as onceforall.train.run_phase does
+                loss = criterion(net(x, cfg), y)  # as onceforall.training.train.run_phase does
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=False)

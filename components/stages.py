@@ -137,7 +137,7 @@ def placement(node_selector: dict, tolerations: list) -> NamedTuple("Placement",
     their placement from this task (pipelines/ofa_pipeline.py)."""
     from collections import namedtuple
 
-    from onceforall.targets import check_placement
+    from onceforall.specialization.targets import check_placement
 
     node_selector, tolerations = check_placement(node_selector, tolerations)
     return namedtuple("Placement", ["node_selector", "tolerations"])(node_selector, tolerations)

@@ -38,7 +38,7 @@ def _setup(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train_supernet
+    from .training.train import train_supernet
 
     space, schedule, data = _setup(args)
     phases = args.phases.split(",") if args.phases else None
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_phase(args: argparse.Namespace) -> int:
-    from .train import run_phase
+    from .training.train import run_phase
 
     space, schedule, data = _setup(args)
     if args.checkpoint_every_s is not None:
@@ -67,7 +67,7 @@ def cmd_phase(args: argparse.Namespace) -> int:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    from .space import get_space, space_yaml
+    from .supernet.space import get_space, space_yaml
 
     space = get_space(args.space)
     if args.action == "show":
@@ -80,7 +80,7 @@ def cmd_space(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .space import get_space
+    from .supernet.space import get_space
 
     space = get_space(args.space)
     for cfg in space.sample_many(np.random.default_rng(args.seed), args.n):
@@ -89,12 +89,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
+    from .supernet import checkpoint as ckpt
     from .data import calibration_images, is_streamed, load_dataset
-    from .evaluate import evaluate_subnets
-    from .export import load_supernet
-    from .space import SubnetConfig
-    from .train import reference_configs
+    from .supernet.evaluate import evaluate_subnets
+    from .specialization.export import load_supernet
+    from .supernet.space import SubnetConfig
+    from .training.train import reference_configs
 
     meta = ckpt.read_meta(args.checkpoint)
     net = load_supernet(args.checkpoint)  # with the BN semantics its sidecar records
@@ -120,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace):
-    from .targets import load_targets
+    from .specialization.targets import load_targets
 
     targets = load_targets(args.targets)
     for t in targets:
@@ -131,14 +131,14 @@ def _target(args: argparse.Namespace):
 
 
 def _supernet(path: str):
-    from .export import load_supernet
+    from .specialization.export import load_supernet
 
     return load_supernet(path)
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
-    from .checkpoint import read_meta
-    from .official import import_official
+    from .supernet.checkpoint import read_meta
+    from .supernet.official import import_official
 
     folder = import_official(args.source, args.out, bn=args.bn)
     meta = read_meta(folder)
@@ -149,10 +149,10 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 
 
 def cmd_accuracy_data(args: argparse.Namespace) -> int:
-    from .accuracy_data import collect_accuracy
+    from .specialization.accuracy_data import collect_accuracy
     from .data import load_dataset
     from .progress import Progress
-    from .train import pick_device
+    from .training.train import pick_device
 
     net = _supernet(args.supernet).to(pick_device(args.device))
     data = load_dataset(args.data, val_size=args.val_size, seed=args.seed)
@@ -170,9 +170,9 @@ def cmd_accuracy_data(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_predictor(args: argparse.Namespace) -> int:
-    from .accuracy_data import load_accuracy_rows
-    from .checkpoint import load_checkpoint
-    from .predictor import fit_predictor
+    from .specialization.accuracy_data import load_accuracy_rows
+    from .supernet.checkpoint import load_checkpoint
+    from .specialization.predictor import fit_predictor
 
     space = load_checkpoint(args.supernet).space
     cfgs, accs = load_accuracy_rows(args.rows, space)
@@ -184,8 +184,8 @@ def cmd_fit_predictor(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .progress import Progress
-    from .space import get_space
-    from .specialize import profile_target
+    from .supernet.space import get_space
+    from .specialization.specialize import profile_target
 
     target = _target(args)
     bar = Progress(f"profile {target.name}", 1)
@@ -203,8 +203,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .space import get_space
-    from .specialize import search_target
+    from .supernet.space import get_space
+    from .specialization.specialize import search_target
 
     refine = None
     if args.supernet:
@@ -226,8 +226,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .export import export_subnet
-    from .space import SubnetConfig
+    from .specialization.export import export_subnet
+    from .supernet.space import SubnetConfig
 
     doc = json.loads(Path(args.search).read_text())
     net_space = _supernet(args.supernet).space
@@ -302,7 +302,7 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
 
 def _cluster_params(args: argparse.Namespace) -> dict:
     """Pipeline parameters from the flags: only those given, so the pipeline's defaults apply."""
-    from .targets import load_targets, pipeline_items
+    from .specialization.targets import load_targets, pipeline_items
 
     params = {k: getattr(args, k) for k in ("data", "space", "schedule", "publish_uri", "seed", "supernet")
               if getattr(args, k) is not None}

@@ -30,7 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .ort_timing import EXPECT_TOLERANCE, HOST_PROBE_SHAPE, WINDOW_S, host_probe, ort_session, time_many
+from .specialization.ort_timing import (
+    EXPECT_TOLERANCE, HOST_PROBE_SHAPE, WINDOW_S, host_probe, ort_session, time_many)
 
 
 def _idx(path: Path) -> np.ndarray:

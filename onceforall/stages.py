@@ -25,10 +25,10 @@ from typing import Any, Iterable, Iterator
 
 from .data import Dataset, load_dataset, subsample
 from .errors import UserError
-from .launch import Launch
-from .schedule import Schedule, get_schedule
-from .space import SearchSpace, SubnetConfig, get_space
-from .targets import Target
+from .training.launch import Launch
+from .training.schedule import Schedule, get_schedule
+from .supernet.space import SearchSpace, SubnetConfig, get_space
+from .specialization.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def data_cache_dir() -> Path:
 
 def open_data(uri: str, *, val_size: int = 5000, seed: int = 0, image_size: int | None = None) -> Dataset:
     """``fashion-mnist``, ``synthetic[:N]``, a folder, or an ``s3://`` prefix (downloaded once)."""
-    from . import store
+    from .infra import store
 
     if store.is_s3(uri):
         bucket, key = store.split_s3(uri)
@@ -130,8 +130,8 @@ def _stage(name: str, out_dir: str | Path, run: RunContext, *, target: str | Non
            inputs: Iterable[str | Path] = ()) -> Iterator[dict[str, Any]]:
     """Meter the body's energy; then write the ledger and push the figures. The body fills
     ``record["metrics"]``."""
-    from .energy import Meter, combine
-    from .metrics import push_stage
+    from .infra.energy import Meter, combine
+    from .infra.metrics import push_stage
 
     record: dict[str, Any] = {"stage": name, "target": target, "run_id": run.run_id, "metrics": {}}
     t0 = time.monotonic()
@@ -172,9 +172,9 @@ def checkpoint_uri_for(output_uri: str) -> str | None:
     failed, an OOM kill or a node's graceful shutdown, is retried; a deleted pod (a drain's, a lost
     node's) is an Error and is not.) ``minio://`` (KFP's default pipeline root)
     is S3 at the same bucket and key; a local path (kfp.local) is a folder. Other schemes (``gs://``)
-    are not spoken by onceforall.store: None, and the phase keeps its checkpoints in its pod only.
+    are not spoken by onceforall.infra.store: None, and the phase keeps its checkpoints in its pod only.
     """
-    from . import store
+    from .infra import store
 
     if output_uri.startswith("minio://"):
         output_uri = "s3://" + output_uri[len("minio://"):]
@@ -212,7 +212,7 @@ def shrink(phase: str, out_dir: str | Path, *, init_dir: str | Path, teacher_dir
 def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, schedule: str,
            seed: int, device: str, progress: bool, run: RunContext,
            checkpoint_uri: str | None, launch: Launch) -> dict[str, Any]:
-    from . import launch as launcher
+    from .training import launch as launcher
 
     name = "train-teacher" if phase == "teacher" else f"shrink-{phase}"
     with _stage(name, out_dir, run, inputs=[init_dir] if init_dir else []) as record:
@@ -233,7 +233,7 @@ def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, sc
 
 def scratch_config(space: SearchSpace) -> SubnetConfig:
     """The architecture the from-scratch baseline trains: the space's middle subnet."""
-    from .train import reference_configs
+    from .training.train import reference_configs
 
     return reference_configs(space)["mid"]
 
@@ -245,7 +245,7 @@ def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: st
     """Stage train-scratch: one architecture (the middle subnet) trained alone, from scratch, on the
     teacher's recipe, and metered like every stage: what one more target costs without OFA.
     ``checkpoint_uri`` and ``launch`` as in train_teacher."""
-    from . import launch as launcher
+    from .training import launch as launcher
 
     with _stage("train-scratch", out_dir, run) as record:
         spec = launcher.scratch_spec(out_dir, data=data, space=space, schedule=schedule, seed=seed,
@@ -264,8 +264,8 @@ def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: st
 def supernet_space(uri: str) -> SearchSpace:
     """The search space of the checkpoint folder at ``uri`` (a folder or s3://), from its sidecar
     alone: what a specialize-only run checks its inputs against before anything starts."""
-    from . import store
-    from .checkpoint import FORMAT, SIDECAR
+    from .infra import store
+    from .supernet.checkpoint import FORMAT, SIDECAR
 
     where = store.join(uri, SIDECAR)
     if not store.exists(where):
@@ -289,8 +289,8 @@ def open_supernet(uri: str, out_dir: str | Path, *, run: RunContext = RunContext
 
     The supernet's own history (its training stages, if any) stays out of this run's ledger: this
     run did not pay for it, and the report says so."""
-    from . import store
-    from .checkpoint import SIDECAR, load_checkpoint
+    from .infra import store
+    from .supernet.checkpoint import SIDECAR, load_checkpoint
 
     space = supernet_space(uri)
     out_dir = Path(out_dir)
@@ -324,9 +324,9 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
 
     ``device`` (dist.eval_devices): by default every GPU the pod has, one process each (a share of
     the subnets apiece), else the CPU."""
-    from .accuracy_data import collect_accuracy_on, load_accuracy_rows
-    from .dist import eval_devices
-    from .predictor import fit_predictor
+    from .specialization.accuracy_data import collect_accuracy_on, load_accuracy_rows
+    from .training.dist import eval_devices
+    from .specialization.predictor import fit_predictor
     from .progress import Progress
 
     out_dir = Path(out_dir)
@@ -361,7 +361,7 @@ def fit_accuracy_predictor(supernet_dir: str | Path, out_dir: str | Path, *,
 def _predictor_inputs(supernet_dir: str | Path, data: str, seed: int, val_images: int | None):
     """The supernet and the validation images its subnets are measured on (every process that
     measures opens its own)."""
-    from .export import load_supernet
+    from .specialization.export import load_supernet
 
     net = load_supernet(supernet_dir)
     ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
@@ -389,7 +389,7 @@ def profile(target: dict[str, Any] | Target, out_dir: str | Path, *, space: str 
 
     Targets constrained by MACs or params need no table; the stage records that and returns."""
     from .progress import Progress
-    from .specialize import profile_target
+    from .specialization.specialize import profile_target
 
     tgt = _target(target)
     out_dir = Path(out_dir)
@@ -427,7 +427,7 @@ def search(target: dict[str, Any] | Target, predictor_dir: str | Path, profile_d
     ``refine_rounds`` times (None: ``schedule``'s) it measures its best points on the validation
     images the predictor's rows were measured on (``schedule``'s), on ``device`` (train.pick_device),
     and fits the predictor again on them and those rows (``accuracy.jsonl`` beside it)."""
-    from .specialize import SEARCH_RESULT, pareto_plot, search_target
+    from .specialization.specialize import SEARCH_RESULT, pareto_plot, search_target
 
     tgt = _target(target)
     out_dir = Path(out_dir)
@@ -468,10 +468,10 @@ def validation_refinement(supernet_dir: str | Path, rows: Path, data: str, seed:
     """The search's validation feedback: the supernet measured as the predictor's rows were
     (the first ``val_images`` validation images, with their mirror images where the rows have two
     views, BN recalibrated), on ``device``, and the rows to fit again with."""
-    from .accuracy_data import SubnetEvaluator, load_accuracy_rows, read_rows
-    from .export import load_supernet
-    from .specialize import Refinement
-    from .train import pick_device
+    from .specialization.accuracy_data import SubnetEvaluator, load_accuracy_rows, read_rows
+    from .specialization.export import load_supernet
+    from .specialization.specialize import Refinement
+    from .training.train import pick_device
 
     net = load_supernet(supernet_dir).to(pick_device(device))
     ds = open_data(data, seed=seed, image_size=max(net.space.resolutions))
@@ -494,9 +494,9 @@ def export(target: dict[str, Any] | Target, supernet_dir: str | Path, search_dir
 
     The card's ``energy`` lists the stages that produced this model: the shared ones and this
     target's profile and search (the export's own figure is in the ledger beside it)."""
-    from .export import export_subnet, load_supernet
-    from .specialize import SEARCH_RESULT, select_on_validation
-    from .train import pick_device
+    from .specialization.export import export_subnet, load_supernet
+    from .specialization.specialize import SEARCH_RESULT, select_on_validation
+    from .training.train import pick_device
 
     tgt = _target(target)
     out_dir = Path(out_dir)
@@ -556,10 +556,10 @@ def report(export_dirs: list[str | Path], out_dir: str | Path, *, scratch_dir: s
 
     With ``publish_uri`` it publishes the run as a release: ``releases/<run>/``, then
     ``current.json`` (compare-and-swap), then ``models/<target>/`` and the report at fixed paths
-    (see onceforall.publish). Publishing happens here, once every target has succeeded, so a run
+    (see onceforall.infra.publish). Publishing happens here, once every target has succeeded, so a run
     that fails anywhere publishes nothing and what an earlier run published stays intact."""
-    from .export import CARD
-    from .publish import publish_run, release_name
+    from .specialization.export import CARD
+    from .infra.publish import publish_run, release_name
 
     out_dir = Path(out_dir)
     cards = [json.loads((Path(d) / CARD).read_text()) for d in export_dirs]
@@ -608,8 +608,8 @@ def run_root(artifact_uri: str, run_id: str) -> str:
 
 def stage_model(target_name: str, model_dir: str | Path, root: str) -> str:
     """Copy one target's exported model folder (card last) to ``<root>/ofa-staged-models/<name>``."""
-    from . import store
-    from .export import CARD
+    from .infra import store
+    from .specialization.export import CARD
 
     dest = store.join(root, STAGED_MODELS, target_name)
     store.publish_dir(model_dir, dest, last=CARD)
@@ -622,9 +622,9 @@ def report_staged(target_names: list[str], root: str, out_dir: str | Path, *,
     """:func:`report` over the models the targets' branches staged under ``root``."""
     import tempfile
 
-    from . import store
+    from .infra import store
     from .errors import UserError
-    from .export import CARD
+    from .specialization.export import CARD
 
     with tempfile.TemporaryDirectory(prefix="ofa-staged-") as tmp:
         dirs = []
@@ -718,10 +718,10 @@ def _implied(ledger: list[dict[str, Any]], shared_j: float, marginal_j: float,
              scratch: dict[str, Any]) -> dict[str, Any]:
     """This run's measured figures carried to N = 1..100 targets, against training alone (measured:
     the train-scratch stage) and against a per-target NAS (estimated, no NAS ran here: one training
-    alone plus proxies costing the share of it that onceforall/nas_baseline.py's defaults cost
+    alone plus proxies costing the share of it that onceforall/specialization/nas_baseline.py's defaults cost
     under the `standard` recipe)."""
-    from .cost import NS, Cost, cost_model
-    from .nas_baseline import NASSettings
+    from .infra.cost import NS, Cost, cost_model
+    from .specialization.nas_baseline import NASSettings
 
     recs = {(r["stage"], r.get("target")): r for r in ledger if r.get("energy")}
     wall = lambda pred: sum(r["wall_s"] for k, r in recs.items() if pred(*k))  # noqa: E731
@@ -736,8 +736,8 @@ def _implied(ledger: list[dict[str, Any]], shared_j: float, marginal_j: float,
     return model | {"nas_estimate": {
         "proxy_share": round(share, 4), "settings": dataclasses.asdict(nas),
         "how": "estimated, not run: one training alone x (1 + the share of it that the K proxies of "
-               "onceforall/nas_baseline.py's defaults cost under the standard recipe); the latency "
-               "tables a NAS needs for latency targets are not counted"}}
+               "onceforall/specialization/nas_baseline.py's defaults cost under the standard recipe); the "
+               "latency tables a NAS needs for latency targets are not counted"}}
 
 
 def standard_claim(doc: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from onceforall import store
+from onceforall.infra import store
 from onceforall.errors import UserError
 from onceforall.stages import RUN_ID_ENV
 
@@ -79,11 +79,11 @@ class LocalRun:
 def check_inputs(space: str, schedule: str, data: str, targets: str | None, supernet: str = "") -> list:
     """Every run input resolved once, here, before kfp starts anything. With ``supernet`` (a
     specialize-only run) the space is the checkpoint's and ``space`` is not used."""
-    from onceforall.efficiency import subnet_macs, subnet_params
+    from onceforall.supernet.efficiency import subnet_macs, subnet_params
     from onceforall.errors import UserError
-    from onceforall.schedule import get_schedule
+    from onceforall.training.schedule import get_schedule
     from onceforall.stages import check_data, open_data, setup, supernet_space
-    from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets
+    from onceforall.specialization.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets
 
     if supernet:
         sp = supernet_space(supernet)
@@ -120,12 +120,12 @@ def run_local(*, space: str = "fashion-mnist", schedule: str = "quick", data: st
     stage in ``image``, default the one ``make image`` builds, through podman: ``containers.py``)."""
     from kfp import local
 
-    from onceforall.targets import pipeline_items
+    from onceforall.specialization.targets import pipeline_items
 
     from .ofa_pipeline import Options, build_pipeline, build_specialize_pipeline
 
     term = term or sys.stderr
-    from onceforall.energy import Carbon
+    from onceforall.infra.energy import Carbon
 
     if runner not in RUNNERS:
         raise UserError(f"unknown runner {runner!r}", field="--runner",

@@ -31,12 +31,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from onceforall.energy import DEFAULT_CARBON
-from onceforall.launch import LAUNCH_ENV, Launch
+from onceforall.infra.energy import DEFAULT_CARBON
+from onceforall.training.launch import LAUNCH_ENV, Launch
 from onceforall.stages import RUN_ID_ENV, SHRINK_PHASES
-from onceforall.store import SECRET_VARIABLES
-from onceforall.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets, pipeline_items
-from onceforall.trainjob import POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV
+from onceforall.infra.store import SECRET_VARIABLES
+from onceforall.specialization.targets import EXAMPLE_TARGETS, IMAGENET_TARGETS, load_targets, pipeline_items
+from onceforall.training.trainjob import POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV
 
 PIPELINE_NAME = "onceforall"
 COMPILED = Path(__file__).with_name("onceforall.yaml")
@@ -66,11 +66,12 @@ class Options:
     # (placement), which must then have GPUs, so this is not implied by `gpus`.
     target_gpus: int = 0
     # Nodes per training stage: > 1 runs each as a Kubeflow Trainer TrainJob of this many nodes with
-    # `gpus` GPUs each (onceforall/trainjob.py; the cluster needs the Trainer and manifests/base RBAC)
+    # `gpus` GPUs each (onceforall/training/trainjob.py; the cluster needs the Trainer and manifests/base
+    # RBAC)
     nodes: int = 1
     gpu_resource: str = "nvidia.com/gpu"
     # The S3 settings as environment variables from this Secret; every key of S3_SECRET_KEYS must
-    # exist in it (an empty value counts as unset: onceforall.store). Not `optional`: backends before
+    # exist in it (an empty value counts as unset: onceforall.infra.store). Not `optional`: backends before
     # 2.15 drop that field, and a missing key then stalls the pod. "": no Secret (IRSA and the like).
     s3_secret: str = "ofa-s3-credentials"
     target_parallelism: int = 0  # targets in flight at once; 0: all

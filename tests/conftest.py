@@ -191,7 +191,7 @@ class S3Server:
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS) on free loopback ports, with the AWS variables of os.environ
     pointing at it for the whole session (so subprocesses inherit them); restored afterwards."""
-    from onceforall import store
+    from onceforall.infra import store
 
     server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
     env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY,

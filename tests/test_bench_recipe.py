@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import recipe as bench  # noqa: E402  (bench/recipe.py)
 
-from onceforall.schedule import get_schedule  # noqa: E402
+from onceforall.training.schedule import get_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", bench.VARIANTS, ids=lambda v: v.name)

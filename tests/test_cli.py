@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from onceforall import checkpoint as ckpt
-from onceforall.schedule import smoke
-from onceforall.space import get_space
-from onceforall.train import run_phase
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.training.schedule import smoke
+from onceforall.supernet.space import get_space
+from onceforall.training.train import run_phase
 
 
 def ofa(*args, cwd=None):

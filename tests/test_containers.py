@@ -18,7 +18,7 @@ import pytest
 
 from onceforall.errors import UserError
 from onceforall.reproduce import reproduce
-from onceforall.export import CARD
+from onceforall.specialization.export import CARD
 from onceforall.stages import REPORT_JSON
 from onceforall_pipelines import containers
 from onceforall_pipelines.local import LOCAL_IMAGE, run_local

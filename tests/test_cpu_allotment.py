@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onceforall.cpu_allotment import cpu_allotment
+from onceforall.specialization.cpu_allotment import cpu_allotment
 
 
 def _write(path: Path, text: str) -> None:
@@ -73,7 +73,7 @@ def test_a_real_cgroup_quota_is_read():
     try:
         (folder / "cpu.cfs_period_us").write_text("100000")
         (folder / "cpu.cfs_quota_us").write_text("150000")
-        code = ("import json; from onceforall.cpu_allotment import cpu_allotment; "
+        code = ("import json; from onceforall.specialization.cpu_allotment import cpu_allotment; "
                 "print(json.dumps(cpu_allotment()))")
         # the shell joins the cgroup, then becomes the Python process that reads it
         proc = subprocess.run(["sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$0" -c "$1"',

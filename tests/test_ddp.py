@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from onceforall import checkpoint as ckpt
+from onceforall.supernet import checkpoint as ckpt
 from onceforall.data import load_dataset
-from onceforall.schedule import smoke
-from onceforall.space import get_space
-from onceforall.train import run_phase
+from onceforall.training.schedule import smoke
+from onceforall.supernet.space import get_space
+from onceforall.training.train import run_phase
 
 SPACE = get_space("fashion-mnist")
 
@@ -51,7 +51,7 @@ def test_two_ranks_stay_in_sync(tmp_path, tiny_data):
 def test_a_stage_with_two_processes_runs_two_ranks_under_torchrun(tmp_path):
     """What a training task compiled with --gpus 2 does (one rank per GPU); gloo ranks here."""
     from onceforall import stages
-    from onceforall.launch import Launch
+    from onceforall.training.launch import Launch
 
     two = Launch(procs_per_node=2)
     common = dict(data="synthetic:600", space="fashion-mnist", schedule="smoke", device="cpu",
@@ -72,7 +72,7 @@ def test_a_stage_with_two_processes_runs_two_ranks_under_torchrun(tmp_path):
 
 def test_a_failing_rank_fails_the_stage(tmp_path):
     from onceforall import stages
-    from onceforall.launch import Launch
+    from onceforall.training.launch import Launch
 
     with pytest.raises(RuntimeError, match="2 training ranks under torchrun failed"):
         stages.train_teacher(tmp_path / "t", data=str(tmp_path / "missing"), space="fashion-mnist",
@@ -83,7 +83,7 @@ def test_a_failing_rank_fails_the_stage(tmp_path):
 def test_two_ranks_resume_from_the_durable_checkpoint(tmp_path):
     """A retried two-rank stage in a fresh pod continues the run its first try checkpointed."""
     from onceforall import stages
-    from onceforall.launch import Launch
+    from onceforall.training.launch import Launch
     from onceforall.stages import setup
 
     sp, sch, data = setup("fashion-mnist", "smoke", "synthetic:600")

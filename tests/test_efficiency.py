@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from onceforall.efficiency import (CostTable, layer_costs, subnet_macs, subnet_macs_batch,
+from onceforall.supernet.efficiency import (CostTable, layer_costs, subnet_macs, subnet_macs_batch,
                                    subnet_params, subnet_params_batch)
 from onceforall.errors import UserError
-from onceforall.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
-from onceforall.subnet_batch import SubnetBatch
-from onceforall.supernet import OFASupernet
+from onceforall.supernet.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
+from onceforall.supernet.subnet_batch import SubnetBatch
+from onceforall.supernet.supernet import OFASupernet
 
 
 def hook_count(net: nn.Module, resolution: int, in_channels: int) -> tuple[int, int]:

@@ -7,9 +7,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from onceforall import stages
-from onceforall.energy import KWH_J, Carbon, Meter, Reading, combine
+from onceforall.infra.energy import KWH_J, Carbon, Meter, Reading, combine
 from onceforall.errors import UserError
-from onceforall.metrics import build_registry, push_stage
+from onceforall.infra.metrics import build_registry, push_stage
 
 TARGET = {"name": "mcu-params", "runtime": "onnxruntime",
           "constraint": {"kind": "params", "budget": 7.0e5}}
@@ -146,7 +146,7 @@ def test_energy_summary_savings_and_break_even():
 
 
 def test_report_quotes_a_measured_standard_result_with_its_provenance():
-    from onceforall.cost import Cost, cost_model
+    from onceforall.infra.cost import Cost, cost_model
 
     model = cost_model(Cost(9000.0, 900.0), Cost(400.0, 40.0), {"scratch": Cost(3000.0, 300.0),
                                                                "nas": Cost(4500.0, 450.0)}, 475.0)

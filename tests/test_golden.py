@@ -15,13 +15,13 @@ GOLDEN = Path(__file__).parent / "golden" / "smoke_synthetic.json"
 
 def run(tmp: Path) -> dict:
     from onceforall.data import load_dataset
-    from onceforall.schedule import smoke
-    from onceforall.space import get_space
-    from onceforall.train import train_supernet
+    from onceforall.training.schedule import smoke
+    from onceforall.supernet.space import get_space
+    from onceforall.training.train import train_supernet
 
     import dataclasses
 
-    from onceforall.space import UnitSpec
+    from onceforall.supernet.space import UnitSpec
 
     # A small space and enough steps to learn: a run stuck at chance would hide most regressions.
     space = dataclasses.replace(

@@ -1,4 +1,5 @@
-"""The per-target NAS baseline (onceforall/nas_baseline.py) on a tiny space and synthetic data."""
+"""The per-target NAS baseline (onceforall/specialization/nas_baseline.py) on a tiny space and synthetic
+data."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from onceforall.cost import Cost, break_even, cost_model
+from onceforall.infra.cost import Cost, break_even, cost_model
 from onceforall.data import load_dataset
-from onceforall.efficiency import CostTable, subnet_macs, subnet_params
+from onceforall.supernet.efficiency import CostTable, subnet_macs, subnet_params
 from onceforall.errors import UserError
-from onceforall.latency import LatencyTable
-from onceforall.nas_baseline import NAS_RESULT, NASSettings, run_nas, sample_candidates
-from onceforall.schedule import get_schedule
-from onceforall.space import UnitSpec, get_space
-from onceforall.targets import Target
+from onceforall.specialization.latency import LatencyTable
+from onceforall.specialization.nas_baseline import NAS_RESULT, NASSettings, run_nas, sample_candidates
+from onceforall.training.schedule import get_schedule
+from onceforall.supernet.space import UnitSpec, get_space
+from onceforall.specialization.targets import Target
 
 SPACE = dataclasses.replace(
     get_space("fashion-mnist"), name="tiny", stem_width=8, first_block_width=8,

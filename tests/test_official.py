@@ -3,7 +3,7 @@
 The reference is the `ofa` package (0.1.0.post202307202001, a test dependency in pyproject.toml).
 Its networks are built as its model zoo builds `ofa_mbv3_d234_e346_k357_w1.0` and `w1.2`, given
 random non-trivial weights and BN statistics, saved in the published layout (`{"state_dict": ...}`)
-and imported with `onceforall.official.import_official`. The imported supernet and the subnets we
+and imported with `onceforall.supernet.official.import_official`. The imported supernet and the subnets we
 extract must give the reference's logits exactly (max abs difference 0.0).
 """
 
@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from onceforall import checkpoint as ckpt
-from onceforall.bn import recalibrate_bn
-from onceforall.efficiency import subnet_params
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.supernet.bn import recalibrate_bn
+from onceforall.supernet.efficiency import subnet_params
 from onceforall.errors import UserError
-from onceforall.export import load_supernet
-from onceforall.official import import_official
-from onceforall.space import get_space, imagenet_mbv3_space
-from onceforall.supernet import OFASupernet
+from onceforall.specialization.export import load_supernet
+from onceforall.supernet.official import import_official
+from onceforall.supernet.space import get_space, imagenet_mbv3_space
+from onceforall.supernet.supernet import OFASupernet
 from official_ref import published_file, reference_net, stub_reference_loaders
 
 WIDTHS = (1.0, 1.2)
@@ -247,8 +247,8 @@ def reference_file(relative: str):
 
 
 def test_the_tutorials_accuracy_predictor_imports_within_1e_4_points(imported, tmp_path):
-    from onceforall.official_tables import PREDICTOR_RESOLUTIONS, import_accuracy_predictor
-    from onceforall.predictor import AccuracyPredictor
+    from onceforall.supernet.official_tables import PREDICTOR_RESOLUTIONS, import_accuracy_predictor
+    from onceforall.specialization.predictor import AccuracyPredictor
 
     tutorial = reference_file("tutorial/accuracy_predictor.py")
     torch.manual_seed(7)
@@ -273,7 +273,7 @@ def published_tables(space, resolutions, folder, rng) -> dict:
     (and keys of other networks, which an import must ignore)."""
     import yaml
 
-    from onceforall.official_tables import block_key, fixed_keys
+    from onceforall.supernet.official_tables import block_key, fixed_keys
 
     paths = {}
     for r in resolutions:
@@ -289,8 +289,8 @@ def published_tables(space, resolutions, folder, rng) -> dict:
 
 
 def test_published_latency_tables_import_within_1e_9_ms(imported, tmp_path):
-    from onceforall.latency import LatencyTable
-    from onceforall.official_tables import import_latency_tables
+    from onceforall.specialization.latency import LatencyTable
+    from onceforall.supernet.official_tables import import_latency_tables
 
     stub_reference_loaders()
     from ofa.nas.efficiency_predictor.latency_lookup_table import MBv3LatencyTable
@@ -323,10 +323,10 @@ def test_search_on_imported_tables_says_the_latency_is_the_tables(imported_w10, 
     search.json carries the table's provenance for the card (export.py: card["latency_table"])."""
     import json
 
-    from onceforall.official_tables import import_accuracy_predictor, import_latency_tables
-    from onceforall.search import EvolutionConfig
-    from onceforall.specialize import search_target
-    from onceforall.targets import Target
+    from onceforall.supernet.official_tables import import_accuracy_predictor, import_latency_tables
+    from onceforall.specialization.search import EvolutionConfig
+    from onceforall.specialization.specialize import search_target
+    from onceforall.specialization.targets import Target
 
     resolutions = (160, 176, 192, 208, 224)  # what both the predictor and the tables cover
     space = imported_w10[1].space.restrict(resolutions=resolutions)
@@ -346,7 +346,7 @@ def test_search_on_imported_tables_says_the_latency_is_the_tables(imported_w10, 
 
 
 def test_import_from_s3(imported_w10, s3_server, tmp_path):
-    from onceforall import store
+    from onceforall.infra import store
 
     *_, folder, source = imported_w10
     uri = s3_server.bucket() + "/official/" + source.name

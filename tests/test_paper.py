@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from onceforall import train
-from onceforall.gpu_hours import expected_gpu_hours, v100_macs_per_s
-from onceforall.recipe import lr_at
-from onceforall.schedule import get_schedule, paper, smoke
-from onceforall.space import get_space
+from onceforall.training import train
+from onceforall.training.gpu_hours import expected_gpu_hours, v100_macs_per_s
+from onceforall.training.recipe import lr_at
+from onceforall.training.schedule import get_schedule, paper, smoke
+from onceforall.supernet.space import get_space
 
 IMAGENET = get_space("imagenet-mbv3")
 GPUS = 32  # the paper's: batch 2048 = 64 per GPU x 32; the reference's lr = base_lr x GPUs

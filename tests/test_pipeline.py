@@ -10,10 +10,10 @@ import pytest
 import yaml
 from kfp import dsl
 
-from onceforall.export import CARD
+from onceforall.specialization.export import CARD
 from onceforall.errors import UserError
 from onceforall.stages import LEDGER, REPORT_JSON, REPORT_MD, RUN_ID_ENV, SHRINK_PHASES, STAGED_MODELS
-from onceforall.targets import EXAMPLE_TARGETS, load_targets
+from onceforall.specialization.targets import EXAMPLE_TARGETS, load_targets
 from onceforall_components import build
 from onceforall_pipelines.ofa_pipeline import COMPILED, Options, compile_pipeline
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from onceforall.errors import UserError
-from onceforall.predictor import AccuracyPredictor, encode, encoding_size, fit_predictor
-from onceforall.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
-from onceforall.subnet_batch import SubnetBatch
+from onceforall.specialization.predictor import AccuracyPredictor, encode, encoding_size, fit_predictor
+from onceforall.supernet.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
+from onceforall.supernet.subnet_batch import SubnetBatch
 
 
 def synthetic_accuracy(space, batch: SubnetBatch, rng: np.random.Generator,

@@ -1,4 +1,4 @@
-"""Publishing a run (onceforall.publish) against a real S3 server, with faults: the server killed in
+"""Publishing a run (onceforall.infra.publish) against a real S3 server, with faults: the server killed in
 the middle of an upload and restarted, a publish retried, an old run's retry after a newer run."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onceforall import store
-from onceforall.publish import CARD, POINTER, REPORT_JSON, REPORT_MD, publish_run, release_name
+from onceforall.infra import store
+from onceforall.infra.publish import CARD, POINTER, REPORT_JSON, REPORT_MD, publish_run, release_name
 
 TARGETS = ("edge", "phone")
 

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from onceforall import checkpoint as ckpt
+from onceforall.supernet import checkpoint as ckpt
 from onceforall.data import calibration_images
-from onceforall.efficiency import CostTable
+from onceforall.supernet.efficiency import CostTable
 from onceforall.errors import UserError
-from onceforall.evaluate import evaluate_subnets
-from onceforall.recipe import (WeightEMA, couple_kernels, lr_at, schedule_span, soft_cross_entropy,
+from onceforall.supernet.evaluate import evaluate_subnets
+from onceforall.training.recipe import (WeightEMA, couple_kernels, lr_at, schedule_span, soft_cross_entropy,
                                step_configs, train_step_losses)
-from onceforall.schedule import PhaseConfig, Schedule, get_schedule, smoke
-from onceforall.space import SubnetConfig, get_space
-from onceforall.supernet import OFASupernet
-from onceforall.train import _carry_momentum, reference_configs, run_phase, sgd, train_supernet
+from onceforall.training.schedule import PhaseConfig, Schedule, get_schedule, smoke
+from onceforall.supernet.space import SubnetConfig, get_space
+from onceforall.supernet.supernet import OFASupernet
+from onceforall.training.train import _carry_momentum, reference_configs, run_phase, sgd, train_supernet
 
 SPACE = get_space("fashion-mnist")
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ def test_cost_sampler_spreads_macs_where_uniform_piles_them_in_the_middle():
 
 
 def test_resolution_probs_bias_the_steps_resolution(tiny_data, tmp_path):
-    from onceforall.recipe import step_resolution
+    from onceforall.training.recipe import step_resolution
 
     rng = np.random.default_rng(0)
     biased = [step_resolution(_phase(resolution_probs=(0.1, 0.2, 0.7)), SPACE, rng) for _ in range(2000)]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from onceforall import checkpoint as ckpt
-from onceforall import durable, store
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.training import durable
+from onceforall.infra import store
 from onceforall.errors import UserError
-from onceforall.schedule import smoke
-from onceforall.space import get_space
-from onceforall.train import run_phase
+from onceforall.training.schedule import smoke
+from onceforall.supernet.space import get_space
+from onceforall.training.train import run_phase
 
 SPACE = get_space("fashion-mnist")
 # The quick schedule's teacher on 880 synthetic training images: 2 epochs of 6 steps (128 images),
@@ -194,13 +195,13 @@ def test_components_keep_checkpoints_next_to_their_output():
     assert checkpoint_uri_for("minio://mlpipeline/v2/artifacts/x/teacher") == \
         "s3://mlpipeline/v2/artifacts/x/teacher.checkpoints"
     assert checkpoint_uri_for("/tmp/root/teacher/") == "/tmp/root/teacher.checkpoints"  # kfp.local
-    assert checkpoint_uri_for("gs://b/x/teacher") is None  # not spoken by onceforall.store
+    assert checkpoint_uri_for("gs://b/x/teacher") is None  # not spoken by onceforall.infra.store
 
 
 def test_scratch_baseline_resumes_from_its_durable_checkpoint(s3_server, tiny_data, tmp_path):
     import dataclasses
 
-    from onceforall.train import RESUME_DIR, reference_configs, train_static
+    from onceforall.training.train import RESUME_DIR, reference_configs, train_static
 
     schedule = dataclasses.replace(smoke(), checkpoint_every_s=0.0)
     cfg, uri = reference_configs(SPACE)["mid"], f"{s3_server.bucket()}/scratch.checkpoints"

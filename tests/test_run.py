@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onceforall.space import UnitSpec, get_space, space_yaml
+from onceforall.supernet.space import UnitSpec, get_space, space_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -7,11 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from onceforall.efficiency import CostTable, subnet_macs
+from onceforall.supernet.efficiency import CostTable, subnet_macs
 from onceforall.errors import UserError
-from onceforall.search import EvolutionConfig, crossover, evolution_search, mutate, pareto_indices
-from onceforall.space import SearchSpace, UnitSpec, fashion_mnist_space
-from onceforall.subnet_batch import SubnetBatch
+from onceforall.specialization.search import (
+    EvolutionConfig, crossover, evolution_search, mutate, pareto_indices)
+from onceforall.supernet.space import SearchSpace, UnitSpec, fashion_mnist_space
+from onceforall.supernet.subnet_batch import SubnetBatch
 
 SMALL = EvolutionConfig(population=40, generations=40)
 

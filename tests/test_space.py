@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onceforall.errors import UserError
-from onceforall.space import PRESETS, SubnetConfig, get_space, load_space, space_yaml
+from onceforall.supernet.space import PRESETS, SubnetConfig, get_space, load_space, space_yaml
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -11,18 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onceforall import checkpoint as ckpt
-from onceforall.accuracy_data import SubnetEvaluator, collect_accuracy, read_rows, stratified_configs
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.specialization.accuracy_data import (
+    SubnetEvaluator, collect_accuracy, read_rows, stratified_configs)
 from onceforall.data import load_dataset
 from onceforall.errors import UserError
-from onceforall.export import export_subnet, resize_matrix
-from onceforall.latency import LatencyTable, Profiler, build_latency_table, onnx_bytes, validate_latency_table
-from onceforall.predictor import fit_predictor
+from onceforall.specialization.export import export_subnet, resize_matrix
+from onceforall.specialization.latency import (
+    LatencyTable, Profiler, build_latency_table, onnx_bytes, validate_latency_table)
+from onceforall.specialization.predictor import fit_predictor
 from onceforall.reproduce import reproduce
-from onceforall.space import SubnetConfig, UnitSpec, get_space
-from onceforall.specialize import pareto_plot, search_target, uniform_configs
-from onceforall.supernet import OFASupernet
-from onceforall.targets import parse_targets
+from onceforall.supernet.space import SubnetConfig, UnitSpec, get_space
+from onceforall.specialization.specialize import pareto_plot, search_target, uniform_configs
+from onceforall.supernet.supernet import OFASupernet
+from onceforall.specialization.targets import parse_targets
 
 SMALL = dataclasses.replace(
     get_space("fashion-mnist"), name="small", stem_width=8, first_block_width=8,
@@ -153,8 +155,8 @@ def test_collect_accuracy_on_several_devices_resumes_and_equals_one(supernet_dir
     after one row: merged, the same rows in the same order as one process writes."""
     import functools
 
-    from onceforall.accuracy_data import collect_accuracy_on
-    from onceforall.dist import eval_devices
+    from onceforall.specialization.accuracy_data import collect_accuracy_on
+    from onceforall.training.dist import eval_devices
     from onceforall.stages import _predictor_inputs
 
     opener = functools.partial(_predictor_inputs, str(supernet_dir), "synthetic:400", 0, 40)
@@ -207,7 +209,7 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     predictor, _ = fit_predictor(SMALL, cfgs, acc, seed=0, epochs=30)
     predictor.save(tmp_path / "predictor")
     target = _target("macs", 600_000, "tiny-macs")
-    from onceforall.search import EvolutionConfig
+    from onceforall.specialization.search import EvolutionConfig
 
     result = search_target(SMALL, target, tmp_path / "predictor.safetensors", tmp_path / "s",
                            config=EvolutionConfig(population=20, generations=10))
@@ -219,8 +221,8 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
 
     data = load_dataset(str(idx_dir), val_size=60)
     # The pick: the best validation accuracy among the search's best-scoring Pareto points.
-    from onceforall.export import load_supernet
-    from onceforall.specialize import select_on_validation
+    from onceforall.specialization.export import load_supernet
+    from onceforall.specialization.specialize import select_on_validation
 
     net = load_supernet(supernet_dir)
     picked, sel = select_on_validation(net, data, doc, k=4)
@@ -250,14 +252,14 @@ def test_search_then_export_then_reproduce(supernet_dir, idx_dir, tmp_path):
     rep = reproduce(tmp_path / "m" / "model_card.json", idx_dir, repeats=3)
     assert rep["sha256_ok"] and rep["acc_diff"] <= 0.1 and rep["within_budget"]
     # the card records its timing protocol, and reproduce measures with it
-    from onceforall.latency import card_profiler
+    from onceforall.specialization.latency import card_profiler
 
     protocol = card_profiler(target.runtime, target.threads, target.batch_size).protocol
     assert card["latency"]["protocol"] == protocol and rep["protocol"] == {**protocol, "repeats": 3}
     # the host probe was timed with the card and again with the reproduction, which compares them
     assert card["latency"]["host_probe_ms"] > 0
     # and the CPU allotment (cgroup quota) it was measured under, as this process sees it
-    from onceforall.cpu_allotment import cpu_allotment
+    from onceforall.specialization.cpu_allotment import cpu_allotment
 
     assert card["latency"]["cpu_allotment"] == cpu_allotment()
     assert rep["card_host_probe_ms"] == card["latency"]["host_probe_ms"]
@@ -283,7 +285,7 @@ def test_reproduce_times_an_older_card_the_way_it_was_measured():
 
 
 def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
-    from onceforall.ort_timing import time_many
+    from onceforall.specialization.ort_timing import time_many
 
     order = []
     calls = {"slow": 0}
@@ -314,7 +316,7 @@ def test_time_many_interleaves_rounds_and_keeps_each_fns_best_median():
 def test_time_many_waits_out_a_slow_stretch_when_it_knows_what_to_expect():
     """A host slow for 0.4 s, longer than the window: without an expectation the measurement is
     all slow stretch; with one, rounds go on (bounded by max_window_s) until the fast state."""
-    from onceforall.ort_timing import time_many
+    from onceforall.specialization.ort_timing import time_many
 
     t0 = time.perf_counter()
 
@@ -336,9 +338,10 @@ def test_onnx_timing_needs_no_torch_and_ranks_models():
     import subprocess
     import sys
 
-    from onceforall.ort_timing import time_onnx
+    from onceforall.specialization.ort_timing import time_onnx
 
-    probe = "import sys, onceforall.ort_timing, onceforall.reproduce; print('torch' in sys.modules)"
+    probe = ("import sys, onceforall.specialization.ort_timing, onceforall.reproduce; "
+             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
     shape = (4, 8, 32, 32)
@@ -349,8 +352,8 @@ def test_onnx_timing_needs_no_torch_and_ranks_models():
 
 
 def test_card_latency_is_timed_in_a_fresh_process():
-    from onceforall.latency import card_profiler
-    from onceforall.ort_timing import time_onnx_isolated
+    from onceforall.specialization.latency import card_profiler
+    from onceforall.specialization.ort_timing import time_onnx_isolated
 
     shape = (4, 8, 32, 32)
     small, big = torch.nn.Conv2d(8, 8, 1), torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1)] * 6)
@@ -385,7 +388,7 @@ def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tm
     # between the smallest and largest subnet, nearer the smallest: the table is measured in a few
     # quick rounds, and at the midpoint the first pick (the max subnet) once measured under it
     budget = round(float(sizes[0] + 0.3 * (sizes[1] - sizes[0])), 4)
-    from onceforall.search import EvolutionConfig
+    from onceforall.specialization.search import EvolutionConfig
 
     target = parse_targets({"targets": [{"name": "t", "runtime": "onnxruntime", "constraint": {
         "kind": "latency_ms", "budget": budget / 0.9, "headroom_pct": 10}}]})[0]  # plans for `budget`
@@ -418,8 +421,8 @@ def test_latency_search_measures_its_pick_and_searches_again_when_over(table, tm
 def test_budget_of_max_resolves_against_the_targets_table(table, tmp_path):
     """A budget as a fraction of the max subnet's latency: in ms on this table, in search.json
     too; a fraction no subnet fits names the smallest that does."""
-    from onceforall.search import EvolutionConfig
-    from onceforall.specialize import resolve_budget
+    from onceforall.specialization.search import EvolutionConfig
+    from onceforall.specialization.specialize import resolve_budget
 
     def target(of_max, headroom=10):
         return parse_targets({"targets": [{"name": "t", "runtime": "onnxruntime", "constraint": {
@@ -458,8 +461,8 @@ def test_budget_of_max_resolves_against_the_targets_table(table, tmp_path):
 def test_search_refined_on_validation_learns_what_the_predictors_data_missed(tmp_path):
     """The predictor's rows rate the smallest resolution 2 points higher than the subnets measure
     there. Validation feedback moves the search away from it; without it, it stays there."""
-    from onceforall.search import EvolutionConfig
-    from onceforall.specialize import Refinement
+    from onceforall.specialization.search import EvolutionConfig
+    from onceforall.specialization.specialize import Refinement
 
     rng = np.random.default_rng(0)
     rows = SMALL.sample_many(rng, 200)

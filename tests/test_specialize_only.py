@@ -21,20 +21,20 @@ import pytest
 import torch
 import yaml
 
-from onceforall import store
-from onceforall import checkpoint as ckpt
-from onceforall.checkpoint import WEIGHTS, save_checkpoint
+from onceforall.infra import store
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.supernet.checkpoint import WEIGHTS, save_checkpoint
 from onceforall.data import (calibration_batches, calibration_images, eval_batches, head_rows, in_memory,
                              load_dataset, subsample)
 from onceforall.errors import UserError
-from onceforall.export import CARD, MODEL, load_supernet
-from onceforall.imagefolder import (calibration_pixel_batches, eval_size, eval_transform, open_image_folder,
-                                    pixel_batches)
-from onceforall.official import import_official
-from onceforall.space import get_space
+from onceforall.specialization.export import CARD, MODEL, load_supernet
+from onceforall.data.imagefolder import (calibration_pixel_batches, eval_size, eval_transform,
+                                         open_image_folder, pixel_batches)
+from onceforall.supernet.official import import_official
+from onceforall.supernet.space import get_space
 from onceforall.stages import (REPORT_JSON, REPORT_MD, energy_summary, open_supernet, report_markdown,
                                supernet_space)
-from onceforall.supernet import OFASupernet
+from onceforall.supernet.supernet import OFASupernet
 from onceforall_pipelines.ofa_pipeline import COMPILED_SPECIALIZE, compile_pipeline
 from official_ref import published_file, reference_net
 from test_cluster import kfp_server  # noqa: F401 (the stand-in KFP API server, a fixture)
@@ -249,7 +249,7 @@ def test_the_sidecars_bn_semantics_travel_with_the_supernet(official_source, tmp
 
 def _semantics_seen(monkeypatch, *modules) -> list:
     """The ``semantics`` each recalibration in ``modules`` asks for (the real recalibration runs)."""
-    from onceforall import bn
+    from onceforall.supernet import bn
 
     seen = []
     for module in modules:
@@ -265,7 +265,8 @@ def _semantics_seen(monkeypatch, *modules) -> list:
 
 def test_accuracy_data_and_evaluation_recalibrate_as_the_supernet_says(official_source, folder, tmp_path,
                                                                       monkeypatch):
-    from onceforall import accuracy_data, evaluate
+    from onceforall.specialization import accuracy_data
+    from onceforall.supernet import evaluate
 
     seen = _semantics_seen(monkeypatch, accuracy_data, evaluate)
     net = load_supernet(import_official(official_source, tmp_path / "ref", bn="reference"))
@@ -288,8 +289,8 @@ def test_accuracy_data_and_evaluation_recalibrate_as_the_supernet_says(official_
 def exported(official_source, folder, tmp_path_factory):
     """The min subnet of an official supernet imported with the reference's BN semantics, exported on
     the JPEG folder: (supernet folder, model folder, card)."""
-    from onceforall.export import export_subnet
-    from onceforall.targets import Target
+    from onceforall.specialization.export import export_subnet
+    from onceforall.specialization.targets import Target
 
     tmp = tmp_path_factory.mktemp("exported")
     supernet = import_official(official_source, tmp / "ref", bn="reference")
@@ -307,8 +308,8 @@ def test_export_recalibrates_with_the_reference_semantics_of_an_imported_superne
     would, on the same calibration images: not as ours would."""
     import onnxruntime as ort
 
-    from onceforall.bn import recalibrate_bn_batches
-    from onceforall.export import DeployModel
+    from onceforall.supernet.bn import recalibrate_bn_batches
+    from onceforall.specialization.export import DeployModel
 
     supernet, model_dir, card = exported
     assert card["bn_recalibration"]["semantics"] == "reference"

@@ -1,4 +1,5 @@
-"""onceforall.store against a real S3 server (SeaweedFS on loopback, see conftest.py) and local folders."""
+"""onceforall.infra.store against a real S3 server (SeaweedFS on loopback, see conftest.py) and local
+folders."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onceforall import store
+from onceforall.infra import store
 from onceforall.errors import UserError
 
 CARD = "model_card.json"

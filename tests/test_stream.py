@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onceforall import checkpoint as ckpt
+from onceforall.supernet import checkpoint as ckpt
 from onceforall.data import epoch_order, load_dataset
 from onceforall.errors import UserError
-from onceforall.imagefolder import open_image_folder
-from onceforall.schedule import smoke
-from onceforall.space import fashion_mnist_space
-from onceforall.stream import StepShares, train_shares
-from onceforall.supernet import OFASupernet
-from onceforall.train import run_phase, train_static
+from onceforall.data.imagefolder import open_image_folder
+from onceforall.training.schedule import smoke
+from onceforall.supernet.space import fashion_mnist_space
+from onceforall.data.stream import StepShares, train_shares
+from onceforall.supernet.supernet import OFASupernet
+from onceforall.training.train import run_phase, train_static
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = dataclasses.replace(fashion_mnist_space(), name="rgb-3", in_channels=3, num_classes=3,
@@ -129,7 +129,7 @@ def _tiny_rgb_space(path: Path) -> Path:
     """A two-unit space with three input channels and three classes: a pipeline run in a minute."""
     import yaml
 
-    from onceforall.space import UnitSpec
+    from onceforall.supernet.space import UnitSpec
 
     sp = dataclasses.replace(SPACE, name="tiny-rgb", stem_width=8, first_block_width=8,
                              units=(UnitSpec(16, 2, "relu", False), UnitSpec(24, 2, "hswish", True)),
@@ -194,8 +194,8 @@ def test_damaged_image_stops_training_naming_the_file(tmp_path, workers):
 MEMORY_CHILD = """
 import resource, sys
 from onceforall.data import load_dataset
-from onceforall.imagefolder import open_image_folder
-from onceforall.stream import StepShares, train_shares
+from onceforall.data.imagefolder import open_image_folder
+from onceforall.data.stream import StepShares, train_shares
 
 def vm_bytes():
     return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
@@ -314,7 +314,7 @@ def test_bad_shards_fail_at_opening(tree, tmp_path):
 
 
 def test_shards_from_s3_read_as_byte_ranges(s3_server, tree, tmp_path):
-    from onceforall import store
+    from onceforall.infra import store
 
     shards = write_shards(tree, tmp_path / "wds", per_shard=30)
     bucket = s3_server.bucket()
@@ -332,7 +332,7 @@ def test_shards_from_s3_read_as_byte_ranges(s3_server, tree, tmp_path):
 
 
 def test_decoding_processes_are_split_among_the_ranks_of_a_pod(monkeypatch):
-    from onceforall.stream import rank_workers
+    from onceforall.data.stream import rank_workers
 
     data = type("D", (), {"workers": 7})()
     assert rank_workers(data) == 7  # one process: the dataset's

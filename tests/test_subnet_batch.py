@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onceforall.errors import UserError
-from onceforall.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
-from onceforall.subnet_batch import SubnetBatch, as_batch, choice_index
+from onceforall.supernet.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
+from onceforall.supernet.subnet_batch import SubnetBatch, as_batch, choice_index
 
 
 @pytest.mark.parametrize("make_space", [fashion_mnist_space, imagenet_mbv3_space])

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from onceforall.space import get_space
-from onceforall.supernet import OFASupernet
+from onceforall.supernet.space import get_space
+from onceforall.supernet.supernet import OFASupernet
 
 
 def _randomized(space):
@@ -54,7 +54,7 @@ def test_kernel_transforms_start_as_identity():
 def test_small_map_depthwise_gradients_are_the_convolution_s(hw, k, stride):
     """The hand-written weight gradient where the kernel is larger than the map: torch's own check in
     float64, then against F.conv2d's autograd in the float32 channels-last layout of training."""
-    from onceforall.ops import _SmallMapDepthwise, depthwise_conv2d
+    from onceforall.supernet.ops import _SmallMapDepthwise, depthwise_conv2d
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, *hw, dtype=torch.float64, requires_grad=True)
@@ -74,7 +74,7 @@ def test_small_map_depthwise_gradients_are_the_convolution_s(hw, k, stride):
 
 
 def test_extracted_subnet_trains_with_the_small_map_gradient_and_exports_plain_convs():
-    from onceforall.ops import DepthwiseConv2d
+    from onceforall.supernet.ops import DepthwiseConv2d
 
     space = get_space("fashion-mnist")
     static = _randomized(space).get_active_subnet(space.max_config()).train()

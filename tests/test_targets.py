@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from onceforall.errors import UserError
-from onceforall.targets import Target, load_targets, parse_targets
+from onceforall.specialization.targets import Target, load_targets, parse_targets
 
 EXAMPLE = "examples/targets.yaml"
 CLUSTER_EXAMPLE = "examples/targets-cluster.yaml"

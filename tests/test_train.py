@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onceforall import checkpoint as ckpt
+from onceforall.supernet import checkpoint as ckpt
 from onceforall.errors import UserError
-from onceforall.schedule import SCHEDULES, get_schedule, smoke
-from onceforall.space import get_space
-from onceforall.train import lr_at, run_phase, step_configs, train_supernet
+from onceforall.training.schedule import SCHEDULES, get_schedule, smoke
+from onceforall.supernet.space import get_space
+from onceforall.training.train import lr_at, run_phase, step_configs, train_supernet
 
 SPACE = get_space("fashion-mnist")
 

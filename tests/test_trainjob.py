@@ -1,4 +1,4 @@
-"""The multi-node launcher (onceforall/trainjob.py) against a stand-in Kubernetes API server
+"""The multi-node launcher (onceforall/training/trainjob.py) against a stand-in Kubernetes API server
 (tests/trainjob_standin.py): a job that succeeds (two nodes on loopback, torchrun, gloo), one that
 fails, one stuck Pending, one deleted under the launcher."""
 
@@ -11,13 +11,13 @@ import yaml
 from kubernetes import client
 from safetensors.torch import load_file
 
-from onceforall import checkpoint as ckpt
-from onceforall import durable, trainjob
+from onceforall.supernet import checkpoint as ckpt
+from onceforall.training import durable, trainjob
 from onceforall.errors import UserError
-from onceforall.launch import Launch, phase_spec
+from onceforall.training.launch import Launch, phase_spec
 from onceforall.stages import setup
-from onceforall.supernet import OFASupernet
-from onceforall.train import run_phase
+from onceforall.supernet.supernet import OFASupernet
+from onceforall.training.train import run_phase
 from trainjob_standin import UNSCHEDULABLE, StandIn
 
 RBAC = Path(__file__).parents[1] / "manifests" / "base" / "rbac.yaml"

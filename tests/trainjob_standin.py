@@ -1,6 +1,6 @@
 """A stand-in for the Kubernetes API server with Kubeflow Trainer installed, for tests/test_trainjob.py.
 
-It serves the paths and shapes the real one does for what onceforall/trainjob.py calls: TrainJobs
+It serves the paths and shapes the real one does for what onceforall/training/trainjob.py calls: TrainJobs
 (``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]``: create, get, delete,
 409 on a name taken, 404 ``Status`` on one missing), the job's pods (``/api/v1/namespaces/{ns}/pods``
 by the JobSet label selector) and a pod's log (``.../pods/{name}/log?follow=true``, streamed until

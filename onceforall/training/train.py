@@ -1,0 +1,617 @@
+"""Training stages: the teacher (full network), then each progressive-shrinking phase.
+
+``run_phase`` is one stage: it starts from the previous phase's checkpoint (or from scratch for the
+teacher), samples ``subnets_per_step`` subnets of the phase's space at every step, accumulates their
+gradients (label-smoothed cross-entropy plus distillation from the teacher, split as the phase's
+recipe fields say: recipe.py), then takes one SGD step.
+Everything random at a step (batch order, augmentation, resolution, subnets) is drawn from
+generators seeded by ``(seed, phase, epoch, step)``, so a resumed phase and every DDP rank see the
+same stream. Checkpoints are written every ``checkpoint_every_s`` and at each epoch's end; with a
+``checkpoint_uri`` each is also copied there (durable.py), so that a pod that starts over on another
+node continues from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..supernet import checkpoint as ckpt
+from . import durable
+from ..data import (Dataset, calibration_images, epoch_order, is_streamed, resize, subsample,
+                   train_batch)
+from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, broadcast_rng,
+                   rank_checksums, rank_device)
+from ..supernet.efficiency import CostTable
+from ..errors import UserError
+from ..supernet.evaluate import accuracy, evaluate_subnets
+from ..progress import Progress, append_jsonl
+from .recipe import (WeightEMA, freeze_transforms, lr_at, schedule_span, soft_cross_entropy,
+                     step_configs, step_resolution, train_step_losses)
+from .schedule import PhaseConfig, Schedule
+from ..supernet.space import SearchSpace, SubnetConfig
+from ..data.stream import StepShares, train_shares
+from ..supernet.supernet import OFASupernet
+
+LOG = "log.jsonl"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def reference_configs(space: SearchSpace) -> dict[str, SubnetConfig]:
+    """The subnets tracked during training: max, min, and three middle ones."""
+    srt = lambda xs: sorted(xs)  # noqa: E731
+    mid = lambda xs: srt(xs)[len(xs) // 2]  # noqa: E731
+    d, k, e, r = space.depths, space.kernels, space.expands, space.resolutions
+    return {
+        "max": space.max_config(),
+        "min": space.min_config(),
+        "mid": space.uniform_config(mid(d), mid(k), mid(e), mid(r)),
+        "shallow-wide": space.uniform_config(min(d), max(k), max(e), mid(r)),
+        "deep-narrow": space.uniform_config(max(d), min(k), min(e), mid(r)),
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on batch-norm parameters and biases (the paper's recipe); frozen parameters
+    (the fixed kernel mode's transforms) are not optimized at all."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights and biases are the 1-D ones
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_teacher(folder: str | Path, space: SearchSpace, dev: torch.device) -> OFASupernet:
+    """The teacher for distillation: its full network, frozen, in eval mode."""
+    net = OFASupernet(space)
+    ckpt.load_weights(net, ckpt.load_checkpoint(folder, space=space))
+    return net.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def sgd(model: torch.nn.Module, schedule: Schedule, phase: PhaseConfig,
+        data: Dataset) -> tuple[torch.optim.SGD, int]:
+    """The recipe's optimizer (Nesterov, no decay on BN and biases) and the steps per epoch."""
+    steps_per_epoch = len(data.train) // schedule.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(data.train)} training images are fewer than one batch of "
+                        f"{schedule.batch_size}", field="data", fix="use more data or a smaller batch")
+    opt = torch.optim.SGD(param_groups(model, schedule.weight_decay), lr=phase.lr,
+                          momentum=schedule.momentum, nesterov=True)
+    return opt, steps_per_epoch
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    folder: Path
+    epochs: int
+    steps: int
+    wall_s: float
+    images_per_s: float
+    val_accuracy: dict[str, float]
+    resumed_from_step: int
+    resumed_from: str = ""  # where the checkpoint it continued came from: its output folder or a URI
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["folder"] = str(self.folder)
+        return out
+
+
+def _optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"momentum.{name}"] = buf
+    return out
+
+
+def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                            tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        buf = tensors.get(f"momentum.{name}")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+
+
+def _progress_of(meta: dict[str, Any]) -> int:
+    return sys.maxsize if meta.get("completed") else int(meta.get("global_step", -1))
+
+
+def _durable_start(uri: str | None, phase: str, out_dir: Path,
+                   info: DistInfo) -> tuple[dict[str, Any] | None, bool]:
+    """Check that ``uri`` takes writes; when its checkpoint is further on than the one in ``out_dir``
+    (none: a retried or rescheduled pod), the first rank of every node copies it there (never over
+    another phase's): nodes do not share ``out_dir``. Returns the durable pointer (rank 0) and
+    whether it was copied."""
+    if uri is None:
+        return None, False
+    pointer, pulled = None, False
+    if info.is_main:
+        durable.check_writable(uri)
+    if info.local_rank == 0:
+        pointer = durable.latest(uri, phase)
+        local = ckpt.read_meta(out_dir) if (out_dir / ckpt.SIDECAR).is_file() else {"phase": phase}
+        newer = pointer is not None and _progress_of(pointer) > _progress_of(local)
+        if newer and local.get("phase") == phase:
+            durable.pull(uri, pointer, out_dir)
+            pulled = True
+    barrier(info)  # the other ranks read out_dir next
+    return (pointer if info.is_main else None), pulled
+
+
+def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
+    """A checkpoint continues only the run that wrote it: the same seed and schedule."""
+    theirs = {"seed": meta.get("seed"), "schedule": meta.get("schedule", {}).get("name")}
+    ours = {"seed": seed, "schedule": schedule.name}
+    if theirs != ours:
+        raise UserError(f"holds a checkpoint of another run ({theirs}, this one is {ours})", source=where,
+                        field="seed" if theirs["seed"] != seed else "schedule",
+                        fix="give this run its own --out (and --checkpoint-uri), or the same settings")
+
+
+def _files_digest(data: Dataset) -> str | None:
+    """sha256 of a streamed dataset's training file list (its order is the batches'); None in memory."""
+    if not is_streamed(data):
+        return None
+    return hashlib.sha256("\n".join(data.train.files).encode()).hexdigest()
+
+
+def _check_same_files(meta: dict[str, Any], data: Dataset, where: str | None) -> None:
+    """A streamed run resumes on the files it started with: other files give other batches."""
+    theirs = meta.get("train_files_sha256")
+    if theirs is not None and theirs != _files_digest(data):
+        raise UserError("holds a checkpoint of a run on other training files (files added, removed or "
+                        "renamed since: the batches after the resumed step would differ)", source=where,
+                        field="data", fix="resume on the same files, or give this run its own --out "
+                                          "(and --checkpoint-uri)")
+
+
+def _start_weights(net: OFASupernet, space: SearchSpace, schedule: Schedule, phase: PhaseConfig,
+                   out_dir: Path, init: str | Path | None, seed: int,
+                   resumed_from: str) -> ckpt.Checkpoint | None:
+    """Load the weights the phase starts from: its own checkpoint (returned, to resume) or the previous
+    phase's (channels re-sorted if the phase says so); the teacher may start from scratch."""
+    if (out_dir / ckpt.SIDECAR).is_file():
+        meta = ckpt.read_meta(out_dir)
+        if meta.get("phase") != phase.name:
+            raise UserError(f"holds a checkpoint of phase {meta.get('phase')!r}, not {phase.name!r}",
+                            source=str(out_dir), field="phase",
+                            fix="give each phase its own output folder")
+        resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
+        _check_same_run(resume.meta, seed, schedule, resumed_from)
+        if not resume.meta.get("completed"):
+            ckpt.load_weights(net, resume)
+        return resume
+    if init is not None:
+        ckpt.load_weights(net, ckpt.load_checkpoint(init, space=space))
+        if phase.sort_channels:
+            prev = schedule.previous(phase.name)
+            net.sort_channels_(prev.space(space).expands if prev else ())
+    elif phase.name != schedule.teacher.name:
+        raise UserError(f"phase {phase.name!r} needs the previous phase's checkpoint", field="init",
+                        fix="pass --init with the previous phase's output folder")
+    return None
+
+
+def _carry_momentum(net: OFASupernet, opt: torch.optim.Optimizer, phase: PhaseConfig,
+                    init: str | Path | None) -> None:
+    """Momentum 'carry': start from the momentum buffers the previous phase's output kept."""
+    if phase.momentum != "carry" or init is None:
+        return
+    previous = ckpt.load_checkpoint(init, with_optimizer=True)
+    if previous.optimizer is None:
+        raise UserError(f"phase {phase.name!r} carries momentum, but the previous phase's output keeps "
+                        "none", source=str(init), field="momentum",
+                        fix="retrain the previous phase with this schedule, or use momentum 'fresh'")
+    _load_optimizer_tensors(net, opt, previous.optimizer)
+
+
+def _keeps_momentum(schedule: Schedule, phase: PhaseConfig) -> bool:
+    """Whether the phase after this one carries momentum, so this one's output must keep it."""
+    names = [p.name for p in schedule.all_phases()]
+    i = names.index(phase.name)
+    return i + 1 < len(names) and schedule.all_phases()[i + 1].momentum == "carry"
+
+
+def _torch_rng(dev: torch.device, state: tuple | None = None) -> tuple | None:
+    """The torch generators' state (CPU, and the device's), or restore ``state``."""
+    if state is None:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], dev)
+    return None
+
+
+def _subnets_step(net: OFASupernet, kd_net: OFASupernet | None, phase: PhaseConfig,
+                  cfgs: list[SubnetConfig], x: torch.Tensor, y: torch.Tensor,
+                  criterion: torch.nn.Module, teacher_res: int, space: SearchSpace) -> float:
+    """Forward and backward the step's subnets on one batch (gradients accumulate); its loss."""
+    # the batch at each resolution this step needs, resized once (the teacher's is often the
+    # sandwich's largest subnet's too)
+    needed = {c.r for c in cfgs} | ({teacher_res} if kd_net is not None else set())
+    inputs = {r: resize(x, r) for r in needed}
+    soft = None
+    if kd_net is not None:
+        with torch.no_grad():  # the teacher sees the images at the largest resolution
+            soft = F.softmax(kd_net(inputs[teacher_res], space.max_config()), dim=1)
+    return train_step_losses(net, phase, cfgs, inputs, y, criterion, soft)
+
+
+def _streamed_shares(data: Dataset, schedule: Schedule, seed: int, steps_per_epoch: int, start: int,
+                     stop: int, resolution_of, info: DistInfo, micro_batches: int = 1):
+    """A streamed dataset's training shares from global step ``start`` (stream.py), or None for data
+    held in memory (data.train_batch)."""
+    if not is_streamed(data):
+        return None
+    sampler = StepShares(len(data.train), schedule.batch_size, seed, steps_per_epoch, start, stop,
+                         resolution_of, rank=info.rank, world=info.world, micro_batches=micro_batches)
+    return train_shares(data, sampler, seed=seed)
+
+
+def _close(shares) -> None:
+    if shares is not None:
+        shares.close()  # stops the DataLoader's workers
+
+
+def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
+              out_dir: str | Path, *, init: str | Path | None = None,
+              teacher: str | Path | None = None, seed: int = 0, device: str = "auto",
+              progress: bool = True, stop_after_steps: int | None = None,
+              checkpoint_uri: str | None = None, micro_batches: int = 1) -> PhaseResult:
+    """Train one phase into ``out_dir``; resumes from ``out_dir`` if a previous run was cut short.
+
+    ``init``: checkpoint folder of the previous phase (required except for the teacher).
+    ``teacher``: checkpoint folder of the teacher, for distillation when the phase's kd_ratio > 0.
+    ``stop_after_steps``: stop (with a checkpoint) after this many steps; used to test resuming.
+    ``checkpoint_uri``: durable storage (``s3://bucket/prefix`` or a folder) that every checkpoint is
+    copied to; when ``out_dir`` has none, the phase resumes from the newest one there. It must be
+    writable, checked before anything else.
+    ``micro_batches``: split this rank's share of every global batch into that many, their gradients
+    averaged (accumulation): one process then takes the steps that ``micro_batches`` data-parallel
+    ranks take, batch-norm statistics per share and dropout draws included (tests/test_ddp.py).
+    Under torchrun (``WORLD_SIZE`` > 1) the ranks share every global batch; only rank 0 writes.
+    With ``ema_decay`` the per-epoch validation and the saved output are the EMA's weights (mid-phase
+    checkpoints keep the live weights, the EMA beside the momentum buffers).
+    """
+    phase = schedule.phase(phase_name)
+    phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
+    out_dir = Path(out_dir)
+    if micro_batches < 1 or schedule.batch_size % micro_batches:
+        raise UserError(f"micro_batches {micro_batches} must divide the batch size {schedule.batch_size}",
+                        field="micro_batches", fix="use a divisor of the schedule's batch size")
+    dev, info = rank_device(pick_device(device))
+    pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
+    resumed_from = checkpoint_uri if pulled else str(out_dir)
+    data = subsample(data, schedule.train_images, schedule.val_images)
+    phase_space = phase.space(space)
+
+    # -- state: resume, or start from the previous phase -------------------------------------
+    torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
+    net = OFASupernet(space)
+    resume = _start_weights(net, space, schedule, phase, out_dir, init, seed, resumed_from)
+    if resume is not None:
+        _check_same_files(resume.meta, data, resumed_from)
+    if resume is not None and resume.meta.get("completed"):
+        return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
+    freeze_transforms(net, phase)
+
+    kd_net = None
+    if phase.kd_ratio > 0:
+        if teacher is None:
+            raise UserError(f"phase {phase.name!r} distils from the teacher (kd_ratio "
+                            f"{phase.kd_ratio})", field="teacher",
+                            fix="pass --teacher with the teacher's output folder")
+        kd_net = load_teacher(teacher, space, dev)
+
+    net = net.to(dev, memory_format=torch.channels_last).train()
+    broadcast_parameters(net, info)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt, steps_per_epoch = sgd(net, schedule, phase, data)
+    ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
+    total_steps = phase.epochs * steps_per_epoch
+    span = schedule_span(schedule, phase, steps_per_epoch)
+
+    def lr_of(step: int) -> float:
+        return lr_at(step, phase, steps_per_epoch, teacher_lr=schedule.teacher.lr, span=span)
+
+    global_step, elapsed_before = 0, 0.0
+    if resume is not None:
+        _load_optimizer_tensors(net, opt, resume.optimizer or {})
+        if ema is not None:
+            ema.load(resume.optimizer or {})
+        global_step = int(resume.meta["global_step"])
+        elapsed_before = float(resume.meta.get("wall_s", 0.0))
+        ckpt.set_rng_state(resume.meta["rng"])
+    else:
+        _carry_momentum(net, opt, phase, init)
+        resumed_from = ""
+    start_step = global_step
+    evaluated = ema.net if ema is not None else net
+
+    teacher_res = max(space.resolutions)
+    costs = CostTable.build(space) if phase.sampler == "cost" else None
+    calib = None if is_streamed(data) else calibration_images(data, schedule.bn_calib_images, seed)
+
+    def plan(step: int) -> tuple[int, list[SubnetConfig]]:
+        """The step's batch resolution and subnets, drawn from (seed, phase, step) alone."""
+        rng = np.random.default_rng([seed, phase_index, step])
+        resolution = step_resolution(phase, phase_space, rng)
+        return resolution, step_configs(phase, phase_space, rng, resolution, costs)
+
+    def kd_resolution(resolution: int) -> int:  # where the teacher sees the batch
+        return teacher_res if phase.kd_resolution == "max" else resolution
+
+    def decode_resolution(step: int) -> int:  # a streamed batch is decoded at the largest one needed
+        resolution, cfgs = plan(step)
+        return max({c.r for c in cfgs} | ({kd_resolution(resolution)} if kd_net is not None else set()))
+
+    shares = _streamed_shares(data, schedule, seed * 1000 + phase_index, steps_per_epoch, global_step,
+                              total_steps, decode_resolution, info, micro_batches)
+    refs = reference_configs(space)
+    tracked = {k: refs[k] for k in ("max", "mid", "min")}
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+    bar = Progress(phase.name, total_steps, enabled=progress and info.is_main, start_step=start_step)
+    if resume is not None:
+        bar.message(f"resumed at step {start_step}/{total_steps} from {resumed_from}")
+    t_start = time.monotonic()
+    images_seen, loss_sum, loss_n = 0, 0.0, 0
+    val_acc: dict[str, float] = {}
+
+    def save(completed: bool, epoch: int, result: dict | None = None, **extra: Any) -> None:
+        nonlocal pointer
+        if not info.is_main:
+            return
+        meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
+                "schedule": schedule.to_dict(), "seed": seed, "completed": completed,
+                "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "lr": lr_of(min(global_step, total_steps - 1)),
+                "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
+                "dataset": data.describe(), "world_size": info.world,
+                "train_files_sha256": _files_digest(data)}
+        if result is not None:
+            meta["result"] = result
+        meta.update(extra)
+        buffers = _optimizer_tensors(net, opt) | (ema.tensors() if ema is not None else {})
+        ckpt.save_checkpoint(out_dir, (evaluated if completed else net).state_dict(), meta,
+                             optimizer=None if completed and not _keeps_momentum(schedule, phase)
+                             else buffers)
+        if checkpoint_uri is not None:
+            pointer = durable.push(out_dir, checkpoint_uri, pointer)
+
+    last_save = time.monotonic()
+    while global_step < total_steps:
+        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        order = None if shares is not None else epoch_order(len(data.train), seed * 1000 + phase_index,
+                                                            epoch)
+        resolution, cfgs = plan(global_step)
+        for group in opt.param_groups:
+            group["lr"] = lr_of(global_step)
+        step_loss, images = 0.0, 0
+        rng_state = _torch_rng(dev)
+        for share in range(micro_batches):
+            # each micro-batch is the share of the global batch that rank (rank * micro_batches +
+            # share) of a world micro_batches times larger would take, with that rank's dropout draws
+            _torch_rng(dev, rng_state)
+            x, y = next(shares) if shares is not None else train_batch(
+                data, order, step_in_epoch, schedule.batch_size, seed=seed * 1000 + phase_index,
+                epoch=epoch, rank=info.rank * micro_batches + share, world=info.world * micro_batches)
+            step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
+                                       kd_resolution(resolution), space) / micro_batches
+            images += len(y)
+        if micro_batches > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad /= micro_batches
+        allreduce_gradients(params, info)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if ema is not None:
+            ema.update(net)
+        global_step += 1
+        images_seen += images * info.world
+        loss_sum += step_loss / phase.subnets_per_step
+        loss_n += 1
+        rate = images_seen / max(time.monotonic() - t_start, 1e-9)
+        bar.update(global_step, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / loss_n,
+                   lr=opt.param_groups[0]["lr"], res=resolution, **{"img/s": round(rate)})
+
+        end_of_epoch = global_step % steps_per_epoch == 0
+        if end_of_epoch and info.is_main:
+            val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
+            record = {"phase": phase.name, "epoch": epoch + 1, "global_step": global_step,
+                      "train_loss": round(loss_sum / loss_n, 5), "images_per_s": round(rate, 1),
+                      "lr": opt.param_groups[0]["lr"], "val_accuracy": val_acc,
+                      "elapsed_s": round(elapsed_before + time.monotonic() - t_start, 2)}
+            append_jsonl(out_dir / LOG, record)
+            bar.message(f"epoch {epoch + 1}/{phase.epochs} val acc " +
+                        " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
+            loss_sum, loss_n = 0.0, 0
+        if end_of_epoch:
+            broadcast_rng(info, dev)  # rank 0's evaluation drew from its generators
+        if global_step < total_steps and (
+                end_of_epoch or time.monotonic() - last_save > schedule.checkpoint_every_s
+                or (stop_after_steps is not None and global_step - start_step >= stop_after_steps)):
+            save(False, global_step // steps_per_epoch)
+            last_save = time.monotonic()
+        if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
+            bar.close()
+            _close(shares)
+            return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
+                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
+                               resumed_from)
+
+    bar.close()
+    _close(shares)
+    checksums = rank_checksums(net, info)
+    if not val_acc and info.is_main:
+        val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
+    wall = elapsed_before + time.monotonic() - t_start
+    result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
+                         round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,
+                         start_step, resumed_from)
+    save(True, phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
+         rank_checksums=checksums)
+    return result
+
+
+def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_root: str | Path, *,
+                   seed: int = 0, device: str = "auto", progress: bool = True,
+                   phases: list[str] | None = None) -> list[PhaseResult]:
+    """The teacher and every shrinking phase in order, each in ``out_root/<phase>``."""
+    out_root = Path(out_root)
+    names = phases or [p.name for p in schedule.all_phases()]
+    results = []
+    teacher_dir = out_root / schedule.teacher.name
+    prev = None
+    for p in schedule.all_phases():
+        if p.name in names:
+            results.append(run_phase(space, schedule, p.name, data, out_root / p.name, init=prev,
+                                     teacher=teacher_dir if p.kd_ratio > 0 else None, seed=seed,
+                                     device=device, progress=progress))
+        prev = out_root / p.name
+    return results
+
+
+RESUME_DIR = "resume"  # train_static's mid-run checkpoints, removed when the run is done
+
+
+def _static_resume(folder: Path, space: SearchSpace, cfg: SubnetConfig, model: torch.nn.Module,
+                   opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """Continue train_static from its mid-run checkpoint in ``folder``, if any: (step, seconds so far)."""
+    if not (folder / ckpt.SIDECAR).is_file():
+        return 0, 0.0
+    state = ckpt.load_checkpoint(folder, space=space, with_optimizer=True)
+    if state.meta.get("config") != cfg.to_dict():
+        raise UserError(f"holds a run of another architecture {state.meta.get('config')}",
+                        source=str(folder), field="config", fix="give each architecture its own folder")
+    model.load_state_dict(state.weights)
+    _load_optimizer_tensors(model, opt, state.optimizer or {})
+    ckpt.set_rng_state(state.meta["rng"])
+    return int(state.meta["global_step"]), float(state.meta["wall_s"])
+
+
+def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
+                 out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
+                 init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
+                 seed: int = 0, device: str = "auto", progress: bool = True,
+                 checkpoint_uri: str | None = None, test: bool = True) -> dict[str, Any]:
+    """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
+    from ``init`` (an extracted subnet), a fine-tune.
+
+    The teacher phase's recipe (epochs, lr, warm-up, batch size, label smoothing, SGD Nesterov, no
+    weight decay on BN and biases, the same data order and augmentation) at the config's own
+    resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer epochs, no warm-up). With
+    ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``). Writes
+    ``model.safetensors`` and ``result.json``; a finished folder is not trained again. Mid-run
+    checkpoints (every ``schedule.checkpoint_every_s``) go to ``out_dir/resume``, copied to
+    ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
+    ``test=False`` skips the test-set evaluation (``test_acc`` None): a NAS proxy is picked on
+    validation alone and should not pay for a test pass.
+    Under torchrun the ranks share every global batch as in run_phase; rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    done = out_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    phase = schedule.teacher
+    if epochs is not None or lr is not None:
+        phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
+                                    warmup_epochs=0)
+    dev, info = rank_device(pick_device(device))
+    data = subsample(data, schedule.train_images, schedule.val_images)
+    cfg = space.validate_config(cfg)
+    name = f"{'finetune' if init is not None else 'scratch'}{'-kd' if teacher is not None else ''}"
+    resume_dir = out_dir / RESUME_DIR
+    pointer, pulled = _durable_start(checkpoint_uri, name, resume_dir, info)
+    torch.manual_seed(seed * 1000 + 99)
+    model = init if init is not None else OFASupernet(space).get_active_subnet(cfg)
+    model = model.to(dev, memory_format=torch.channels_last).train()
+    kd_net = load_teacher(teacher, space, dev) if teacher is not None else None
+    opt, steps_per_epoch = sgd(model, schedule, phase, data)
+    total = phase.epochs * steps_per_epoch
+    start, elapsed_before = _static_resume(resume_dir, space, cfg, model, opt)
+    broadcast_parameters(model, info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+    bar = Progress(name, total, enabled=progress and info.is_main, start_step=start)
+    if start:
+        bar.message(f"resumed at step {start}/{total} from {checkpoint_uri if pulled else resume_dir}")
+    t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
+    shares = _streamed_shares(data, schedule, seed * 1000, steps_per_epoch, start, total,
+                              lambda _step: cfg.r, info)
+    for step in range(start, total):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if shares is not None:
+            x, y = next(shares)
+        else:
+            order = epoch_order(len(data.train), seed * 1000, epoch)  # the teacher's data stream
+            x, y = train_batch(data, order, in_epoch, schedule.batch_size, seed=seed * 1000,
+                               epoch=epoch, rank=info.rank, world=info.world)
+        x, y = resize(x, cfg.r).to(dev), y.to(dev)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, phase, steps_per_epoch)
+        logits = model(x)
+        loss = criterion(logits, y)
+        if kd_net is not None:
+            with torch.no_grad():
+                soft = F.softmax(kd_net(x, space.max_config()), dim=1)
+            loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        allreduce_gradients(params, info)
+        opt.step()
+        loss_sum += float(loss.detach())
+        steps_done = step + 1 - start
+        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / steps_done, res=cfg.r,
+                   **{"img/s": round(steps_done * schedule.batch_size / max(time.monotonic() - t0, 1e-9))})
+        if info.is_main and step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
+            meta = {"phase": name, "space": space.to_dict(), "config": cfg.to_dict(), "seed": seed,
+                    "global_step": step + 1, "wall_s": elapsed_before + time.monotonic() - t0,
+                    "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(resume_dir, model.state_dict(), meta,
+                                 optimizer=_optimizer_tensors(model, opt))
+            if checkpoint_uri is not None:
+                pointer = durable.push(resume_dir, checkpoint_uri, pointer)
+            last_save = time.monotonic()
+    bar.close()
+    _close(shares)
+    checksums = rank_checksums(model, info)
+    if not info.is_main:
+        return {"rank": info.rank, "steps": total}  # rank 0 evaluates and writes
+    wall = elapsed_before + time.monotonic() - t0
+    model.eval()
+    result = {"config": cfg.to_dict(), "epochs": phase.epochs, "steps": total, "train_wall_s": round(wall, 3),
+              "images_per_s": round((total - start) * schedule.batch_size
+                                    / max(time.monotonic() - t0, 1e-9), 1),
+              "val_acc": round(accuracy(model, data, "val", cfg.r), 3),
+              "test_acc": round(accuracy(model, data, "test", cfg.r), 3) if test else None,
+              "kd": kd_net is not None, "fine_tune": init is not None, "lr": phase.lr, "seed": seed,
+              "resumed_from_step": start, "world_size": info.world, "rank_checksums": checksums}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+              str(out_dir / "model.safetensors"))
+    done.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the output is what it was before checkpoints
+    return result

@@ -441,10 +441,12 @@ def test_ofa_submit_supernet_uploads_the_specialize_pipeline(kfp_server, capsys)
     assert "leave out --space" in capsys.readouterr().err
 
 
-def test_training_run_refuses_streamed_data_before_it_starts(folder, tmp_path):
+def test_run_inputs_on_streamed_data_are_checked_before_it_starts(folder, tmp_path):
     from onceforall_pipelines.local import check_inputs
 
-    with pytest.raises(UserError, match="--supernet"):
+    # a training run takes streamed data (tests/test_stream.py runs one), but not fewer images
+    # than one batch of its schedule
+    with pytest.raises(UserError, match="fewer than one batch of 64"):
         check_inputs("imagenet-mbv3", "smoke", f"imagefolder:{folder}", None)
     sn = random_supernet(tmp_path / "sn", "fashion-mnist")  # 1 channel: the JPEGs have 3
     with pytest.raises(UserError, match="channel"):

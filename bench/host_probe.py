@@ -30,7 +30,7 @@ from progressive_shrinking import machine  # noqa: E402
 
 from onceforall.specialization.latency import onnx_bytes  # noqa: E402
 from onceforall.specialization.ort_timing import (EXPECT_TOLERANCE, HOST_PROBE_SHAPE, host_probe, ort_session,  # noqa: E402
-                                   time_many)
+                                                  time_many)
 from onceforall.supernet.space import get_space  # noqa: E402
 from onceforall.supernet.supernet import OFASupernet  # noqa: E402
 

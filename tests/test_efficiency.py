@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from onceforall.supernet.efficiency import (CostTable, layer_costs, subnet_macs, subnet_macs_batch,
-                                   subnet_params, subnet_params_batch)
+                                            subnet_params, subnet_params_batch)
 from onceforall.errors import UserError
 from onceforall.supernet.space import SubnetConfig, fashion_mnist_space, imagenet_mbv3_space
 from onceforall.supernet.subnet_batch import SubnetBatch

@@ -16,7 +16,7 @@ from onceforall.supernet.efficiency import CostTable
 from onceforall.errors import UserError
 from onceforall.supernet.evaluate import evaluate_subnets
 from onceforall.training.recipe import (WeightEMA, couple_kernels, lr_at, schedule_span, soft_cross_entropy,
-                               step_configs, train_step_losses)
+                                        step_configs, train_step_losses)
 from onceforall.training.schedule import PhaseConfig, Schedule, get_schedule, smoke
 from onceforall.supernet.space import SubnetConfig, get_space
 from onceforall.supernet.supernet import OFASupernet

@@ -32,7 +32,7 @@ import torch
 
 from ..supernet.bn import recalibrate_bn, recalibrate_bn_batches
 from ..data import (Dataset, calibration_batches, calibration_images, device_of, eval_batches, head_rows,
-                   is_streamed, normalize, resize)
+                    is_streamed, normalize, resize)
 from ..supernet.efficiency import CostTable
 from ..errors import UserError
 from ..supernet.space import SearchSpace, SubnetConfig

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..supernet import checkpoint as ckpt
 from . import durable
 from ..data import (Dataset, calibration_images, epoch_order, is_streamed, resize, subsample,
-                   train_batch)
+                    train_batch)
 from .dist import (DistInfo, allreduce_gradients, barrier, broadcast_parameters, broadcast_rng,
                    rank_checksums, rank_device)
 from ..supernet.efficiency import CostTable

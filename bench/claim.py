@@ -286,15 +286,13 @@ def test_right(model, data, resolution: int):
         return torch.cat([model(x).argmax(1) == y for x, y in eval_batches(data, "test", resolution)]).numpy()
 
 
-def ofa_right(ctx: Ctx, card: dict):
-    """The exported subnet's right answers, recomputed from the supernet as the export computes them
-    (BN recalibrated on the card's images and seed), and its accuracy to check against the card's."""
+def ofa_right(ctx: Ctx, card: dict, net):
+    """The exported subnet's right answers, recomputed from the supernet ``net`` as the export
+    computes them (BN recalibrated on the card's images and seed)."""
     from onceforall.supernet.bn import recalibrate_bn_batches
     from onceforall.data import calibration_batches
-    from onceforall.specialization.export import load_supernet
     from onceforall.supernet.space import SubnetConfig
 
-    net = load_supernet(ctx.supernet)
     cfg = SubnetConfig.from_dict(card["subnet"], net.space)
     subnet = net.get_active_subnet(cfg)
     bn = card.get("bn_recalibration", {})
@@ -303,15 +301,13 @@ def ofa_right(ctx: Ctx, card: dict):
     return test_right(subnet, ctx.data, cfg.r)
 
 
-def static_right(ctx: Ctx, card: dict, folder: Path):
+def static_right(ctx: Ctx, card: dict, folder: Path, space):
     """A training's right answers, from the weights it wrote (train_static's model.safetensors)."""
     from safetensors.torch import load_file
 
-    from onceforall.supernet.checkpoint import read_meta
-    from onceforall.supernet.space import SearchSpace, SubnetConfig
+    from onceforall.supernet.space import SubnetConfig
     from onceforall.supernet.supernet import OFASupernet
 
-    space = SearchSpace.from_dict(read_meta(ctx.supernet)["space"])
     cfg = SubnetConfig.from_dict(card["subnet"], space)
     model = OFASupernet(space).get_active_subnet(cfg)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
@@ -320,16 +316,20 @@ def static_right(ctx: Ctx, card: dict, folder: Path):
 
 def significance(doc: dict, ctx: Ctx) -> None:
     """Every OFA subnet paired with every seed of the trainings in PAIRED (McNemar, per target)."""
+    from onceforall.specialization.export import load_supernet
+
+    net = None  # loaded once, when a target has something to pair
     for name, card in ctx.cards.items():
         t = doc["targets"][name]
         todo = [(kind, seed) for kind in PAIRED for seed in t.get("runs", {}).get(kind, {})
                 if seed not in t.get("mcnemar", {}).get(kind, {})]
         if not todo:
             continue
-        ofa = ofa_right(ctx, card)
+        net = net or load_supernet(ctx.supernet)
+        ofa = ofa_right(ctx, card, net)
         t["ofa_recomputed_test_acc"] = round(100.0 * float(ofa.mean()), 3)
         for kind, seed in todo:
-            other = static_right(ctx, card, ctx.work / name / f"{kind}-s{seed}")
+            other = static_right(ctx, card, ctx.work / name / f"{kind}-s{seed}", net.space)
             t.setdefault("mcnemar", {}).setdefault(kind, {})[seed] = mcnemar(ofa, other)
         save(doc, ctx.result)
 

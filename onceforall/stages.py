@@ -220,15 +220,24 @@ def _train(phase: str, out_dir, init_dir, teacher_dir, data: str, space: str, sc
         spec = launcher.phase_spec(phase, out_dir, init=init_dir, teacher=teacher_dir if kd else None,
                                    data=data, space=space, schedule=schedule, seed=seed, device=device,
                                    progress=progress, checkpoint_uri=checkpoint_uri)
-        result = launcher.run(spec, launch)
-        if result.get("rank_energy"):
-            record["rank_energy"] = result["rank_energy"]
+        result = _launched(spec, launch, record)
         record["metrics"] = {"epochs": result["epochs"], "steps": result["steps"],
                              "train_wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
                              **_accuracy_metrics(result["val_accuracy"])}
         if launch.world > 1:
             record["metrics"]["ranks"] = launch.world
     return record
+
+
+def _launched(spec: dict[str, Any], launch: Launch, record: dict[str, Any]) -> dict[str, Any]:
+    """Run a training spec on ``launch``'s processes; a TrainJob's ranks' energy readings go to the
+    stage's record (``_stage`` adds them to its own meter's)."""
+    from .training import launch as launcher
+
+    result = launcher.run(spec, launch)
+    if result.get("rank_energy"):
+        record["rank_energy"] = result["rank_energy"]
+    return result
 
 
 def scratch_config(space: SearchSpace) -> SubnetConfig:
@@ -250,9 +259,7 @@ def train_scratch(out_dir: str | Path, *, data: str = "fashion-mnist", space: st
     with _stage("train-scratch", out_dir, run) as record:
         spec = launcher.scratch_spec(out_dir, data=data, space=space, schedule=schedule, seed=seed,
                                      device=device, progress=progress, checkpoint_uri=checkpoint_uri)
-        result = launcher.run(spec, launch)
-        if result.get("rank_energy"):
-            record["rank_energy"] = result["rank_energy"]
+        result = _launched(spec, launch, record)
         record["metrics"] = {"epochs": result["epochs"], "train_wall_s": result["train_wall_s"],
                              "images_per_s": result["images_per_s"], "val_acc_scratch": result["val_acc"]}
         record["config"] = result["config"]

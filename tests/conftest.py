@@ -84,6 +84,10 @@ class S3Server:
                 f"-s3.localSocket={self.work / 's3.sock'}", f"-filer.localSocket={self.work / 'filer.sock'}",
                 "-s3.autoCreateBucket=false",  # AWS S3 does not create a missing bucket on upload
                 "-s3.iam.readOnly=false",  # tests create users with narrower policies (IAM API)
+                # each bucket is a collection with volumes of its own, and by default the volume count
+                # is free disk / volume size (about 28 buckets with 30 GB free): then a put fails with
+                # InternalError "no free volumes left". Small volumes, many allowed (files are sparse).
+                "-master.volumeSizeLimitMB=64", "-volume.max=2000",
                 *(f"-{k}={v}" for k, v in self.ports.items())]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,

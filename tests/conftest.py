@@ -56,8 +56,9 @@ class S3Server:
     and credentials; buckets made on demand; ``stop()``/``start()`` for fault tests (same ports and
     data, so what was stored survives a restart)."""
 
-    def __init__(self, work):
+    def __init__(self, work, volumes: int = 2000):
         self.work = work
+        self.volumes = volumes
         self.log = work / "weed.log"
         self.proc = None
         self.started = False  # whether a start has written the probe object yet
@@ -87,7 +88,7 @@ class S3Server:
                 # each bucket is a collection with volumes of its own, and by default the volume count
                 # is free disk / volume size (about 28 buckets with 30 GB free): then a put fails with
                 # InternalError "no free volumes left". Small volumes, many allowed (files are sparse).
-                "-master.volumeSizeLimitMB=64", "-volume.max=2000",
+                "-master.volumeSizeLimitMB=64", f"-volume.max={self.volumes}",
                 *(f"-{k}={v}" for k, v in self.ports.items())]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,

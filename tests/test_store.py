@@ -274,6 +274,25 @@ def test_unreachable_endpoint_fails_fast(s3_server):
     assert "AWS_ENDPOINT_URL" in str(e.value)
 
 
+def test_full_store_names_the_server_log(s3_server, tmp_path):
+    from conftest import S3Server
+
+    (tmp_path / "full").mkdir()
+    full = S3Server(tmp_path / "full", volumes=2)  # its probe bucket takes one volume, a bucket the other
+    full.start()
+    try:
+        first, second = full.bucket(), full.bucket()
+        with _env(AWS_ENDPOINT_URL=full.endpoint):
+            store.write_text(f"{first}/a.txt", "fits")
+            with pytest.raises(UserError, match=r"object store failed \(InternalError") as e:
+                store.write_text(f"{second}/a.txt", "no room")
+            assert store.read_text(f"{first}/a.txt") == "fits"  # what was stored is still there
+    finally:
+        full.stop(hard=True)  # a full weed mini takes 30 s to honour SIGTERM
+    assert f"{second}/a.txt" in str(e.value) and "server's log" in str(e.value)
+    assert "no free volumes left" in full.log.read_text()
+
+
 # ------------------------------------------------------------------------------------ local paths
 
 def test_local_publish_is_atomic(tmp_path):

@@ -211,12 +211,13 @@ def _user_error(exc: BaseException, uri: str, doing: str) -> UserError:
             return UserError(f"access denied ({code}) while {doing}", source=uri,
                              fix="check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                                  "AWS_PROFILE) and the bucket policy")
+        detail = f"{code or status}: {err.get('Message', e)}"
         if isinstance(status, int) and status >= 500:
-            return UserError(f"the object store failed ({code or status}: {err.get('Message', e)}) while "
-                             f"{doing}, after boto3's retries", source=uri,
+            return UserError(f"the object store failed ({detail}) while {doing}, after boto3's retries",
+                             source=uri,
                              fix="the server's log says why; a full store is the usual cause (SeaweedFS "
                                  "logs 'no free volumes left': give its volume server a larger -volume.max)")
-        return UserError(f"{code or status}: {err.get('Message', e)} while {doing}", source=uri)
+        return UserError(f"{detail} while {doing}", source=uri)
     return UserError(f"{e} while {doing}", source=uri)
 
 

@@ -179,8 +179,9 @@ def train_one(kind: str, name: str, card: dict, seed: int, ctx: Ctx) -> dict:
     return metered_static(net.space, recipe_schedule(ctx), cfg, ctx, out, kwargs)
 
 
-def finetune_epochs(kind: str, ctx: Ctx) -> int:
-    return max(1, round(FINETUNES[kind] * recipe_schedule(ctx).teacher.epochs))
+def finetune_epochs(kind: str, ctx: Ctx) -> float:
+    """The fraction of the scratch epochs, exact to a step (a phase may run part of an epoch)."""
+    return round(FINETUNES[kind] * recipe_schedule(ctx).teacher.epochs, 3)
 
 
 def metered_static(space, schedule, cfg, ctx: Ctx, out: Path, kwargs: dict) -> dict:

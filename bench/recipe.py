@@ -2,10 +2,10 @@
 
 An ablation from a base recipe (the `standard` schedule), one change at a time (VARIANTS), at equal
 wall time: each variant's shrinking epochs are scaled so that its measured seconds per step times its
-steps match the base's (epochs are whole numbers, so the planned ratio is recorded beside the
-measured wall times). Every variant is trained with seed 0; where its validation score is within
-0.3 points of the base's, both are trained again with seed 1 and compared on their means (one-stage
-sampling against progressive shrinking always gets both seeds). The score
+steps match the base's (a phase may run part of an epoch, so the plan matches to a step; the planned
+ratio is recorded beside the measured wall times). Every variant is trained with seed 0; where its
+validation score is within 0.3 points of the base's, both are trained again with seed 1 and compared
+on their means (one-stage sampling against progressive shrinking always gets both seeds). The score
 is the mean validation accuracy of the reference subnets (max, mid, shallow-wide, deep-narrow, min;
 BN recalibrated), on the validation split only. The final recipe is the base with every change that
 won, applied in the order of their gains (one that cannot combine with the ones before it is left
@@ -55,6 +55,7 @@ from onceforall.training.train import reference_configs, run_phase, sgd  # noqa:
 DOCS_RESULTS = ROOT / "docs" / "results" / "recipe.json"
 CLOSE = 0.3  # points: under this difference from the base, a second seed decides
 SEEDS = (0, 1)
+WALL_TOLERANCE = 0.05  # a plan's wall time within 5% of the base's counts as equal
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def equalize(space: SearchSpace, base: Schedule, variant: Schedule, data,
     base_s, _ = cost(base)
     var_s, rates = cost(variant)
     scale = base_s / var_s
-    phases = tuple(dataclasses.replace(p, epochs=max(1, round(p.epochs * scale))) for p in variant.phases)
+    phases = tuple(dataclasses.replace(p, epochs=round(p.epochs * scale, 3)) for p in variant.phases)
     planned = sum(r * p.epochs for r, p in zip(rates, phases))
     return dataclasses.replace(variant, phases=phases), {
         "scale": round(scale, 3), "epochs": [p.epochs for p in phases],
@@ -247,7 +248,9 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
     measure(bench, "base", base, {}, ctx, SEEDS[0])
     plans, winners = bench.r.setdefault("plans", {}), []
     for v in VARIANTS:
-        if v.name not in plans:  # the probe is measured once: a rerun trains what it planned
+        if v.name not in plans or (bench.run(v.name, SEEDS[0]) is None and not _equal_wall(plans[v.name])):
+            # the probe is measured once: a rerun trains what it planned. A plan of whole epochs
+            # (before phases could run part of one) that missed equal wall is made again if unused.
             plans[v.name] = equalize(ctx["space"], base, v.change(base), ctx["data"], ctx["probe_steps"])[1]
             bench.save()
         schedule = _with_epochs(v.change(base), plans[v.name]["epochs"], base.name)
@@ -266,7 +269,11 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
     return sorted(winners, key=lambda gv: -gv[0])
 
 
-def _with_epochs(schedule: Schedule, epochs: list[int], name: str) -> Schedule:
+def _equal_wall(plan: dict) -> bool:
+    return abs(plan["planned_wall_ratio"] - 1) <= WALL_TOLERANCE
+
+
+def _with_epochs(schedule: Schedule, epochs: list[float], name: str) -> Schedule:
     """The planned epochs; every recipe keeps the base's name, so that the variants that train the same
     teacher share it (a checkpoint continues only a run of its schedule's name; the folders differ)."""
     return dataclasses.replace(schedule, name=name, phases=tuple(

@@ -2,6 +2,7 @@
 defaults leaving training and the committed checkpoints as they were."""
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from onceforall.training.recipe import (WeightEMA, couple_kernels, lr_at, schedu
 from onceforall.training.schedule import PhaseConfig, Schedule, get_schedule, smoke
 from onceforall.supernet.space import SubnetConfig, get_space
 from onceforall.supernet.supernet import OFASupernet
-from onceforall.training.train import _carry_momentum, reference_configs, run_phase, sgd, train_supernet
+from onceforall.training.train import LOG, _carry_momentum, reference_configs, run_phase, sgd, train_supernet
 
 SPACE = get_space("fashion-mnist")
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,8 @@ def _smoke(teacher_epochs: int = 1, **phase_changes) -> Schedule:
     ({"ce_max_only": True, "sandwich": True, "subnets_per_step": 3, "sandwich_ends": "min"}, "sandwich"),
     ({"ce_max_only": True, "kd_ratio": 0.0, "sandwich": True, "subnets_per_step": 3}, "ce_max_only"),
     ({"sandwich": True, "subnets_per_step": 1, "sandwich_ends": "max"}, "subnets_per_step"),
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": 0.5, "warmup_epochs": 1}, "epochs"),
 ])
 def test_bad_recipe_values_are_one_line_errors_naming_the_field(changes, field):
     with pytest.raises(UserError) as err:
@@ -123,6 +126,21 @@ def test_training_span_makes_one_continuous_cosine_across_phases():
     # restarts (the default): every phase starts again at its own peak
     restart = [lr_at(0, p, 10) for p in s.phases]
     assert restart == [p.lr for p in s.phases]
+
+
+def test_a_phase_may_run_part_of_an_epoch(tiny_data, tmp_path):
+    """bench/recipe.py plans phases at equal wall time to a step: 1.5 epochs of 2 steps are 3 steps,
+    the lr reaches its floor on the last one, and the last (partial) epoch is validated and logged."""
+    s = _smoke(epochs=1.5, lr_floor=0.05)
+    phase, steps_per_epoch = s.phases[0], 128 // s.batch_size
+    assert phase.steps(steps_per_epoch) == 3 and dataclasses.replace(phase, epochs=0.01).steps(2) == 1
+    lrs = [lr_at(step, phase, steps_per_epoch) for step in range(4)]
+    assert lrs[0] == phase.lr and lrs[2] > lrs[3] == pytest.approx(0.05 * phase.lr)
+    results = train_supernet(SPACE, s, tiny_data, tmp_path, progress=False)
+    assert results[-1].steps == 3 and results[-1].epochs == 1.5
+    log = [json.loads(line) for line in (tmp_path / phase.name / LOG).read_text().splitlines()]
+    assert [(r["epoch"], r["global_step"]) for r in log] == [(1, 2), (2, 3)]
+    assert results[-1].val_accuracy == log[-1]["val_accuracy"]
 
 
 # -- the subnets a step trains -------------------------------------------------------------------

@@ -30,8 +30,8 @@ def schedule_span(schedule: Schedule, phase: PhaseConfig, steps_per_epoch: int) 
     cosine is when the phase starts, and how long it is."""
     names = [p.name for p in schedule.all_phases()]
     before = schedule.all_phases()[:names.index(phase.name)]
-    return (sum(p.epochs for p in before) * steps_per_epoch,
-            sum(p.epochs for p in schedule.all_phases()) * steps_per_epoch)
+    return (sum(p.steps(steps_per_epoch) for p in before),
+            sum(p.steps(steps_per_epoch) for p in schedule.all_phases()))
 
 
 def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int, *, teacher_lr: float | None = None,
@@ -50,7 +50,7 @@ def lr_at(step: int, phase: PhaseConfig, steps_per_epoch: int, *, teacher_lr: fl
             if span is None:
                 raise ValueError(f"phase {phase.name!r} decays across the training; pass span")
             return (span[0] + s) / max(span[1], 1)
-        return (s - warm) / max(phase.epochs * steps_per_epoch - warm, 1)
+        return (s - warm) / max(phase.steps(steps_per_epoch) - warm, 1)
 
     def decayed(p: float) -> float:
         cosine = 0.5 * peak * (1 + math.cos(math.pi * min(p, 1.0)))

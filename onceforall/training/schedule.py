@@ -50,7 +50,9 @@ def _at_least(phase: str, field: str, value: float, low: float, fix: str, *,
 @dataclass(frozen=True)
 class PhaseConfig:
     name: str
-    epochs: int
+    # whole epochs, or a fraction: the phase then runs ``steps(steps_per_epoch)`` steps, its lr
+    # schedule fitted to them (bench/recipe.py plans phases at equal wall time this way)
+    epochs: float
     lr: float
     warmup_epochs: int = 0
     subnets_per_step: int = 1
@@ -111,7 +113,15 @@ class PhaseConfig:
                             field="subnets_per_step", fix=f"sample at least {ends + 1} subnets per step")
         self._check_recipe()
 
+    def steps(self, steps_per_epoch: int) -> int:
+        """The phase's optimizer steps: its epochs' worth, at least one."""
+        return max(1, round(self.epochs * steps_per_epoch))
+
     def _check_recipe(self) -> None:
+        if not self.epochs > 0 or not 0 <= self.warmup_epochs <= self.epochs:
+            raise UserError(f"phase {self.name!r}: epochs {self.epochs} with warmup_epochs "
+                            f"{self.warmup_epochs}", field="epochs",
+                            fix="give epochs > 0 (a fraction is fine) and 0 <= warmup_epochs <= epochs")
         for field, allowed in (("lr_span", LR_SPANS), ("momentum", MOMENTUM),
                                ("sandwich_ends", SANDWICH_ENDS),
                                ("sandwich_resolution", SANDWICH_RESOLUTIONS), ("sampler", SAMPLERS),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -101,7 +102,7 @@ def sgd(model: torch.nn.Module, schedule: Schedule, phase: PhaseConfig,
 class PhaseResult:
     phase: str
     folder: Path
-    epochs: int
+    epochs: float
     steps: int
     wall_s: float
     images_per_s: float
@@ -328,7 +329,8 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     params = [p for p in net.parameters() if p.requires_grad]
     opt, steps_per_epoch = sgd(net, schedule, phase, data)
     ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
-    total_steps = phase.epochs * steps_per_epoch
+    total_steps = phase.steps(steps_per_epoch)
+    n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last one may be part of an epoch
     span = schedule_span(schedule, phase, steps_per_epoch)
 
     def lr_of(step: int) -> float:
@@ -432,10 +434,10 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
         loss_sum += step_loss / phase.subnets_per_step
         loss_n += 1
         rate = images_seen / max(time.monotonic() - t_start, 1e-9)
-        bar.update(global_step, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / loss_n,
+        bar.update(global_step, epoch=f"{epoch + 1}/{n_epochs}", loss=loss_sum / loss_n,
                    lr=opt.param_groups[0]["lr"], res=resolution, **{"img/s": round(rate)})
 
-        end_of_epoch = global_step % steps_per_epoch == 0
+        end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
         if end_of_epoch and info.is_main:
             val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
             record = {"phase": phase.name, "epoch": epoch + 1, "global_step": global_step,
@@ -443,7 +445,7 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
                       "lr": opt.param_groups[0]["lr"], "val_accuracy": val_acc,
                       "elapsed_s": round(elapsed_before + time.monotonic() - t_start, 2)}
             append_jsonl(out_dir / LOG, record)
-            bar.message(f"epoch {epoch + 1}/{phase.epochs} val acc " +
+            bar.message(f"epoch {epoch + 1}/{n_epochs} val acc " +
                         " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
             loss_sum, loss_n = 0.0, 0
         if end_of_epoch:
@@ -512,7 +514,7 @@ def _static_resume(folder: Path, space: SearchSpace, cfg: SubnetConfig, model: t
 
 def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data: Dataset,
                  out_dir: str | Path, *, teacher: str | Path | None = None, kd_ratio: float = 1.0,
-                 init: torch.nn.Module | None = None, epochs: int | None = None, lr: float | None = None,
+                 init: torch.nn.Module | None = None, epochs: float | None = None, lr: float | None = None,
                  seed: int = 0, device: str = "auto", progress: bool = True,
                  checkpoint_uri: str | None = None, test: bool = True) -> dict[str, Any]:
     """Train one architecture as a plain static network: from scratch, the baseline OFA is judged by;
@@ -550,7 +552,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     model = model.to(dev, memory_format=torch.channels_last).train()
     kd_net = load_teacher(teacher, space, dev) if teacher is not None else None
     opt, steps_per_epoch = sgd(model, schedule, phase, data)
-    total = phase.epochs * steps_per_epoch
+    total = phase.steps(steps_per_epoch)
     start, elapsed_before = _static_resume(resume_dir, space, cfg, model, opt)
     broadcast_parameters(model, info)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -561,6 +563,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     t0, loss_sum, last_save = time.monotonic(), 0.0, time.monotonic()
     shares = _streamed_shares(data, schedule, seed * 1000, steps_per_epoch, start, total,
                               lambda _step: cfg.r, info)
+    n_epochs = math.ceil(total / steps_per_epoch)  # the last one may be part of an epoch
     for step in range(start, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if shares is not None:
@@ -584,7 +587,7 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
         opt.step()
         loss_sum += float(loss.detach())
         steps_done = step + 1 - start
-        bar.update(step + 1, epoch=f"{epoch + 1}/{phase.epochs}", loss=loss_sum / steps_done, res=cfg.r,
+        bar.update(step + 1, epoch=f"{epoch + 1}/{n_epochs}", loss=loss_sum / steps_done, res=cfg.r,
                    **{"img/s": round(steps_done * schedule.batch_size / max(time.monotonic() - t0, 1e-9))})
         if info.is_main and step + 1 < total and time.monotonic() - last_save > schedule.checkpoint_every_s:
             meta = {"phase": name, "space": space.to_dict(), "config": cfg.to_dict(), "seed": seed,

@@ -110,7 +110,8 @@ def recipe(r: dict) -> list[str]:
              f"Score: {r['score']} (validation split; a second seed where a change is within "
              f"{r['close_points']} points of the base). Wall: the whole training, teacher included; "
              "planned = the variant's measured seconds per step times its steps over the base's "
-             "(whole epochs cannot always match it).", "",
+             "(plans now match it to a step; a ratio away from 1.00 is a plan made in whole epochs, "
+             "before a phase could run part of one).", "",
              "| recipe | seeds | val score (seed 0) | gain (mean over seeds) | max | min | wall "
              "| planned wall |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

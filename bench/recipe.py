@@ -56,6 +56,9 @@ DOCS_RESULTS = ROOT / "docs" / "results" / "recipe.json"
 CLOSE = 0.3  # points: under this difference from the base, a second seed decides
 SEEDS = (0, 1)
 WALL_TOLERANCE = 0.05  # a plan's wall time within 5% of the base's counts as equal
+# steps per phase of the cost probe: 8 steps' median put "resolution bias" (more 28 px steps, so
+# dearer) at 0.90x the base's cost; 32 steps' mean at 0.99x
+PROBE_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,9 @@ VARIANTS = (
 # -- equal wall time ------------------------------------------------------------------------------
 
 def seconds_per_step(space: SearchSpace, schedule: Schedule, phase: PhaseConfig, data, steps: int) -> float:
-    """Median seconds of one training step of ``phase`` (the first step, a warm-up, not counted)."""
+    """Mean seconds of one training step of ``phase`` over ``steps`` steps (the first, a warm-up, not
+    counted). The steps draw their resolutions and subnets as training does, and a phase's wall is
+    their sum: a mean, not a median (the median of a few steps is about one resolution's cost)."""
     torch.manual_seed(0)
     net = OFASupernet(space).to(memory_format=torch.channels_last).train()
     opt, _ = sgd(net, schedule, phase, data)
@@ -142,7 +147,7 @@ def seconds_per_step(space: SearchSpace, schedule: Schedule, phase: PhaseConfig,
         opt.step()
         opt.zero_grad(set_to_none=False)
         times.append(time.monotonic() - t)
-    return float(np.median(times[1:]))
+    return float(np.mean(times[1:]))
 
 
 def equalize(space: SearchSpace, base: Schedule, variant: Schedule, data,
@@ -159,7 +164,7 @@ def equalize(space: SearchSpace, base: Schedule, variant: Schedule, data,
     planned = sum(r * p.epochs for r, p in zip(rates, phases))
     return dataclasses.replace(variant, phases=phases), {
         "scale": round(scale, 3), "epochs": [p.epochs for p in phases],
-        "planned_wall_ratio": round(planned / base_s, 3)}
+        "planned_wall_ratio": round(planned / base_s, 3), "probe_steps": steps}
 
 
 # -- training and scoring ---------------------------------------------------------------------------
@@ -248,9 +253,10 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
     measure(bench, "base", base, {}, ctx, SEEDS[0])
     plans, winners = bench.r.setdefault("plans", {}), []
     for v in VARIANTS:
-        if v.name not in plans or (bench.run(v.name, SEEDS[0]) is None and not _equal_wall(plans[v.name])):
-            # the probe is measured once: a rerun trains what it planned. A plan of whole epochs
-            # (before phases could run part of one) that missed equal wall is made again if unused.
+        unused = bench.run(v.name, SEEDS[0]) is None
+        if v.name not in plans or (unused and not _current(plans[v.name], ctx)):
+            # the probe is measured once: a rerun trains what it planned. An unused plan of an older
+            # probe (whole epochs, or the median of 8 steps) is made again.
             plans[v.name] = equalize(ctx["space"], base, v.change(base), ctx["data"], ctx["probe_steps"])[1]
             bench.save()
         schedule = _with_epochs(v.change(base), plans[v.name]["epochs"], base.name)
@@ -269,8 +275,9 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
     return sorted(winners, key=lambda gv: -gv[0])
 
 
-def _equal_wall(plan: dict) -> bool:
-    return abs(plan["planned_wall_ratio"] - 1) <= WALL_TOLERANCE
+def _current(plan: dict, ctx: dict) -> bool:
+    return (abs(plan["planned_wall_ratio"] - 1) <= WALL_TOLERANCE
+            and plan.get("probe_steps") == ctx["probe_steps"])
 
 
 def _with_epochs(schedule: Schedule, epochs: list[float], name: str) -> Schedule:
@@ -355,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset("fashion-mnist")
     # the training logs validate on the schedule's subset; the ablation scores on the whole split
     calib = calibration_images(subsample(data, base.train_images, None), base.bn_calib_images, 0)
-    ctx = {"space": space, "data": data, "calib": calib, "work": work, "probe_steps": 1 if args.tiny else 8,
-           "commit": code_commit()}
+    ctx = {"space": space, "data": data, "calib": calib, "work": work,
+           "probe_steps": 1 if args.tiny else PROBE_STEPS, "commit": code_commit()}
     bench = Bench(out, {"command": "python bench/recipe.py" + (" --tiny" if args.tiny else ""),
                         "machine": machine(), "code_commit": ctx["commit"], "tiny": args.tiny,
                         "dataset": data.describe(), "base": base.to_dict(),

@@ -126,10 +126,19 @@ def recipe(r: dict) -> list[str]:
                      f"{first['planned_wall_ratio']:.2f} |")
     final = r.get("final", {})
     if "test_accuracy" in final:
-        t = final["test_accuracy"]
-        lines += ["", f"Final recipe: the base with {', '.join(final['changes']) or 'no change'}"
-                  + (f" (left out: {'; '.join(final['left_out'])})" if final["left_out"] else "")
-                  + ". Test accuracy (%), read once: "
+        t, combined = final["test_accuracy"], final["combined"]
+        lines += ["", "Chosen on validation (mean of seeds " + ", ".join(map(str, final["seeds"])) + "): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in final["val_scores"].items())
+                  + (f" (combined: {', '.join(combined['changes'])})" if "plan" in combined else "")
+                  + (f"; left out: {'; '.join(combined['left_out'])}" if combined["left_out"] else "")
+                  + f". **{final['recipe']}**: the base with {', '.join(final['changes']) or 'no change'}."]
+        if "longer" in r:
+            g, row = r["longer"], runs[(r["longer"]["recipe"], 0)]
+            lines += ["", f"Evidence, not a choice: {g['recipe']} (its shrinking epochs x{g['scale']:g}, "
+                      f"wall {_fmt_s(row['wall_s'])}): {g['gain']:+.2f} on validation "
+                      f"(seeds {', '.join(map(str, g['seeds']))}), max {row['val_accuracy']['max']:.2f}, "
+                      f"min {row['val_accuracy']['min']:.2f}."]
+        lines += ["", f"Test accuracy (%) of {final['recipe']}, read once (mean of its seeds' supernets): "
                   + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
     return lines
 

@@ -36,6 +36,26 @@ def test_final_recipe_applies_the_winners_in_order_and_leaves_out_what_does_not_
     assert [p.name for p in final.phases] == ["all"] and final.phases[0].ema_decay > 0
 
 
+def test_the_winners_combined_are_trained_and_chosen_only_if_they_beat_the_best_single_change(tmp_path):
+    space, base, data = bench.tiny_setup()
+    ctx = bench.context(space, base, data, tmp_path, tiny=True)
+    b = bench.Bench(tmp_path / "recipe.json", {"base": base.to_dict()})
+    by_name = {v.name: v for v in bench.VARIANTS}
+    winners = [(0.2, by_name["weight EMA"]), (0.1, by_name["momentum carried"])]
+    b.r["plans"] = {v.name: bench.equalize(space, base, v.change(base), data, 1)[1] for _, v in winners}
+    name, schedule = bench.choose(b, base, winners, ctx)
+    final = b.r["final"]
+    assert final["combined"]["changes"] == ["weight EMA", "momentum carried"]
+    assert set(final["val_scores"]) == {"base", "weight EMA", "combined"}
+    assert {(x["name"], x["seed"]) for x in b.r["runs"]} == {
+        (n, s) for n in final["val_scores"] for s in (0, 1)}
+    assert final["val_scores"][name] == max(final["val_scores"].values())
+    assert final["changes"] == {"base": [], "weight EMA": ["weight EMA"],
+                                "combined": ["weight EMA", "momentum carried"]}[name]
+    combined = next(x for x in b.r["runs"] if x["name"] == "combined")
+    assert combined["planned_wall_ratio"] and combined["epochs"] == final["combined"]["plan"]["epochs"]
+
+
 def test_tiny_refuses_to_write_the_benchmarks_results(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--work", str(tmp_path), "--out", str(bench.DOCS_RESULTS)])
@@ -50,7 +70,7 @@ def test_tiny_ablation_runs_end_to_end_and_resumes(tmp_path):
     r = json.loads((tmp_path / "recipe.json").read_text())
     assert set(r["gains"]) == {v.name for v in bench.VARIANTS}
     names = {(x["name"], x["seed"]) for x in r["runs"]}
-    assert {(v.name, 0) for v in bench.VARIANTS} | {("base", 0), ("final", 0)} <= names
+    assert {(v.name, 0) for v in bench.VARIANTS} | {("base", 0), ("base", 1)} <= names
     two = {v.name for v in bench.VARIANTS if v.two_seeds}
     assert two == {"one stage"}
     for name, g in r["gains"].items():  # a second seed wherever the first was within 0.3 points
@@ -58,7 +78,21 @@ def test_tiny_ablation_runs_end_to_end_and_resumes(tmp_path):
         base = next(x for x in r["runs"] if x["name"] == "base" and x["seed"] == 0)["val_score"]
         assert (g["seeds"] == [0, 1]) == (abs(first - base) < bench.CLOSE or name in two)
     assert all(len(x["supernet_sha256"]) == 64 and x["code_commit"] for x in r["runs"])
-    assert set(r["final"]["test_accuracy"]) == {"max", "mid", "shallow-wide", "deep-narrow", "min"}
+    # the chosen recipe: the best on validation, both seeds, among the base, the best single change
+    # and every winner combined (when two or more won)
+    final, winners = r["final"], sorted((g["gain"], n) for n, g in r["gains"].items() if g["gain"] > 0)
+    expected = {"base"} | {n for _, n in winners[-1:]} | ({"combined"} if len(winners) > 1 else set())
+    assert set(final["val_scores"]) == expected and {(n, s) for n in expected for s in (0, 1)} <= names
+    assert final["val_scores"][final["recipe"]] == max(final["val_scores"].values())
+    assert set(final["test_accuracy"]) == {"max", "mid", "shallow-wide", "deep-narrow", "min"}
+    assert set(final["test_accuracy_by_seed"]) == {"0", "1"}
+    # twice the chosen recipe's shrinking, as evidence
+    longer = r["longer"]
+    assert longer["of"] == final["recipe"] and (longer["recipe"], 0) in names
+    by = {x["name"]: x for x in r["runs"] if x["seed"] == 0}
+    assert by[longer["recipe"]]["epochs"] == pytest.approx(
+        [e * bench.LONGER for e in (by[final["recipe"]].get("epochs") or
+                                    [p["epochs"] for p in r["base"]["phases"]])], abs=1e-3)
     assert r["tiny"] and r["machine"]["cores"]
     # the test set is read for the final recipe alone
     assert not any("test" in key for x in r["runs"] for key in x)
@@ -66,7 +100,8 @@ def test_tiny_ablation_runs_end_to_end_and_resumes(tmp_path):
     from render import recipe as section  # bench/render.py: docs/benchmarks.md's table
 
     table = [line for line in section(r) if line.startswith("| ") and not line.startswith("| recipe")]
-    assert len(table) == 1 + len(bench.VARIANTS) and "Test accuracy (%), read once" in section(r)[-1]
+    assert len(table) == 1 + len(bench.VARIANTS) and ", read once" in section(r)[-1]
+    assert any(line.startswith("Evidence, not a choice") for line in section(r))
 
     # resumable: a rerun trains and probes nothing again
     t = time.monotonic()

@@ -117,3 +117,39 @@ def test_tiny_claim_runs_the_whole_path_and_leaves_docs_alone(tmp_path):
     assert (tmp_path / "claim_cost_tiny.png").stat().st_size > 0
     assert "per-target NAS" in (tmp_path / "claim.md").read_text()
     assert (ROOT / "docs" / "results" / "claim.json").read_bytes() == committed
+
+
+def test_why_is_made_from_the_measurements_it_explains():
+    schedule = {"name": "standard", "teacher": {"epochs": 10},
+                "phases": [{"epochs": e} for e in (1, 1, 2, 1, 2.5)]}
+    ps = {"supernet_sha256": "ab" * 32,
+          "phases": [{"test_accuracy": {"max": 92.35}}, {"test_accuracy": {"max": 91.9}}]}
+    doc = {"settings": {"trained_on": {"supernet_sha256": "ab" * 32}}, "targets": {
+        "a": {"ofa_test_acc": 91.0, "scratch_test_acc": 92.0, "finetune_14_test_acc": 91.25,
+              "finetune_42_test_acc": 91.5},
+        "b": {"ofa_test_acc": 91.0, "scratch_test_acc": 91.5, "finetune_14_test_acc": 91.4}}}
+    recipe = {"longer": {"gain": 0.31, "of": "combined", "seeds": [0, 1]}}
+    text = claim.why(doc, schedule, ps, recipe)
+    assert "10 teacher epochs, then 7.5 epochs of shrinking over 5 phase(s)" in text
+    assert "max subnet reaches 91.90% on test, its teacher 92.35%" in text
+    assert "14% of the scratch epochs closes 25% to 80% of the gap" in text
+    assert "42% of the scratch epochs closes 50% to 50%" in text
+    assert "twice the shrinking epochs gave +0.31 points" in text
+    # a progressive_shrinking.json of another supernet says nothing of this one
+    assert "max subnet" not in claim.why(doc, schedule, {**ps, "supernet_sha256": "cd" * 32}, {})
+
+
+def test_tiny_claim_runs_end_to_end(tmp_path):
+    """The harness on synthetic data (~15 s): every kind of training, the acceptance, the cost model
+    and the rendered section; its numbers mean nothing, and docs/results is not touched."""
+    docs = ROOT / "docs" / "results" / "claim.json"
+    before = docs.stat().st_mtime
+    assert claim.main(["--tiny", "--work", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "claim.json").read_text())
+    assert set(doc["targets"]) == {"tiny-macs", "tiny-params"}
+    for t in doc["targets"].values():
+        assert {"scratch", "scratch_kd", "nas", *claim.FINETUNES} <= set(t["runs"])
+    assert doc["why"].startswith("The `tiny` supernet is trained for")
+    assert "shared_over_scratch_wall" in doc["acceptance"] and "tiny" in doc["cost_model"]
+    assert (tmp_path / "claim.md").read_text().startswith("## ")
+    assert docs.stat().st_mtime == before

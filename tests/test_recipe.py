@@ -128,6 +128,22 @@ def test_training_span_makes_one_continuous_cosine_across_phases():
     assert restart == [p.lr for p in s.phases]
 
 
+def test_a_training_alone_is_whole_even_when_the_teacher_starts_one_continuous_cosine(tiny_data, tmp_path):
+    """The scratch baseline (and a fine-tune) decays to 0 over its own steps: a continuous recipe's
+    teacher stops at a high lr, and the baseline must not inherit that (issue #21: never a weaker
+    scratch recipe)."""
+    from onceforall.training.train import train_static
+
+    s = dataclasses.replace(smoke(), train_images=128)
+    continuous = dataclasses.replace(s, teacher=dataclasses.replace(s.teacher, lr_span="training",
+                                                                    lr_floor=0.05))
+    cfg = reference_configs(SPACE)["min"]
+    runs = [train_static(SPACE, sched, cfg, tiny_data, tmp_path / name, progress=False, test=False)
+            for name, sched in (("restarts", s), ("continuous", continuous))]
+    weights = [ckpt.sha256(tmp_path / name / "model.safetensors") for name in ("restarts", "continuous")]
+    assert weights[0] == weights[1] and runs[0]["val_acc"] == runs[1]["val_acc"]
+
+
 def test_a_phase_may_run_part_of_an_epoch(tiny_data, tmp_path):
     """bench/recipe.py plans phases at equal wall time to a step: 1.5 epochs of 2 steps are 3 steps,
     the lr reaches its floor on the last one, and the last (partial) epoch is validated and logged."""

@@ -521,10 +521,11 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     from ``init`` (an extracted subnet), a fine-tune.
 
     The teacher phase's recipe (epochs, lr, warm-up, batch size, label smoothing, SGD Nesterov, no
-    weight decay on BN and biases, the same data order and augmentation) at the config's own
-    resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer epochs, no warm-up). With
-    ``teacher``, it also distils from that checkpoint's full network (``kd_ratio``). Writes
-    ``model.safetensors`` and ``result.json``; a finished folder is not trained again. Mid-run
+    weight decay on BN and biases, the same data order and augmentation; a cosine to 0 over its own
+    steps) at the config's own resolution; ``epochs`` and ``lr`` override it (a fine-tune: fewer
+    epochs, no warm-up). With ``teacher``, it also distils from that checkpoint's full network
+    (``kd_ratio``). Writes ``model.safetensors`` and ``result.json``; a finished folder is not trained
+    again. Mid-run
     checkpoints (every ``schedule.checkpoint_every_s``) go to ``out_dir/resume``, copied to
     ``checkpoint_uri`` if given, and a run cut short continues from them as run_phase does.
     ``test=False`` skips the test-set evaluation (``test_acc`` None): a NAS proxy is picked on
@@ -537,7 +538,10 @@ def train_static(space: SearchSpace, schedule: Schedule, cfg: SubnetConfig, data
     done = out_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    phase = schedule.teacher
+    # a training alone is a whole training: its cosine spans its own steps and ends at 0, even where
+    # the teacher's phase is the start of one schedule across the shrinking (lr_span "training") or
+    # stops at a floor; otherwise the scratch baseline would stop at a high lr, weaker than its recipe
+    phase = dataclasses.replace(schedule.teacher, lr_span="phase", lr_floor=0.0)
     if epochs is not None or lr is not None:
         phase = dataclasses.replace(phase, epochs=epochs or phase.epochs, lr=lr or phase.lr,
                                     warmup_epochs=0)

@@ -387,11 +387,7 @@ def _cluster_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", help="any other pipeline parameter, NAME=VALUE")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ofa", description=(
-        "Once-for-All on Kubeflow: train one elastic supernet, specialize it for many targets."))
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_command(sub) -> None:
     p = sub.add_parser("train", help="train the teacher and every progressive-shrinking phase")
     _common(p)
     p.add_argument("--out", required=True, help="output folder; one sub-folder per phase")
@@ -400,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablation: every dimension elastic from the first shrinking phase")
     p.set_defaults(func=cmd_train)
 
+
+def _run_command(sub) -> None:
     p = sub.add_parser("run", help="run the whole pipeline here (kfp local runner): train, "
                                    "specialize for every target, publish models and a report")
     p.add_argument("--space", default="fashion-mnist",
@@ -434,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default localhost/onceforall-kfp:dev-cpu, what `make image` builds)")
     p.set_defaults(func=cmd_run)
 
+
+def _compile_command(sub) -> None:
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI or SDK")
     p.add_argument("--out", help="default pipelines/onceforall.yaml, with --specialize "
                                  "pipelines/onceforall-specialize.yaml")
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_options(p)
     p.set_defaults(func=cmd_compile)
 
+
+def _submit_command(sub) -> None:
     p = sub.add_parser("submit", help="upload the pipeline to a Kubeflow Pipelines server and start a run")
     _cluster_common(p)
     p.add_argument("--run-name")
@@ -449,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds to wait with --wait")
     p.set_defaults(func=cmd_submit)
 
+
+def _schedule_command(sub) -> None:
     p = sub.add_parser("schedule", help="upload the pipeline and create a recurring run (retraining)")
     _cluster_common(p)
     p.add_argument("--cron", required=True,
@@ -457,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", help="name of the recurring run")
     p.set_defaults(func=cmd_schedule)
 
+
+def _phase_command(sub) -> None:
     p = sub.add_parser("phase", help="run one phase (a pipeline stage)")
     p.add_argument("name", help="teacher, kernel, depth-1, depth-2, width-1 or width-2")
     _common(p)
@@ -470,17 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between mid-phase checkpoints (default: the schedule's checkpoint_every_s)")
     p.set_defaults(func=cmd_phase)
 
+
+def _space_command(sub) -> None:
     p = sub.add_parser("space", help="show a search space or count its architectures")
     p.add_argument("action", choices=["show", "count"])
     p.add_argument("space", nargs="?", default="fashion-mnist")
     p.set_defaults(func=cmd_space)
 
+
+def _sample_command(sub) -> None:
     p = sub.add_parser("sample", help="print random subnet configs as JSON lines")
     p.add_argument("--space", default="fashion-mnist")
     p.add_argument("-n", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
+
+def _evaluate_command(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy of subnets of a checkpoint (BN recalibrated)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default="fashion-mnist")
@@ -490,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=5000)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _import_official_command(sub) -> None:
     p = sub.add_parser("import-official", help="import a published MIT OFA-MobileNetV3 supernet "
                                                "(.pth, local or s3://) into a checkpoint folder")
     p.add_argument("source", help="e.g. ofa_mbv3_d234_e346_k357_w1.2 downloaded from mit-han-lab")
@@ -499,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reproduces set_running_statistics of the reference code (biased variance)")
     p.set_defaults(func=cmd_import_official)
 
+
+def _accuracy_data_command(sub) -> None:
     p = sub.add_parser("accuracy-data", help="measure validation accuracy of sampled subnets")
     p.add_argument("--supernet", required=True, help="checkpoint folder of the final phase")
     p.add_argument("--data", default="fashion-mnist")
@@ -517,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "subnet, reaching the large and small corners; mixed: half each (default)")
     p.set_defaults(func=cmd_accuracy_data)
 
+
+def _fit_predictor_command(sub) -> None:
     p = sub.add_parser("fit-predictor", help="fit the accuracy predictor on measured subnets")
     p.add_argument("--supernet", required=True, help="checkpoint folder (gives the search space)")
     p.add_argument("--rows", nargs="+", required=True, help="accuracy-data JSON lines files")
@@ -524,42 +542,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_fit_predictor)
 
-    for name, func, text in (("profile", cmd_profile, "measure a target's latency table here"),
-                             ("search", cmd_search, "evolutionary search for one target"),
-                             ("export", cmd_export, "export a searched subnet to ONNX + card")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--targets", default="examples/targets.yaml", help="target spec YAML")
-        p.add_argument("--target", required=True, help="target name in that file")
-        p.add_argument("--space", default="fashion-mnist")
-        p.add_argument("--seed", type=int, default=0)
-        p.set_defaults(func=func)
-        if name == "profile":
-            p.add_argument("--out", required=True, help="latency table JSON")
-            p.add_argument("--validate", type=int, default=0,
-                           help="also measure N whole subnets and report MAPE / Kendall tau")
-        elif name == "search":
-            p.add_argument("--predictor", required=True, help="predictor .safetensors or .json")
-            p.add_argument("--latency", help="latency table JSON (latency_ms targets)")
-            p.add_argument("--out", required=True, help="folder for search.json")
-            p.add_argument("--verify-rounds", type=int, default=3,
-                           help="latency budgets: measure the pick here and search again while it is "
-                                "over budget, up to this many searches (0: trust the table; run on "
-                                "the target's hardware otherwise)")
-            p.add_argument("--supernet", help="checkpoint folder: refine the search with validation "
-                                              "feedback (measure its best points, fit again)")
-            p.add_argument("--rows", help="with --supernet: the accuracy data the predictor was fit on")
-            p.add_argument("--data", default="fashion-mnist", help="with --supernet: the dataset")
-            p.add_argument("--refine-rounds", type=int, default=4,
-                           help="with --supernet: rounds of validation feedback")
-            p.add_argument("--val-images", type=int,
-                           help="with --supernet: measure on the first N validation images, as the "
-                                "rows were (default: all)")
-        else:
-            p.add_argument("--supernet", required=True)
-            p.add_argument("--search", required=True, help="search.json of this target")
-            p.add_argument("--data", default="fashion-mnist")
-            p.add_argument("--val-size", type=int, default=5000)
-            p.add_argument("--out", required=True, help="folder for model.onnx + model_card.json")
+
+def _target_command(sub, name: str, func, text: str) -> argparse.ArgumentParser:
+    """A command that works on one target of a target spec YAML (profile, search, export)."""
+    p = sub.add_parser(name, help=text)
+    p.add_argument("--targets", default="examples/targets.yaml", help="target spec YAML")
+    p.add_argument("--target", required=True, help="target name in that file")
+    p.add_argument("--space", default="fashion-mnist")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=func)
+    return p
+
+
+def _profile_command(sub) -> None:
+    p = _target_command(sub, "profile", cmd_profile, "measure a target's latency table here")
+    p.add_argument("--out", required=True, help="latency table JSON")
+    p.add_argument("--validate", type=int, default=0,
+                   help="also measure N whole subnets and report MAPE / Kendall tau")
+
+
+def _search_command(sub) -> None:
+    p = _target_command(sub, "search", cmd_search, "evolutionary search for one target")
+    p.add_argument("--predictor", required=True, help="predictor .safetensors or .json")
+    p.add_argument("--latency", help="latency table JSON (latency_ms targets)")
+    p.add_argument("--out", required=True, help="folder for search.json")
+    p.add_argument("--verify-rounds", type=int, default=3,
+                   help="latency budgets: measure the pick here and search again while it is "
+                        "over budget, up to this many searches (0: trust the table; run on "
+                        "the target's hardware otherwise)")
+    p.add_argument("--supernet", help="checkpoint folder: refine the search with validation "
+                                      "feedback (measure its best points, fit again)")
+    p.add_argument("--rows", help="with --supernet: the accuracy data the predictor was fit on")
+    p.add_argument("--data", default="fashion-mnist", help="with --supernet: the dataset")
+    p.add_argument("--refine-rounds", type=int, default=4,
+                   help="with --supernet: rounds of validation feedback")
+    p.add_argument("--val-images", type=int,
+                   help="with --supernet: measure on the first N validation images, as the "
+                        "rows were (default: all)")
+
+
+def _export_command(sub) -> None:
+    p = _target_command(sub, "export", cmd_export, "export a searched subnet to ONNX + card")
+    p.add_argument("--supernet", required=True)
+    p.add_argument("--search", required=True, help="search.json of this target")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--out", required=True, help="folder for model.onnx + model_card.json")
+
+
+# every subcommand, in the order `ofa --help` lists them
+COMMANDS = (
+    _train_command, _run_command, _compile_command, _submit_command, _schedule_command, _phase_command,
+    _space_command, _sample_command, _evaluate_command, _import_official_command,
+    _accuracy_data_command, _fit_predictor_command, _profile_command, _search_command, _export_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ofa", description=(
+        "Once-for-All on Kubeflow: train one elastic supernet, specialize it for many targets."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

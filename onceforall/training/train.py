@@ -294,186 +294,249 @@ def run_phase(space: SearchSpace, schedule: Schedule, phase_name: str, data: Dat
     With ``ema_decay`` the per-epoch validation and the saved output are the EMA's weights (mid-phase
     checkpoints keep the live weights, the EMA beside the momentum buffers).
     """
-    phase = schedule.phase(phase_name)
-    phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
-    out_dir = Path(out_dir)
-    if micro_batches < 1 or schedule.batch_size % micro_batches:
-        raise UserError(f"micro_batches {micro_batches} must divide the batch size {schedule.batch_size}",
-                        field="micro_batches", fix="use a divisor of the schedule's batch size")
-    dev, info = rank_device(pick_device(device))
-    pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, info)
-    resumed_from = checkpoint_uri if pulled else str(out_dir)
-    data = subsample(data, schedule.train_images, schedule.val_images)
-    phase_space = phase.space(space)
+    run = _PhaseRun(space, schedule, phase_name, data, Path(out_dir), seed=seed, device=device,
+                    checkpoint_uri=checkpoint_uri, micro_batches=micro_batches)
+    done = run.start(init, teacher)
+    if done is not None:
+        return done
+    return run.train(progress, stop_after_steps)
 
-    # -- state: resume, or start from the previous phase -------------------------------------
-    torch.manual_seed(seed * 1000 + phase_index)  # weight init and dropout; saved in checkpoints
-    net = OFASupernet(space)
-    resume = _start_weights(net, space, schedule, phase, out_dir, init, seed, resumed_from)
-    if resume is not None:
-        _check_same_files(resume.meta, data, resumed_from)
-    if resume is not None and resume.meta.get("completed"):
-        return PhaseResult(**resume.meta["result"] | {"folder": out_dir})
-    freeze_transforms(net, phase)
 
-    kd_net = None
-    if phase.kd_ratio > 0:
+class _PhaseRun:
+    """One phase's training (run_phase): its state, and the parts of its loop, each a method that
+    reads top to bottom. The order of the statements is the order of the draws from the random
+    generators, and so part of what a seed reproduces (tests/test_golden.py)."""
+
+    def __init__(self, space: SearchSpace, schedule: Schedule, phase_name: str, data: Dataset,
+                 out_dir: Path, *, seed: int, device: str, checkpoint_uri: str | None,
+                 micro_batches: int):
+        self.space, self.schedule, self.seed, self.out_dir = space, schedule, seed, out_dir
+        self.phase = phase = schedule.phase(phase_name)
+        self.phase_index = [p.name for p in schedule.all_phases()].index(phase.name)
+        if micro_batches < 1 or schedule.batch_size % micro_batches:
+            raise UserError(f"micro_batches {micro_batches} must divide the batch size {schedule.batch_size}",
+                            field="micro_batches", fix="use a divisor of the schedule's batch size")
+        self.micro_batches, self.checkpoint_uri = micro_batches, checkpoint_uri
+        self.dev, self.info = rank_device(pick_device(device))
+        self.pointer, pulled = _durable_start(checkpoint_uri, phase.name, out_dir, self.info)
+        self.resumed_from = checkpoint_uri if pulled else str(out_dir)
+        self.data = subsample(data, schedule.train_images, schedule.val_images)
+        self.phase_space = phase.space(space)
+
+    # -- state: resume, or start from the previous phase --------------------------------------------
+
+    def start(self, init: str | Path | None, teacher: str | Path | None) -> PhaseResult | None:
+        """The weights, teacher, optimizer and data stream; the result instead when the phase is done."""
+        phase, space, schedule = self.phase, self.space, self.schedule
+        torch.manual_seed(self.seed * 1000 + self.phase_index)  # weight init and dropout; in checkpoints
+        self.net = net = OFASupernet(space)
+        resume = _start_weights(net, space, schedule, phase, self.out_dir, init, self.seed,
+                                self.resumed_from)
+        if resume is not None:
+            _check_same_files(resume.meta, self.data, self.resumed_from)
+        if resume is not None and resume.meta.get("completed"):
+            return PhaseResult(**resume.meta["result"] | {"folder": self.out_dir})
+        freeze_transforms(net, phase)
+        self.kd_net = self._teacher(teacher)
+        self._optimizer(resume, init)
+        self._sampling()
+        return None
+
+    def _teacher(self, teacher: str | Path | None) -> OFASupernet | None:
+        if self.phase.kd_ratio <= 0:
+            return None
         if teacher is None:
-            raise UserError(f"phase {phase.name!r} distils from the teacher (kd_ratio "
-                            f"{phase.kd_ratio})", field="teacher",
+            raise UserError(f"phase {self.phase.name!r} distils from the teacher (kd_ratio "
+                            f"{self.phase.kd_ratio})", field="teacher",
                             fix="pass --teacher with the teacher's output folder")
-        kd_net = load_teacher(teacher, space, dev)
+        return load_teacher(teacher, self.space, self.dev)
 
-    net = net.to(dev, memory_format=torch.channels_last).train()
-    broadcast_parameters(net, info)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt, steps_per_epoch = sgd(net, schedule, phase, data)
-    ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
-    total_steps = phase.steps(steps_per_epoch)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last one may be part of an epoch
-    span = schedule_span(schedule, phase, steps_per_epoch)
+    def _optimizer(self, resume, init: str | Path | None) -> None:
+        """SGD (its buffers from the checkpoint, or carried from ``init``), the EMA, the step counts,
+        the lr schedule, and the random generators where the checkpoint left them."""
+        phase, schedule = self.phase, self.schedule
+        self.net = net = self.net.to(self.dev, memory_format=torch.channels_last).train()
+        broadcast_parameters(net, self.info)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.opt, self.steps_per_epoch = sgd(net, schedule, phase, self.data)
+        self.ema = WeightEMA(net, phase.ema_decay) if phase.ema_decay > 0 else None
+        self.total_steps = phase.steps(self.steps_per_epoch)
+        self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the last may be partial
+        self.span = schedule_span(schedule, phase, self.steps_per_epoch)
+        self.global_step, self.elapsed_before = 0, 0.0
+        self.resumed = resume is not None
+        if resume is not None:
+            _load_optimizer_tensors(net, self.opt, resume.optimizer or {})
+            if self.ema is not None:
+                self.ema.load(resume.optimizer or {})
+            self.global_step = int(resume.meta["global_step"])
+            self.elapsed_before = float(resume.meta.get("wall_s", 0.0))
+            ckpt.set_rng_state(resume.meta["rng"])
+        else:
+            _carry_momentum(net, self.opt, phase, init)
+            self.resumed_from = ""
+        self.start_step = self.global_step
+        self.evaluated = self.ema.net if self.ema is not None else net
 
-    def lr_of(step: int) -> float:
-        return lr_at(step, phase, steps_per_epoch, teacher_lr=schedule.teacher.lr, span=span)
+    def _sampling(self) -> None:
+        """What every step draws from and is judged by: costs, calibration images, streamed shares."""
+        schedule, data = self.schedule, self.data
+        self.teacher_res = max(self.space.resolutions)
+        self.costs = CostTable.build(self.space) if self.phase.sampler == "cost" else None
+        self.calib = None if is_streamed(data) else calibration_images(data, schedule.bn_calib_images,
+                                                                       self.seed)
+        self.shares = _streamed_shares(data, schedule, self.seed * 1000 + self.phase_index,
+                                       self.steps_per_epoch, self.global_step, self.total_steps,
+                                       self.decode_resolution, self.info, self.micro_batches)
+        refs = reference_configs(self.space)
+        self.tracked = {k: refs[k] for k in ("max", "mid", "min")}
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
 
-    global_step, elapsed_before = 0, 0.0
-    if resume is not None:
-        _load_optimizer_tensors(net, opt, resume.optimizer or {})
-        if ema is not None:
-            ema.load(resume.optimizer or {})
-        global_step = int(resume.meta["global_step"])
-        elapsed_before = float(resume.meta.get("wall_s", 0.0))
-        ckpt.set_rng_state(resume.meta["rng"])
-    else:
-        _carry_momentum(net, opt, phase, init)
-        resumed_from = ""
-    start_step = global_step
-    evaluated = ema.net if ema is not None else net
+    # -- what a step draws --------------------------------------------------------------------------
 
-    teacher_res = max(space.resolutions)
-    costs = CostTable.build(space) if phase.sampler == "cost" else None
-    calib = None if is_streamed(data) else calibration_images(data, schedule.bn_calib_images, seed)
+    def lr_of(self, step: int) -> float:
+        return lr_at(step, self.phase, self.steps_per_epoch, teacher_lr=self.schedule.teacher.lr,
+                     span=self.span)
 
-    def plan(step: int) -> tuple[int, list[SubnetConfig]]:
+    def plan(self, step: int) -> tuple[int, list[SubnetConfig]]:
         """The step's batch resolution and subnets, drawn from (seed, phase, step) alone."""
-        rng = np.random.default_rng([seed, phase_index, step])
-        resolution = step_resolution(phase, phase_space, rng)
-        return resolution, step_configs(phase, phase_space, rng, resolution, costs)
+        rng = np.random.default_rng([self.seed, self.phase_index, step])
+        resolution = step_resolution(self.phase, self.phase_space, rng)
+        return resolution, step_configs(self.phase, self.phase_space, rng, resolution, self.costs)
 
-    def kd_resolution(resolution: int) -> int:  # where the teacher sees the batch
-        return teacher_res if phase.kd_resolution == "max" else resolution
+    def kd_resolution(self, resolution: int) -> int:  # where the teacher sees the batch
+        return self.teacher_res if self.phase.kd_resolution == "max" else resolution
 
-    def decode_resolution(step: int) -> int:  # a streamed batch is decoded at the largest one needed
-        resolution, cfgs = plan(step)
-        return max({c.r for c in cfgs} | ({kd_resolution(resolution)} if kd_net is not None else set()))
+    def decode_resolution(self, step: int) -> int:  # a streamed batch is decoded at the largest needed
+        resolution, cfgs = self.plan(step)
+        return max({c.r for c in cfgs}
+                   | ({self.kd_resolution(resolution)} if self.kd_net is not None else set()))
 
-    shares = _streamed_shares(data, schedule, seed * 1000 + phase_index, steps_per_epoch, global_step,
-                              total_steps, decode_resolution, info, micro_batches)
-    refs = reference_configs(space)
-    tracked = {k: refs[k] for k in ("max", "mid", "min")}
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-    bar = Progress(phase.name, total_steps, enabled=progress and info.is_main, start_step=start_step)
-    if resume is not None:
-        bar.message(f"resumed at step {start_step}/{total_steps} from {resumed_from}")
-    t_start = time.monotonic()
-    images_seen, loss_sum, loss_n = 0, 0.0, 0
-    val_acc: dict[str, float] = {}
+    # -- the loop -----------------------------------------------------------------------------------
 
-    def save(completed: bool, epoch: int, result: dict | None = None, **extra: Any) -> None:
-        nonlocal pointer
-        if not info.is_main:
-            return
-        meta = {"phase": phase.name, "phase_index": phase_index, "space": space.to_dict(),
-                "schedule": schedule.to_dict(), "seed": seed, "completed": completed,
-                "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "lr": lr_of(min(global_step, total_steps - 1)),
-                "wall_s": elapsed_before + time.monotonic() - t_start, "rng": ckpt.rng_state(),
-                "dataset": data.describe(), "world_size": info.world,
-                "train_files_sha256": _files_digest(data)}
-        if result is not None:
-            meta["result"] = result
-        meta.update(extra)
-        buffers = _optimizer_tensors(net, opt) | (ema.tensors() if ema is not None else {})
-        ckpt.save_checkpoint(out_dir, (evaluated if completed else net).state_dict(), meta,
-                             optimizer=None if completed and not _keeps_momentum(schedule, phase)
-                             else buffers)
-        if checkpoint_uri is not None:
-            pointer = durable.push(out_dir, checkpoint_uri, pointer)
+    def train(self, progress: bool, stop_after_steps: int | None) -> PhaseResult:
+        self.bar = Progress(self.phase.name, self.total_steps, enabled=progress and self.info.is_main,
+                            start_step=self.start_step)
+        if self.resumed:
+            self.bar.message(f"resumed at step {self.start_step}/{self.total_steps} from {self.resumed_from}")
+        self.t_start = time.monotonic()
+        self.images_seen, self.loss_sum, self.loss_n = 0, 0.0, 0
+        self.val_acc: dict[str, float] = {}
+        last_save = time.monotonic()
+        while self.global_step < self.total_steps:
+            epoch = self.global_step // self.steps_per_epoch
+            rate = self.step(epoch)
+            end_of_epoch = (self.global_step % self.steps_per_epoch == 0
+                            or self.global_step == self.total_steps)
+            if end_of_epoch and self.info.is_main:
+                self.validate(epoch, rate)
+            if end_of_epoch:
+                broadcast_rng(self.info, self.dev)  # rank 0's evaluation drew from its generators
+            stop = stop_after_steps is not None and self.global_step - self.start_step >= stop_after_steps
+            if self.global_step < self.total_steps and (
+                    end_of_epoch or time.monotonic() - last_save > self.schedule.checkpoint_every_s or stop):
+                self.save(False, self.global_step // self.steps_per_epoch)
+                last_save = time.monotonic()
+            if stop:
+                self.bar.close()
+                _close(self.shares)
+                return PhaseResult(self.phase.name, self.out_dir, self.phase.epochs, self.global_step,
+                                   self.elapsed_before + time.monotonic() - self.t_start, rate,
+                                   self.val_acc, self.start_step, self.resumed_from)
+        return self.finish()
 
-    last_save = time.monotonic()
-    while global_step < total_steps:
-        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = None if shares is not None else epoch_order(len(data.train), seed * 1000 + phase_index,
-                                                            epoch)
-        resolution, cfgs = plan(global_step)
-        for group in opt.param_groups:
-            group["lr"] = lr_of(global_step)
+    def step(self, epoch: int) -> float:
+        """One optimizer step over the global batch (its micro-batches); the images/s so far."""
+        phase, info, dev = self.phase, self.info, self.dev
+        step_in_epoch = self.global_step % self.steps_per_epoch
+        order = None if self.shares is not None else epoch_order(
+            len(self.data.train), self.seed * 1000 + self.phase_index, epoch)
+        resolution, cfgs = self.plan(self.global_step)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_of(self.global_step)
         step_loss, images = 0.0, 0
         rng_state = _torch_rng(dev)
-        for share in range(micro_batches):
+        for share in range(self.micro_batches):
             # each micro-batch is the share of the global batch that rank (rank * micro_batches +
             # share) of a world micro_batches times larger would take, with that rank's dropout draws
             _torch_rng(dev, rng_state)
-            x, y = next(shares) if shares is not None else train_batch(
-                data, order, step_in_epoch, schedule.batch_size, seed=seed * 1000 + phase_index,
-                epoch=epoch, rank=info.rank * micro_batches + share, world=info.world * micro_batches)
-            step_loss += _subnets_step(net, kd_net, phase, cfgs, x.to(dev), y.to(dev), criterion,
-                                       kd_resolution(resolution), space) / micro_batches
+            x, y = next(self.shares) if self.shares is not None else train_batch(
+                self.data, order, step_in_epoch, self.schedule.batch_size,
+                seed=self.seed * 1000 + self.phase_index, epoch=epoch,
+                rank=info.rank * self.micro_batches + share, world=info.world * self.micro_batches)
+            step_loss += _subnets_step(self.net, self.kd_net, phase, cfgs, x.to(dev), y.to(dev),
+                                       self.criterion, self.kd_resolution(resolution),
+                                       self.space) / self.micro_batches
             images += len(y)
-        if micro_batches > 1:
-            for p in params:
+        if self.micro_batches > 1:
+            for p in self.params:
                 if p.grad is not None:
-                    p.grad /= micro_batches
-        allreduce_gradients(params, info)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        if ema is not None:
-            ema.update(net)
-        global_step += 1
-        images_seen += images * info.world
-        loss_sum += step_loss / phase.subnets_per_step
-        loss_n += 1
-        rate = images_seen / max(time.monotonic() - t_start, 1e-9)
-        bar.update(global_step, epoch=f"{epoch + 1}/{n_epochs}", loss=loss_sum / loss_n,
-                   lr=opt.param_groups[0]["lr"], res=resolution, **{"img/s": round(rate)})
+                    p.grad /= self.micro_batches
+        allreduce_gradients(self.params, info)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+        if self.ema is not None:
+            self.ema.update(self.net)
+        self.global_step += 1
+        self.images_seen += images * info.world
+        self.loss_sum += step_loss / phase.subnets_per_step
+        self.loss_n += 1
+        rate = self.images_seen / max(time.monotonic() - self.t_start, 1e-9)
+        self.bar.update(self.global_step, epoch=f"{epoch + 1}/{self.n_epochs}",
+                        loss=self.loss_sum / self.loss_n, lr=self.opt.param_groups[0]["lr"], res=resolution,
+                        **{"img/s": round(rate)})
+        return rate
 
-        end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
-        if end_of_epoch and info.is_main:
-            val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
-            record = {"phase": phase.name, "epoch": epoch + 1, "global_step": global_step,
-                      "train_loss": round(loss_sum / loss_n, 5), "images_per_s": round(rate, 1),
-                      "lr": opt.param_groups[0]["lr"], "val_accuracy": val_acc,
-                      "elapsed_s": round(elapsed_before + time.monotonic() - t_start, 2)}
-            append_jsonl(out_dir / LOG, record)
-            bar.message(f"epoch {epoch + 1}/{n_epochs} val acc " +
-                        " ".join(f"{k} {v:.2f}" for k, v in val_acc.items()))
-            loss_sum, loss_n = 0.0, 0
-        if end_of_epoch:
-            broadcast_rng(info, dev)  # rank 0's evaluation drew from its generators
-        if global_step < total_steps and (
-                end_of_epoch or time.monotonic() - last_save > schedule.checkpoint_every_s
-                or (stop_after_steps is not None and global_step - start_step >= stop_after_steps)):
-            save(False, global_step // steps_per_epoch)
-            last_save = time.monotonic()
-        if stop_after_steps is not None and global_step - start_step >= stop_after_steps:
-            bar.close()
-            _close(shares)
-            return PhaseResult(phase.name, out_dir, phase.epochs, global_step,
-                               elapsed_before + time.monotonic() - t_start, rate, val_acc, start_step,
-                               resumed_from)
+    def validate(self, epoch: int, rate: float) -> None:
+        """The end of an epoch (or of the phase's last, partial one): validation, logged."""
+        self.val_acc = evaluate_subnets(self.evaluated, self.tracked, self.data, self.calib, split="val")
+        record = {"phase": self.phase.name, "epoch": epoch + 1, "global_step": self.global_step,
+                  "train_loss": round(self.loss_sum / self.loss_n, 5), "images_per_s": round(rate, 1),
+                  "lr": self.opt.param_groups[0]["lr"], "val_accuracy": self.val_acc,
+                  "elapsed_s": round(self.elapsed_before + time.monotonic() - self.t_start, 2)}
+        append_jsonl(self.out_dir / LOG, record)
+        self.bar.message(f"epoch {epoch + 1}/{self.n_epochs} val acc " +
+                         " ".join(f"{k} {v:.2f}" for k, v in self.val_acc.items()))
+        self.loss_sum, self.loss_n = 0.0, 0
 
-    bar.close()
-    _close(shares)
-    checksums = rank_checksums(net, info)
-    if not val_acc and info.is_main:
-        val_acc = evaluate_subnets(evaluated, tracked, data, calib, split="val")
-    wall = elapsed_before + time.monotonic() - t_start
-    result = PhaseResult(phase.name, out_dir, phase.epochs, global_step, round(wall, 3),
-                         round(images_seen / max(time.monotonic() - t_start, 1e-9), 1), val_acc,
-                         start_step, resumed_from)
-    save(True, phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
-         rank_checksums=checksums)
-    return result
+    def finish(self) -> PhaseResult:
+        self.bar.close()
+        _close(self.shares)
+        checksums = rank_checksums(self.net, self.info)
+        if not self.val_acc and self.info.is_main:
+            self.val_acc = evaluate_subnets(self.evaluated, self.tracked, self.data, self.calib, split="val")
+        wall = self.elapsed_before + time.monotonic() - self.t_start
+        result = PhaseResult(self.phase.name, self.out_dir, self.phase.epochs, self.global_step,
+                             round(wall, 3),
+                             round(self.images_seen / max(time.monotonic() - self.t_start, 1e-9), 1),
+                             self.val_acc, self.start_step, self.resumed_from)
+        self.save(True, self.phase.epochs, {k: v for k, v in result.to_dict().items() if k != "folder"},
+                  rank_checksums=checksums)
+        return result
+
+    def save(self, completed: bool, epoch: float, result: dict | None = None, **extra: Any) -> None:
+        """A checkpoint: mid-phase (live weights, optimizer and EMA buffers) or the phase's output."""
+        if not self.info.is_main:
+            return
+        schedule, phase = self.schedule, self.phase
+        meta = {"phase": phase.name, "phase_index": self.phase_index, "space": self.space.to_dict(),
+                "schedule": schedule.to_dict(), "seed": self.seed, "completed": completed,
+                "epoch": epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "lr": self.lr_of(min(self.global_step, self.total_steps - 1)),
+                "wall_s": self.elapsed_before + time.monotonic() - self.t_start, "rng": ckpt.rng_state(),
+                "dataset": self.data.describe(), "world_size": self.info.world,
+                "train_files_sha256": _files_digest(self.data)}
+        if result is not None:
+            meta["result"] = result
+        meta.update(extra)
+        buffers = _optimizer_tensors(self.net, self.opt) | (
+            self.ema.tensors() if self.ema is not None else {})
+        ckpt.save_checkpoint(self.out_dir, (self.evaluated if completed else self.net).state_dict(), meta,
+                             optimizer=None if completed and not _keeps_momentum(schedule, phase)
+                             else buffers)
+        if self.checkpoint_uri is not None:
+            self.pointer = durable.push(self.out_dir, self.checkpoint_uri, self.pointer)
 
 
 def train_supernet(space: SearchSpace, schedule: Schedule, data: Dataset, out_root: str | Path, *,

@@ -74,8 +74,8 @@ SHARED_BAR = 4.0  # issue #21: the shared training costs at most 4x one training
 SE_POINTS = 0.27  # one standard error of a 10,000-image test set near 92%: the per-target parity bar
 COMMAND = ("python bench/claim.py [--seeds ...] [--nas-seeds ...] [--kinds ...] [--budget-min M] "
            "[--standard DIR] [--carbon C] (make bench-claim)")
-# Why the measured gap is what it is (rendered under the quality table; keep it true to the numbers
-# of the supernet in settings.trained_on).
+
+
 @dataclasses.dataclass
 class Ctx:
     """What one claim run measures on and where it writes."""

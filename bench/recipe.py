@@ -311,8 +311,8 @@ def choose(bench: Bench, base: Schedule, winners: list[tuple[float, Variant]],
     """The recipe that wins on validation, with both seeds: the base, its best single change, or the
     base with every winning change (changes that each won alone need not add up, so the combination
     is trained and compared, not assumed)."""
+    combined, used, left_out = final_recipe(base, winners)
     if "final" not in bench.r:
-        combined, used, left_out = final_recipe(base, winners)
         bench.r["final"] = {"combined": {"changes": used, "left_out": left_out}}
         if len(used) > 1:
             bench.r["final"]["combined"]["plan"] = equalize(ctx["space"], base, combined, ctx["data"],
@@ -324,7 +324,6 @@ def choose(bench: Bench, base: Schedule, winners: list[tuple[float, Variant]],
         candidates.append((v.name, _with_epochs(v.change(base), plans[v.name]["epochs"], base.name),
                            plans[v.name], [v.name]))
     if "plan" in f["combined"]:
-        combined = final_recipe(base, winners)[0]
         candidates.append(("combined", _with_epochs(combined, f["combined"]["plan"]["epochs"], base.name),
                            f["combined"]["plan"], f["combined"]["changes"]))
     for name, schedule, plan, _ in candidates:

@@ -364,7 +364,6 @@ class _PhaseRun:
         self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the last may be partial
         self.span = schedule_span(schedule, phase, self.steps_per_epoch)
         self.global_step, self.elapsed_before = 0, 0.0
-        self.resumed = resume is not None
         if resume is not None:
             _load_optimizer_tensors(net, self.opt, resume.optimizer or {})
             if self.ema is not None:
@@ -417,7 +416,7 @@ class _PhaseRun:
     def train(self, progress: bool, stop_after_steps: int | None) -> PhaseResult:
         self.bar = Progress(self.phase.name, self.total_steps, enabled=progress and self.info.is_main,
                             start_step=self.start_step)
-        if self.resumed:
+        if self.resumed_from:  # "" when the phase starts from init
             self.bar.message(f"resumed at step {self.start_step}/{self.total_steps} from {self.resumed_from}")
         self.t_start = time.monotonic()
         self.images_seen, self.loss_sum, self.loss_n = 0, 0.0, 0

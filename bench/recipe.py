@@ -11,12 +11,17 @@ BN recalibrated), on the validation split only. The final recipe is chosen on va
 seeds, among the base, the best single change, and the base with every change that won (applied in the
 order of their gains; one that cannot combine with the ones before it is left out, and said so). The
 chosen recipe is then trained with twice its shrinking epochs, as evidence of how much of what is left
-is budget (not a choice). Last, the test set is read, once, for the chosen recipe alone.
+is budget (not a choice). The test set is read once, for the chosen recipe alone, as soon as it is
+chosen (the evidence run chooses nothing, so it need not come first).
 
-Resumable: every stage is a checkpoint folder under --work (teachers shared by the variants that
-train the same teacher), and every result is written to WORK/recipe.json as soon as it exists; the
-results go to docs/results/recipe.json (and docs/benchmarks.md) only when the run is complete, so a
-half-done ablation is never committed with the code.
+Resumable across sessions: every stage is a checkpoint folder under --work (teachers shared by the
+variants that train the same teacher), and every result goes to the ledger, bench/ledger/recipe.json,
+as soon as it exists. The ledger is committed as the ablation proceeds, because a fresh checkout keeps
+no ignored folder (on 2026-12-07 one lost bench/_work: the rows measured until then are transcribed
+from the session notes and marked so). A result needs no checkpoint; a supernet the test read needs
+and no longer has is trained again from its seed and plan, and the ledger says whether the weights
+came out the same. The results go to docs/results/recipe.json (and docs/benchmarks.md) only when the
+run is complete.
 
     python bench/recipe.py                       # hours on 2 cores: docs/results/recipe.json
     python bench/recipe.py --tiny --work /tmp/r  # ~2 min on synthetic data: the harness end to end
@@ -55,6 +60,7 @@ from onceforall.supernet.supernet import OFASupernet  # noqa: E402
 from onceforall.training.train import reference_configs, run_phase, sgd  # noqa: E402
 
 DOCS_RESULTS = ROOT / "docs" / "results" / "recipe.json"
+LEDGER = ROOT / "bench" / "ledger" / "recipe.json"
 CLOSE = 0.3  # points: under this difference from the base, a second seed decides
 SEEDS = (0, 1)
 WALL_TOLERANCE = 0.05  # a plan's wall time within 5% of the base's counts as equal
@@ -215,13 +221,17 @@ def score(acc: dict[str, float]) -> float:
 # -- the ablation -----------------------------------------------------------------------------------
 
 class Bench:
-    """The results file, kept on disk after every measurement."""
+    """The ledger, kept on disk after every measurement."""
 
     def __init__(self, out: Path, header: dict):
         self.out = out
         self.r = json.loads(out.read_text()) if out.exists() else {}
-        if self.r.get("base") != json.loads(json.dumps(header["base"])):
-            self.r = {}  # another base recipe: start over
+        if self.r.get("runs") and self.r.get("base") != json.loads(json.dumps(header["base"])):
+            # the `standard` preset changed under it (it becomes the recipe the ablation chose):
+            # its rows measure another base, and a new ablation must not overwrite them
+            raise UserError(f"an ablation of another base recipe than today's {header['base']['name']!r}",
+                            source=str(out), field="base",
+                            fix="move the ledger aside (or pass --out) to start a new ablation")
         self.r.update(header)
         self.r.setdefault("runs", [])
 
@@ -233,21 +243,56 @@ class Bench:
         return next((x for x in self.r["runs"] if x["name"] == name and x["seed"] == seed), None)
 
 
-def measure(bench: Bench, name: str, schedule: Schedule, plan: dict, ctx: dict, seed: int) -> dict:
-    """Train and validate one recipe with one seed, unless the results already hold it."""
+def _trainable(name: str, schedule: Schedule | None) -> Schedule:
+    if schedule is None:
+        raise UserError(f"the plan of {name!r} has no epochs (transcribed, its probe lost): delete its "
+                        f"entry under 'plans' in {LEDGER.relative_to(ROOT)} to probe it again", field="plans")
+    return schedule
+
+
+def _trained(name: str, schedule: Schedule | None, ctx: dict, seed: int) -> dict:
+    """Train and validate one recipe with one seed: the measurement a ledger row holds."""
+    folder = ctx["work"] / _slug(name) / f"seed{seed}"
+    folder, wall = train(ctx["space"], _trainable(name, schedule), ctx["data"], ctx["work"], folder, seed)
+    val = accuracy(ctx["space"], folder, ctx["data"], ctx["calib"], "val")
+    return {"wall_s": wall, "val_accuracy": val, "val_score": score(val),
+            "supernet_sha256": weights_sha256(folder), "folder": str(folder), "code_commit": ctx["commit"]}
+
+
+def measure(bench: Bench, name: str, schedule: Schedule | None, plan: dict, ctx: dict, seed: int) -> dict:
+    """Train and validate one recipe with one seed, unless the ledger already holds it (``schedule``
+    may be None for a row the ledger holds: it is only needed to train)."""
     done = bench.run(name, seed)
     if done is not None:
         return done
-    folder = ctx["work"] / _slug(name) / f"seed{seed}"
-    folder, wall = train(ctx["space"], schedule, ctx["data"], ctx["work"], folder, seed)
-    val = accuracy(ctx["space"], folder, ctx["data"], ctx["calib"], "val")
-    row = {"name": name, "seed": seed, "wall_s": wall, "val_accuracy": val, "val_score": score(val),
-           "supernet_sha256": weights_sha256(folder), "folder": str(folder), "code_commit": ctx["commit"],
-           **plan}
+    row = {"name": name, "seed": seed, **_trained(name, schedule, ctx, seed), **plan}
     bench.r["runs"].append(row)
     bench.save()
-    print(f"[bench] {name} seed {seed}: {wall:.0f}s val {row['val_score']}", flush=True)
+    print(f"[bench] {name} seed {seed}: {row['wall_s']:.0f}s val {row['val_score']}", flush=True)
     return row
+
+
+def supernet(bench: Bench, name: str, schedule: Schedule, ctx: dict, seed: int) -> Path:
+    """The checkpoint of a measured run, trained again from its seed and plan where it is gone (a
+    transcribed row, a fresh checkout). The ledger records the retraining beside the row, and whether
+    it gave the same validation score and weights (it should: training is deterministic per seed on
+    the same threads; a transcribed row kept no weights sha256, so for it that one is None)."""
+    row = bench.run(name, seed)
+    folder = Path(row.get("folder", ""))
+    if row.get("folder") and folder.is_dir() and weights_sha256(folder) == row["supernet_sha256"]:
+        return folder
+    again = row.get("retrained")
+    if again is None or not Path(again["folder"]).is_dir() \
+            or weights_sha256(Path(again["folder"])) != again["supernet_sha256"]:
+        again = _trained(name, schedule, ctx, seed)
+        again["same_val_score"] = again["val_score"] == row["val_score"]
+        again["same_weights"] = (None if row.get("supernet_sha256") is None
+                                 else again["supernet_sha256"] == row["supernet_sha256"])
+        row["retrained"] = again
+        bench.save()
+        print(f"[bench] {name} seed {seed} trained again: val {again['val_score']} "
+              f"(measured {row['val_score']}); same weights: {again['same_weights']}", flush=True)
+    return Path(again["folder"])
 
 
 def mean_score(bench: Bench, name: str, seeds: list[int]) -> float:
@@ -265,7 +310,7 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
             # probe (whole epochs, or the median of 8 steps) is made again.
             plans[v.name] = equalize(ctx["space"], base, v.change(base), ctx["data"], ctx["probe_steps"])[1]
             bench.save()
-        schedule = _with_epochs(v.change(base), plans[v.name]["epochs"], base.name)
+        schedule = _planned(v.change(base), plans[v.name], base.name)
         measure(bench, v.name, schedule, plans[v.name], ctx, SEEDS[0])
         seeds = [SEEDS[0]]
         if v.two_seeds or abs(bench.run(v.name, SEEDS[0])["val_score"]
@@ -284,6 +329,11 @@ def ablate(bench: Bench, base: Schedule, ctx: dict) -> list[tuple[float, Variant
 def _current(plan: dict, ctx: dict) -> bool:
     return (abs(plan["planned_wall_ratio"] - 1) <= WALL_TOLERANCE
             and plan.get("probe_steps") == ctx["probe_steps"])
+
+
+def _planned(schedule: Schedule, plan: dict, name: str) -> Schedule | None:
+    """The schedule with its plan's epochs; None where a transcribed plan lost them."""
+    return None if plan.get("epochs") is None else _with_epochs(schedule, plan["epochs"], name)
 
 
 def _with_epochs(schedule: Schedule, epochs: list[float], name: str) -> Schedule:
@@ -321,8 +371,8 @@ def choose(bench: Bench, base: Schedule, winners: list[tuple[float, Variant]],
     f, plans = bench.r["final"], bench.r["plans"]
     candidates = [("base", base, {}, [])]
     for _, v in winners[:1]:
-        candidates.append((v.name, _with_epochs(v.change(base), plans[v.name]["epochs"], base.name),
-                           plans[v.name], [v.name]))
+        candidates.append((v.name, _planned(v.change(base), plans[v.name], base.name), plans[v.name],
+                           [v.name]))
     if "plan" in f["combined"]:
         candidates.append(("combined", _with_epochs(combined, f["combined"]["plan"]["epochs"], base.name),
                            f["combined"]["plan"], f["combined"]["changes"]))
@@ -332,7 +382,7 @@ def choose(bench: Bench, base: Schedule, winners: list[tuple[float, Variant]],
     scores = {c[0]: mean_score(bench, c[0], list(SEEDS)) for c in candidates}
     name, schedule, _, changes = max(candidates, key=lambda c: scores[c[0]])
     f.update(recipe=name, changes=changes, seeds=list(SEEDS), val_scores=scores,
-             schedule=schedule.to_dict())
+             schedule=_trainable(name, schedule).to_dict())
     bench.save()
     return name, schedule
 
@@ -356,18 +406,21 @@ def longer(bench: Bench, name: str, schedule: Schedule, ctx: dict) -> None:
 
 
 def finish(bench: Bench, base: Schedule, winners: list[tuple[float, Variant]], ctx: dict) -> None:
-    """Choose the recipe on validation, measure what a longer shrinking would buy, then read the test
-    set once, for the chosen recipe alone (both seeds' supernets; the mean per subnet)."""
+    """Choose the recipe on validation, read the test set once, for the chosen recipe alone (both
+    seeds' supernets; the mean per subnet), then measure what a longer shrinking would buy."""
     name, schedule = choose(bench, base, winners, ctx)
-    longer(bench, name, schedule, ctx)
     f = bench.r["final"]
+    by_seed = f.setdefault("test_accuracy_by_seed", {})
+    for s in f["seeds"]:  # one supernet at a time, kept at once: a session may end between them
+        if str(s) not in by_seed:
+            by_seed[str(s)] = accuracy(ctx["space"], supernet(bench, name, schedule, ctx, s), ctx["data"],
+                                       ctx["calib"], "test")
+            bench.save()
     if "test_accuracy" not in f:
-        by_seed = {str(s): accuracy(ctx["space"], Path(bench.run(name, s)["folder"]), ctx["data"],
-                                    ctx["calib"], "test") for s in f["seeds"]}
-        f["test_accuracy_by_seed"] = by_seed
         f["test_accuracy"] = {k: round(float(np.mean([a[k] for a in by_seed.values()])), 3)
                               for k in next(iter(by_seed.values()))}
         bench.save()
+    longer(bench, name, schedule, ctx)
 
 
 # -- set-up -------------------------------------------------------------------------------------------
@@ -403,21 +456,21 @@ def context(space: SearchSpace, base: Schedule, data, work: Path, tiny: bool) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=None, help="checkpoints (default bench/_work/recipe)")
-    ap.add_argument("--out", default=None, help=f"results (default {DOCS_RESULTS.relative_to(ROOT)} once "
-                                                "complete, WORK/recipe.json meanwhile; with --tiny, "
-                                                "WORK/recipe.json)")
+    ap.add_argument("--out", default=None, help=f"the ledger (default {LEDGER.relative_to(ROOT)}, copied to "
+                                                f"{DOCS_RESULTS.relative_to(ROOT)} once complete; with "
+                                                "--tiny, WORK/recipe.json)")
     ap.add_argument("--tiny", action="store_true", help="synthetic data, a tiny space: the harness only")
     args = ap.parse_args(argv)
     if args.tiny:
         if args.work is None:
             ap.error("--tiny needs --work (a scratch folder)")
         out = Path(args.out) if args.out else Path(args.work) / "recipe.json"
-        if out.resolve() == DOCS_RESULTS.resolve():
-            ap.error(f"--tiny results are not benchmark results; do not write them to {DOCS_RESULTS}")
+        if out.resolve() in (DOCS_RESULTS.resolve(), LEDGER.resolve()):
+            ap.error(f"--tiny results are not benchmark results; do not write them to {out}")
         space, base, data = tiny_setup()
     work = Path(args.work) if args.work else ROOT / "bench" / "_work" / "recipe"
     if not args.tiny:
-        out = Path(args.out) if args.out else work / "recipe.json"
+        out = Path(args.out) if args.out else LEDGER
         space, base = get_space("fashion-mnist"), get_schedule("standard")
         data = load_dataset("fashion-mnist")
     ctx = context(space, base, data, work, args.tiny)
@@ -441,4 +494,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        sys.exit(f"error: {exc.line()}")

@@ -116,14 +116,15 @@ def recipe(r: dict) -> list[str]:
              "| planned wall |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     if base is not None:
-        lines.append(f"| base | 0 | {base['val_score']:.2f} | | {base['val_accuracy']['max']:.2f} | "
-                     f"{base['val_accuracy']['min']:.2f} | {_fmt_s(base['wall_s'])} | 1.00 |")
+        lines.append(f"| base{_mark(base)} | 0 | {base['val_score']:.2f} | | {_recipe_cells(base)} | 1.00 |")
     for name, g in r.get("gains", {}).items():
         first = runs[(name, 0)]
-        lines.append(f"| {name} | {', '.join(map(str, g['seeds']))} | {first['val_score']:.2f} | "
-                     f"{g['gain']:+.2f} | {first['val_accuracy']['max']:.2f} | "
-                     f"{first['val_accuracy']['min']:.2f} | {_fmt_s(first['wall_s'])} | "
-                     f"{first['planned_wall_ratio']:.2f} |")
+        lines.append(f"| {name}{_mark(first)} | {', '.join(map(str, g['seeds']))} | "
+                     f"{first['val_score']:.2f} | {g['gain']:+.2f} | {_recipe_cells(first)} | "
+                     f"{_or_dash(first['planned_wall_ratio'])} |")
+    if "transcribed" in r:
+        lines += ["", "\\* transcribed (a dash: not kept): " + r["transcribed"]]
+    lines += [f"\n{n}" for n in r.get("notes", [])]
     final = r.get("final", {})
     if "test_accuracy" in final:
         t, combined = final["test_accuracy"], final["combined"]
@@ -138,9 +139,36 @@ def recipe(r: dict) -> list[str]:
                       f"wall {_fmt_s(row['wall_s'])}): {g['gain']:+.2f} on validation "
                       f"(seeds {', '.join(map(str, g['seeds']))}), max {row['val_accuracy']['max']:.2f}, "
                       f"min {row['val_accuracy']['min']:.2f}."]
+        same = {True: "yes", False: "no", None: "not known (no sha256 was kept)"}
+        again = [f"seed {s}: val {x['val_score']:.2f} (measured {x['measured']:.2f}), same weights "
+                 f"{same[x['same_weights']]}" for s, x in _retrained(runs, final).items()]
+        if again:
+            lines += ["", f"{final['recipe']}'s supernets were trained again for the test read (their "
+                      "checkpoints were gone): " + "; ".join(again) + "."]
         lines += ["", f"Test accuracy (%) of {final['recipe']}, read once (mean of its seeds' supernets): "
                   + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
     return lines
+
+
+def _or_dash(v: float | None, fmt: str = ".2f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def _mark(row: dict) -> str:
+    return " \\*" if row.get("source") == "transcribed" else ""
+
+
+def _recipe_cells(row: dict) -> str:
+    """max | min | wall of one ablation row (a transcribed row may lack any of them)."""
+    acc = row["val_accuracy"]
+    wall = "—" if row.get("wall_s") is None else _fmt_s(row["wall_s"])
+    return f"{_or_dash(acc.get('max'))} | {_or_dash(acc.get('min'))} | {wall}"
+
+
+def _retrained(runs: dict, final: dict) -> dict:
+    """The chosen recipe's runs that were trained again for the test read, by seed."""
+    chosen = {s: runs[(final["recipe"], s)] for s in final["seeds"]}
+    return {s: {**x["retrained"], "measured": x["val_score"]} for s, x in chosen.items() if "retrained" in x}
 
 
 def _plot_ps(r: dict) -> bool:
@@ -847,6 +875,9 @@ PENDING = {
                     "its equal-wall-time plan times training steps)."],
 }
 
+# Benchmarks that run over several sessions keep their partial results in a committed ledger.
+LEDGERS = {"recipe.json": ROOT / "bench" / "ledger" / "recipe.json"}  # bench/recipe.py LEDGER
+
 SECTIONS = {"progressive_shrinking.json": progressive_shrinking, "kernel_phase.json": kernel_phase,
             "recipe.json": recipe,
             "specialize.json": specialize, "predictor_data_speed.json": predictor_data_speed,
@@ -866,6 +897,10 @@ def render() -> Path:
         path = RESULTS / name
         if path.exists():
             out += section(json.loads(path.read_text())) + [""]
+        elif name in LEDGERS and LEDGERS[name].exists() and "gains" in json.loads(LEDGERS[name].read_text()):
+            lines = section(json.loads(LEDGERS[name].read_text()))
+            out += [lines[0] + ": in progress", "", f"From the ledger `{LEDGERS[name].relative_to(ROOT)}`; "
+                    f"`docs/results/{name}` is written when the run is complete.", *lines[1:], ""]
         else:
             out += [f"## {name}: pending (not measured yet)", "", *PENDING.get(name, []), ""]
     target = DOCS / "benchmarks.md"

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import recipe as bench  # noqa: E402  (bench/recipe.py)
 
+from onceforall.errors import UserError  # noqa: E402
 from onceforall.training.schedule import get_schedule  # noqa: E402
 
 
@@ -108,3 +111,48 @@ def test_tiny_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert bench.main(["--tiny", "--work", str(tmp_path)]) == 0
     assert time.monotonic() - t < 15
     assert json.loads((tmp_path / "recipe.json").read_text())["runs"] == r["runs"]
+
+
+def test_a_supernet_whose_checkpoint_is_gone_is_trained_again_from_its_seed_and_plan(tmp_path):
+    """The ledger outlives the checkpoints (a fresh checkout keeps no ignored folder): the test read
+    trains the chosen recipe's supernet again and records whether the weights came out the same."""
+    space, base, data = bench.tiny_setup()
+    ctx = bench.context(space, base, data, tmp_path / "work", tiny=True)
+    b = bench.Bench(tmp_path / "recipe.json", {"base": base.to_dict()})
+    row = bench.measure(b, "base", base, {}, ctx, 0)
+    assert bench.supernet(b, "base", base, ctx, 0) == Path(row["folder"]) and "retrained" not in row
+    shutil.rmtree(tmp_path / "work")
+    folder = bench.supernet(b, "base", base, ctx, 0)
+    again = json.loads((tmp_path / "recipe.json").read_text())["runs"][0]["retrained"]
+    assert folder == Path(again["folder"]) and folder.is_dir()
+    assert again["same_weights"] and again["same_val_score"]  # deterministic per seed
+    assert bench.supernet(b, "base", base, ctx, 0) == folder  # once is enough
+
+
+def test_a_transcribed_plan_without_epochs_says_how_to_probe_it_again(tmp_path):
+    space, base, data = bench.tiny_setup()
+    ctx = bench.context(space, base, data, tmp_path, tiny=True)
+    b = bench.Bench(tmp_path / "recipe.json", {"base": base.to_dict()})
+    assert bench._planned(base, {"epochs": None}, "tiny") is None
+    with pytest.raises(UserError, match="delete its entry under 'plans'") as err:
+        bench.measure(b, "kernel fixed", None, {}, ctx, 0)
+    assert err.value.field == "plans" and b.r["runs"] == []
+
+
+def test_the_ledger_is_tracked_and_tiny_runs_never_write_it():
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(bench.LEDGER)], cwd=ROOT).returncode
+    assert ignored == 1  # git's "not ignored": the ablation's results survive a fresh checkout
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--work", "/tmp/unused", "--out", str(bench.LEDGER)])
+
+
+def test_a_ledger_of_another_base_recipe_is_refused_not_overwritten(tmp_path):
+    base = get_schedule("standard")
+    ledger = tmp_path / "recipe.json"
+    ledger.write_text(json.dumps({"base": base.to_dict(), "runs": [{"name": "base", "seed": 0}]}))
+    other = dataclasses.replace(base, batch_size=64)
+    with pytest.raises(UserError, match="another base recipe") as err:
+        bench.Bench(ledger, {"base": other.to_dict()})
+    assert err.value.field == "base" and "move the ledger aside" in err.value.line()
+    assert json.loads(ledger.read_text())["runs"] == [{"name": "base", "seed": 0}]
+    assert bench.Bench(ledger, {"base": base.to_dict()}).run("base", 0) == {"name": "base", "seed": 0}

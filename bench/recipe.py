@@ -438,6 +438,15 @@ def tiny_setup() -> tuple[SearchSpace, Schedule, object]:
     return space, base, load_dataset("synthetic:400", val_size=100)
 
 
+def _base(ledger: Path) -> Schedule:
+    """The recipe an ablation started from: its ledger's, once it has one (the `standard` preset
+    becomes the recipe the ablation chose, while the ablation still has its evidence run to do);
+    today's `standard` for a new ablation."""
+    if ledger.exists() and json.loads(ledger.read_text()).get("runs"):
+        return Schedule.from_dict(json.loads(ledger.read_text())["base"])
+    return get_schedule("standard")
+
+
 def code_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -471,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else ROOT / "bench" / "_work" / "recipe"
     if not args.tiny:
         out = Path(args.out) if args.out else LEDGER
-        space, base = get_space("fashion-mnist"), get_schedule("standard")
+        space, base = get_space("fashion-mnist"), _base(out)
         data = load_dataset("fashion-mnist")
     ctx = context(space, base, data, work, args.tiny)
     bench = Bench(out, {"command": "python bench/recipe.py" + (" --tiny" if args.tiny else ""),

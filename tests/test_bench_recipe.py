@@ -156,3 +156,12 @@ def test_a_ledger_of_another_base_recipe_is_refused_not_overwritten(tmp_path):
     assert err.value.field == "base" and "move the ledger aside" in err.value.line()
     assert json.loads(ledger.read_text())["runs"] == [{"name": "base", "seed": 0}]
     assert bench.Bench(ledger, {"base": base.to_dict()}).run("base", 0) == {"name": "base", "seed": 0}
+
+
+def test_an_ablation_resumes_on_the_base_its_ledger_started_from(tmp_path):
+    """`standard` becomes the recipe the ablation chose while the ablation still has runs to do."""
+    ledger = tmp_path / "recipe.json"
+    assert bench._base(ledger) == get_schedule("standard")  # a new ablation: today's standard
+    old = dataclasses.replace(get_schedule("standard"), batch_size=64)
+    ledger.write_text(json.dumps({"base": old.to_dict(), "runs": [{"name": "base", "seed": 0}]}))
+    assert bench._base(ledger) == old

@@ -361,6 +361,15 @@ def test_one_stage_is_the_teacher_then_everything_elastic(name):
     assert get_schedule(f"{name}-one-stage") == one and one.name == f"{name}-one-stage"
 
 
+@pytest.mark.parametrize("name", ["smoke", "quick", "standard", "paper", "standard-one-stage"])
+def test_a_schedule_written_to_json_reads_back_equal(name):
+    s = get_schedule(name)
+    s = dataclasses.replace(s, phases=(dataclasses.replace(s.phases[0], resolution_probs=(0.2, 0.4, 0.4)),
+                                       *s.phases[1:]))
+    back = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s and isinstance(back.phases, tuple) and isinstance(back.phases[0].resolution_probs, tuple)
+
+
 def test_one_stage_trains(tiny_data, tmp_path):
     s = dataclasses.replace(smoke().one_stage(), train_images=128)
     results = train_supernet(SPACE, s, tiny_data, tmp_path, progress=False)

@@ -236,6 +236,17 @@ class Schedule:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Schedule":
+        """The schedule ``to_dict`` wrote (a benchmark's ledger keeps the recipe it started from, so
+        that it resumes on it after the preset of that name has changed)."""
+        def phase(p: dict[str, Any]) -> PhaseConfig:
+            probs = p.get("resolution_probs")
+            return PhaseConfig(**{**p, "resolution_probs": None if probs is None else tuple(probs)})
+
+        return cls(**{**raw, "teacher": phase(raw["teacher"]),
+                      "phases": tuple(phase(p) for p in raw["phases"])})
+
 
 def _teacher(epochs: int, lr: float, warmup: int = 0, n_resolutions: int | None = 1) -> PhaseConfig:
     """The full network: the largest kernel, depth and expand, and by default the largest resolution."""

@@ -92,21 +92,13 @@ def _sandwich(p: PhaseConfig, **more) -> PhaseConfig:
     return dataclasses.replace(p, sandwich=True, subnets_per_step=max(3, p.subnets_per_step), **more)
 
 
-def _continuous(s: Schedule) -> Schedule:
-    """One cosine from the teacher's peak over the whole training, ending at 5% of it (BigNAS)."""
-    teacher = dataclasses.replace(s.teacher, lr_span="training", lr_floor=0.05)
-    return dataclasses.replace(s, teacher=teacher, phases=tuple(
-        dataclasses.replace(p, lr=1.0, lr_of_teacher=True, lr_span="training", lr_floor=0.05,
-                            warmup_epochs=0) for p in s.phases))
-
-
 VARIANTS = (
     Variant("lr 5% of the teacher's", "the reference's phases use 3-9% of the teacher's lr, ours 10-30%",
             each_phase(lambda p: dataclasses.replace(p, lr=0.05, lr_of_teacher=True))),
     Variant("lr floor 5%", "BigNAS ends at a small constant, not 0",
             each_phase(lambda p: dataclasses.replace(p, lr_floor=0.05))),
     Variant("one continuous lr", "no restart: one cosine from the teacher's peak over the training",
-            _continuous),
+            lambda s: s.continuous_lr()),
     # momentum cannot follow a channel re-sort (the buffers would not match the weights)
     Variant("momentum carried", "no fresh momentum at every phase",
             each_phase(lambda p: p if p.sort_channels else dataclasses.replace(p, momentum="carry"))),
@@ -186,10 +178,12 @@ def _slug(text: str) -> str:
 
 
 def _teacher_key(schedule: Schedule, seed: int) -> str:
-    """Variants that train the same teacher share it (the momentum it keeps is part of it)."""
+    """Variants that train the same teacher share it (the momentum it keeps is part of it, and so is
+    the whole training's length when the teacher's cosine spans it: the 2x run trains its own)."""
     keeps = bool(schedule.phases) and schedule.phases[0].momentum == "carry"
+    span = [p.epochs for p in schedule.phases] if schedule.teacher.lr_span == "training" else None
     raw = json.dumps([dataclasses.asdict(schedule.teacher), keeps, seed, schedule.batch_size,
-                      schedule.train_images], sort_keys=True)
+                      schedule.train_images] + ([span] if span else []), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 

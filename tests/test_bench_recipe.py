@@ -16,13 +16,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import recipe as bench  # noqa: E402  (bench/recipe.py)
 
 from onceforall.errors import UserError  # noqa: E402
-from onceforall.training.schedule import get_schedule  # noqa: E402
+from onceforall.training.schedule import Schedule, get_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", bench.VARIANTS, ids=lambda v: v.name)
-@pytest.mark.parametrize("base", ["standard", "tiny"])
+@pytest.mark.parametrize("base", ["ablation", "tiny"])
 def test_every_variant_is_one_valid_change_of_the_base(variant, base):
-    schedule = get_schedule("standard") if base == "standard" else bench.tiny_setup()[1]
+    # the ablation's base: the `standard` it started from, which its ledger keeps
+    schedule = bench._base(bench.LEDGER) if base == "ablation" else bench.tiny_setup()[1]
     changed = variant.change(schedule)
     assert changed != schedule and changed.teacher.epochs == schedule.teacher.epochs
     assert changed.batch_size == schedule.batch_size  # the data each step sees stays the same
@@ -165,3 +166,25 @@ def test_an_ablation_resumes_on_the_base_its_ledger_started_from(tmp_path):
     old = dataclasses.replace(get_schedule("standard"), batch_size=64)
     ledger.write_text(json.dumps({"base": old.to_dict(), "runs": [{"name": "base", "seed": 0}]}))
     assert bench._base(ledger) == old
+
+
+def test_the_standard_preset_is_the_recipe_the_ablation_chose():
+    """Issue #21: `standard` becomes the recipe that won on validation (the results once the ablation
+    is complete, its ledger until then)."""
+    results = bench.DOCS_RESULTS if bench.DOCS_RESULTS.exists() else bench.LEDGER
+    chosen = Schedule.from_dict(json.loads(results.read_text())["final"]["schedule"])
+    standard = get_schedule("standard")
+    assert dataclasses.replace(chosen, notes=standard.notes) == standard
+
+
+def test_the_2x_run_shares_the_teacher_only_where_the_teachers_cosine_ends_with_it():
+    restarts = bench._base(bench.LEDGER)
+    cosine = restarts.continuous_lr()
+
+    def twice(s):
+        return dataclasses.replace(s, phases=tuple(dataclasses.replace(p, epochs=2 * p.epochs)
+                                                   for p in s.phases))
+
+    assert bench._teacher_key(twice(restarts), 0) == bench._teacher_key(restarts, 0)
+    assert bench._teacher_key(twice(cosine), 0) != bench._teacher_key(cosine, 0)
+    assert bench._teacher_key(cosine, 0) != bench._teacher_key(cosine, 1)

@@ -389,9 +389,14 @@ def test_committed_supernet_still_loads_and_resumes_as_completed(tiny_data, tmp_
     with torch.no_grad():
         assert torch.isfinite(net.eval()(torch.zeros(2, 1, 28, 28), SPACE.max_config())).all()
     shutil.copytree(COMMITTED, tmp_path / "width-2")
-    done = run_phase(SPACE, get_schedule("standard"), "width-2", tiny_data, tmp_path / "width-2",
-                     progress=False)
+    written_with = Schedule.from_dict(meta["schedule"])  # the recipe `standard` had then
+    done = run_phase(SPACE, written_with, "width-2", tiny_data, tmp_path / "width-2", progress=False)
     assert done.val_accuracy == meta["result"]["val_accuracy"]
+    # `standard` has changed its recipe since (issue #21): the checkpoint is not taken as its result
+    with pytest.raises(UserError, match="trained with another recipe") as err:
+        run_phase(SPACE, get_schedule("standard"), "width-2", tiny_data, tmp_path / "width-2",
+                  progress=False)
+    assert err.value.field == "schedule" and "'teacher': lr_span 'phase', today 'training'" in err.value.what
 
 
 def test_subnet_configs_are_unchanged_by_default():

@@ -219,3 +219,32 @@ def test_scratch_baseline_resumes_from_its_durable_checkpoint(s3_server, tiny_da
         {k: v for k, v in first.items() if k not in timing}
     weights = [tmp_path / pod / "model.safetensors" for pod in ("pod-1", "pod-2")]
     assert _sha256(weights[0]) == _sha256(weights[1])
+
+
+def test_a_checkpoint_of_the_same_schedule_name_under_another_recipe_is_refused(tiny_data, tmp_path):
+    """A preset's recipe may change under its name (issue #21 changed `standard`'s lr): a checkpoint
+    continues, or stands as a finished phase, only under the recipe that decided its weights."""
+    import dataclasses
+
+    old = smoke()
+    run_phase(SPACE, old, "teacher", tiny_data, tmp_path / "teacher", progress=False, stop_after_steps=2)
+    # what does not decide the teacher's weights may change: a later phase's recipe, the notes
+    later = dataclasses.replace(old, notes="changed", phases=(
+        dataclasses.replace(old.phases[0], lr_floor=0.05), *old.phases[1:]))
+    run_phase(SPACE, later, "teacher", tiny_data, tmp_path / "teacher", progress=False, stop_after_steps=3)
+    for changed, what in [
+            (dataclasses.replace(old, teacher=dataclasses.replace(old.teacher, lr=0.02)),
+             "phase 'teacher': lr 0.05, today 0.02"),
+            (dataclasses.replace(old, label_smoothing=0.0), "label_smoothing 0.1, today 0.0"),
+            # one cosine over the whole training: every phase's epochs set the teacher's lr
+            (old.continuous_lr(), "phase 'teacher': lr_span 'phase', today 'training'")]:
+        with pytest.raises(UserError, match="trained with another recipe") as err:
+            run_phase(SPACE, changed, "teacher", tiny_data, tmp_path / "teacher", progress=False)
+        assert err.value.field == "schedule" and what in err.value.what
+    cont = tmp_path / "continuous"
+    run_phase(SPACE, old.continuous_lr(), "teacher", tiny_data, cont, progress=False, stop_after_steps=2)
+    cosine = old.continuous_lr()
+    longer = dataclasses.replace(cosine, phases=tuple(dataclasses.replace(p, epochs=2)
+                                                      for p in cosine.phases))
+    with pytest.raises(UserError, match=r"epochs of every phase \[1, 1, 1, 1, 1, 1\], today \[1, 2, 2"):
+        run_phase(SPACE, longer, "teacher", tiny_data, cont, progress=False)

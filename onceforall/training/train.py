@@ -159,14 +159,57 @@ def _durable_start(uri: str | None, phase: str, out_dir: Path,
     return (pointer if info.is_main else None), pulled
 
 
-def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, where: str | None) -> None:
-    """A checkpoint continues only the run that wrote it: the same seed and schedule."""
+def _check_same_run(meta: dict[str, Any], seed: int, schedule: Schedule, phase: str,
+                    where: str | None) -> None:
+    """A checkpoint continues only the run that wrote it: the same seed and schedule, and the same
+    recipe up to this phase (a preset's recipe may change under its name: `standard` did)."""
     theirs = {"seed": meta.get("seed"), "schedule": meta.get("schedule", {}).get("name")}
     ours = {"seed": seed, "schedule": schedule.name}
     if theirs != ours:
         raise UserError(f"holds a checkpoint of another run ({theirs}, this one is {ours})", source=where,
                         field="seed" if theirs["seed"] != seed else "schedule",
                         fix="give this run its own --out (and --checkpoint-uri), or the same settings")
+    if "teacher" not in meta["schedule"]:
+        return  # written before checkpoints kept the schedule's phases
+    mine = _weights_recipe(json.loads(json.dumps(schedule.to_dict())), phase)
+    old = _weights_recipe(meta["schedule"], phase)
+    if old != mine:
+        what = _first_difference(old, mine)
+        raise UserError(f"holds a checkpoint of schedule {schedule.name!r} trained with another recipe "
+                        f"({what})", source=where, field="schedule",
+                        fix="give this run its own --out (and --checkpoint-uri), or delete the folder "
+                            "to train the phase again with today's recipe")
+
+
+# A run's settings that decide its weights besides the phases: the optimizer and the data each step sees.
+_RUN_FIELDS = ("batch_size", "momentum", "weight_decay", "label_smoothing", "train_images")
+
+
+def _weights_recipe(raw: dict[str, Any], phase: str) -> dict[str, Any]:
+    """What decides a phase's weights, from a schedule's dict: that phase and the ones before it (a
+    field a checkpoint predates takes its default, which is what training did before the field
+    existed), the run's settings, and where one of those phases decays across the whole training,
+    every phase's epochs (the cosine's length)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PhaseConfig)
+                if f.default is not dataclasses.MISSING}
+    phases = [{**defaults, **p} for p in (raw["teacher"], *raw["phases"])]
+    names = [p["name"] for p in phases]
+    upto = phases[:names.index(phase) + 1] if phase in names else phases
+    run = {f.name: raw.get(f.name, f.default) for f in dataclasses.fields(Schedule) if f.name in _RUN_FIELDS}
+    out = {"phases": upto, **run}
+    if any(p["lr_span"] == "training" for p in upto):
+        out["epochs of every phase"] = [p["epochs"] for p in phases]
+    return out
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The first field of ``_weights_recipe`` that differs, phases first, in words."""
+    for a, b in zip(old["phases"], new["phases"]):
+        for field in a:
+            if a[field] != b.get(field):
+                return f"phase {a['name']!r}: {field} {a[field]!r}, today {b.get(field)!r}"
+    key = next(k for k in ("phases", *sorted(set(old) | set(new))) if old.get(k) != new.get(k))
+    return f"{key} {old.get(key)!r}, today {new.get(key)!r}"
 
 
 def _files_digest(data: Dataset) -> str | None:
@@ -198,7 +241,7 @@ def _start_weights(net: OFASupernet, space: SearchSpace, schedule: Schedule, pha
                             source=str(out_dir), field="phase",
                             fix="give each phase its own output folder")
         resume = ckpt.load_checkpoint(out_dir, space=space, with_optimizer=True)
-        _check_same_run(resume.meta, seed, schedule, resumed_from)
+        _check_same_run(resume.meta, seed, schedule, phase.name, resumed_from)
         if not resume.meta.get("completed"):
             ckpt.load_weights(net, resume)
         return resume

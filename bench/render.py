@@ -116,23 +116,35 @@ def recipe(r: dict) -> list[str]:
              "| planned wall |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     if base is not None:
-        lines.append(f"| base{_mark(base)} | 0 | {base['val_score']:.2f} | | {_recipe_cells(base)} | 1.00 |")
+        lines.append(f"| base{_mark(base)} | 0 | {base['val_score']:.3f} | | {_recipe_cells(base)} | 1.00 |")
     for name, g in r.get("gains", {}).items():
         first = runs[(name, 0)]
         lines.append(f"| {name}{_mark(first)} | {', '.join(map(str, g['seeds']))} | "
-                     f"{first['val_score']:.2f} | {g['gain']:+.2f} | {_recipe_cells(first)} | "
+                     f"{first['val_score']:.3f} | {g['gain']:+.3f} | {_recipe_cells(first)} | "
                      f"{_or_dash(first['planned_wall_ratio'])} |")
     if "transcribed" in r:
         lines += ["", "\\* transcribed (a dash: not kept): " + r["transcribed"]]
     lines += [f"\n{n}" for n in r.get("notes", [])]
     final = r.get("final", {})
-    if "test_accuracy" in final:
-        t, combined = final["test_accuracy"], final["combined"]
+    if "recipe" in final:  # chosen
+        combined = final["combined"]
         lines += ["", "Chosen on validation (mean of seeds " + ", ".join(map(str, final["seeds"])) + "): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in final["val_scores"].items())
+                  + ", ".join(f"{k} {v:.3f}" for k, v in final["val_scores"].items())
                   + (f" (combined: {', '.join(combined['changes'])})" if "plan" in combined else "")
                   + (f"; left out: {'; '.join(combined['left_out'])}" if combined["left_out"] else "")
-                  + f". **{final['recipe']}**: the base with {', '.join(final['changes']) or 'no change'}."]
+                  + f". **{final['recipe']}**: the base with {', '.join(final['changes']) or 'no change'}.",
+                  "", "| candidate | val score, seed 0 / 1 | mean | max, seed 0 / 1 | min, seed 0 / 1 |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, mean in final["val_scores"].items():
+            rows = [runs[(name, s)] for s in final["seeds"]]
+
+            def per_seed(value, fmt: str = ".2f") -> str:
+                return " / ".join(_or_dash(value(x), fmt) for x in rows)
+
+            lines.append(f"| {name}{_mark(rows[0])} | {per_seed(lambda x: x['val_score'], '.3f')} "
+                         f"| {mean:.3f} | "
+                         f"{per_seed(lambda x: x['val_accuracy'].get('max'))} | "
+                         f"{per_seed(lambda x: x['val_accuracy'].get('min'))} |")
         if "longer" in r:
             g, row = r["longer"], runs[(r["longer"]["recipe"], 0)]
             lines += ["", f"Evidence, not a choice: {g['recipe']} (its shrinking epochs x{g['scale']:g}, "
@@ -145,8 +157,13 @@ def recipe(r: dict) -> list[str]:
         if again:
             lines += ["", f"{final['recipe']}'s supernets were trained again for the test read (their "
                       "checkpoints were gone): " + "; ".join(again) + "."]
-        lines += ["", f"Test accuracy (%) of {final['recipe']}, read once (mean of its seeds' supernets): "
-                  + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
+        for seed, t in final.get("test_accuracy_by_seed", {}).items():
+            lines += ["", f"Test accuracy (%) of {final['recipe']}, seed {seed}'s supernet, read once: "
+                      + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
+        if "test_accuracy" in final:
+            t = final["test_accuracy"]
+            lines += ["", f"Test accuracy (%) of {final['recipe']}, read once (mean of its seeds' "
+                      "supernets): " + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
     return lines
 
 

@@ -103,8 +103,15 @@ def test_tiny_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert (bench.DOCS_RESULTS.stat().st_mtime if bench.DOCS_RESULTS.exists() else None) == docs_before
     from render import recipe as section  # bench/render.py: docs/benchmarks.md's table
 
-    table = [line for line in section(r) if line.startswith("| ") and not line.startswith("| recipe")]
-    assert len(table) == 1 + len(bench.VARIANTS) and ", read once" in section(r)[-1]
+    lines = section(r)
+
+    def table(header: str) -> list[str]:  # a markdown table's rows, below its header and rule
+        start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 2
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+        return lines[start:end]
+
+    assert len(table("| recipe")) == 1 + len(bench.VARIANTS)
+    assert len(table("| candidate")) == len(final["val_scores"]) and ", read once" in lines[-1]
     assert any(line.startswith("Evidence, not a choice") for line in section(r))
 
     # resumable: a rerun trains and probes nothing again

@@ -272,12 +272,10 @@ def supernet(bench: Bench, name: str, schedule: Schedule, ctx: dict, seed: int) 
     it gave the same validation score and weights (it should: training is deterministic per seed on
     the same threads; a transcribed row kept no weights sha256, so for it that one is None)."""
     row = bench.run(name, seed)
-    folder = Path(row.get("folder", ""))
-    if row.get("folder") and folder.is_dir() and weights_sha256(folder) == row["supernet_sha256"]:
-        return folder
+    if _intact(row):
+        return Path(row["folder"])
     again = row.get("retrained")
-    if again is None or not Path(again["folder"]).is_dir() \
-            or weights_sha256(Path(again["folder"])) != again["supernet_sha256"]:
+    if not _intact(again):
         again = _trained(name, schedule, ctx, seed)
         again["same_val_score"] = again["val_score"] == row["val_score"]
         again["same_weights"] = (None if row.get("supernet_sha256") is None
@@ -287,6 +285,12 @@ def supernet(bench: Bench, name: str, schedule: Schedule, ctx: dict, seed: int) 
         print(f"[bench] {name} seed {seed} trained again: val {again['val_score']} "
               f"(measured {row['val_score']}); same weights: {again['same_weights']}", flush=True)
     return Path(again["folder"])
+
+
+def _intact(run: dict | None) -> bool:
+    """Whether a run's (or its retraining's) checkpoint is still there, with the weights it measured."""
+    folder = Path(run["folder"]) if run and run.get("folder") else None
+    return folder is not None and folder.is_dir() and weights_sha256(folder) == run["supernet_sha256"]
 
 
 def mean_score(bench: Bench, name: str, seeds: list[int]) -> float:
@@ -436,9 +440,8 @@ def _base(ledger: Path) -> Schedule:
     """The recipe an ablation started from: its ledger's, once it has one (the `standard` preset
     becomes the recipe the ablation chose, while the ablation still has its evidence run to do);
     today's `standard` for a new ablation."""
-    if ledger.exists() and json.loads(ledger.read_text()).get("runs"):
-        return Schedule.from_dict(json.loads(ledger.read_text())["base"])
-    return get_schedule("standard")
+    kept = json.loads(ledger.read_text()) if ledger.exists() else {}
+    return Schedule.from_dict(kept["base"]) if kept.get("runs") else get_schedule("standard")
 
 
 def code_commit() -> str:

@@ -137,20 +137,19 @@ def recipe(r: dict) -> list[str]:
                   "|---|---:|---:|---:|---:|"]
         for name, mean in final["val_scores"].items():
             rows = [runs[(name, s)] for s in final["seeds"]]
-
-            def per_seed(value, fmt: str = ".2f") -> str:
-                return " / ".join(_or_dash(value(x), fmt) for x in rows)
-
-            lines.append(f"| {name}{_mark(rows[0])} | {per_seed(lambda x: x['val_score'], '.3f')} "
-                         f"| {mean:.3f} | "
-                         f"{per_seed(lambda x: x['val_accuracy'].get('max'))} | "
-                         f"{per_seed(lambda x: x['val_accuracy'].get('min'))} |")
+            lines.append(f"| {name}{_mark(rows[0])} | {_per_seed(rows, 'val_score', '.3f')} | {mean:.3f} | "
+                         f"{_per_seed(rows, 'max')} | {_per_seed(rows, 'min')} |")
         if "longer" in r:
-            g, row = r["longer"], runs[(r["longer"]["recipe"], 0)]
+            g = r["longer"]
+            rows = [runs[(g["recipe"], s)] for s in g["seeds"]]
+            against = (f"; against {g['of']} as this code trains it, val "
+                       + " / ".join(f"{v:.3f}" for v in g["of_val_scores"].values())
+                       if "of_val_scores" in g else "")
             lines += ["", f"Evidence, not a choice: {g['recipe']} (its shrinking epochs x{g['scale']:g}, "
-                      f"wall {_fmt_s(row['wall_s'])}): {g['gain']:+.2f} on validation "
-                      f"(seeds {', '.join(map(str, g['seeds']))}), max {row['val_accuracy']['max']:.2f}, "
-                      f"min {row['val_accuracy']['min']:.2f}."]
+                      f"wall {' / '.join(_fmt_s(x['wall_s']) for x in rows)}): val score "
+                      f"{_per_seed(rows, 'val_score', '.3f')}, {g['gain']:+.2f} (seeds "
+                      f"{', '.join(map(str, g['seeds']))}{against}); max {_per_seed(rows, 'max')}, "
+                      f"min {_per_seed(rows, 'min')}."]
         same = {True: "yes", False: "no", None: "not known (no sha256 was kept)"}
         again = [f"seed {s}: val {x['val_score']:.2f} (measured {x['measured']:.2f}), same weights "
                  f"{same[x['same_weights']]}" for s, x in _retrained(runs, final).items()]
@@ -165,6 +164,12 @@ def recipe(r: dict) -> list[str]:
             lines += ["", f"Test accuracy (%) of {final['recipe']}, read once (mean of its seeds' "
                       "supernets): " + ", ".join(f"{k} {t[k]:.2f}" for k in SUBNETS if k in t) + "."]
     return lines
+
+
+def _per_seed(rows: list[dict], key: str, fmt: str = ".2f") -> str:
+    """One ablation row's value per seed, "a / b": its val score, or a subnet's val accuracy."""
+    return " / ".join(_or_dash(x[key] if key == "val_score" else x["val_accuracy"].get(key), fmt)
+                      for x in rows)
 
 
 def _or_dash(v: float | None, fmt: str = ".2f") -> str:

@@ -133,7 +133,8 @@ def test_a_supernet_whose_checkpoint_is_gone_is_trained_again_from_its_seed_and_
     folder = bench.supernet(b, "base", base, ctx, 0)
     again = json.loads((tmp_path / "recipe.json").read_text())["runs"][0]["retrained"]
     assert folder == Path(again["folder"]) and folder.is_dir()
-    assert again["same_weights"] and again["same_val_score"]  # deterministic per seed
+    assert again["same_weights"] and again["same_val_score"]  # deterministic per seed (and CPU)
+    assert again["cpu"] == row["cpu"] and "(" in row["cpu"]  # each run names its host's CPU
     assert bench.supernet(b, "base", base, ctx, 0) == folder  # once is enough
 
 
@@ -195,3 +196,18 @@ def test_the_2x_run_shares_the_teacher_only_where_the_teachers_cosine_ends_with_
     assert bench._teacher_key(twice(restarts), 0) == bench._teacher_key(restarts, 0)
     assert bench._teacher_key(twice(cosine), 0) != bench._teacher_key(cosine, 0)
     assert bench._teacher_key(cosine, 0) != bench._teacher_key(cosine, 1)
+
+
+def test_the_2x_run_is_compared_with_the_chosen_recipe_as_this_code_trains_it(tmp_path):
+    """A chosen run trained again for the test read (its checkpoint was gone) is today's measurement
+    of it: the 2x run, trained by the same code, is compared with that, not with an older score."""
+    base = get_schedule("standard")
+    b = bench.Bench(tmp_path / "recipe.json", {"base": base.to_dict()})
+    twice = f"base, shrinking x{bench.LONGER:g}"
+    b.r["runs"] = [{"name": "base", "seed": 0, "val_score": 90.0},
+                   {"name": "base", "seed": 1, "val_score": 90.2, "retrained": {"val_score": 90.4}},
+                   {"name": twice, "seed": 0, "val_score": 90.1},
+                   {"name": twice, "seed": 1, "val_score": 90.7}]
+    bench.longer(b, "base", base, ctx={})  # both seeds measured: nothing is trained
+    assert b.r["longer"]["seeds"] == [0, 1] and b.r["longer"]["of_val_scores"] == {"0": 90.0, "1": 90.4}
+    assert b.r["longer"]["gain"] == pytest.approx(0.2)

@@ -60,8 +60,11 @@ bench-recipe: install ## benchmark: the shrinking recipe's ablation at equal wal
 bench-pipeline: install ## benchmark: local kfp run vs the same stages called in one process (quick)
 	$(BIN)/python bench/pipeline.py
 
+# the scratch runs are the baseline issue #21's bars read: 3 seeds (mean, sd, a paired test each);
+# the fine-tunes and distilled scratch runs are one seed each (2 more seeds of them: ~3.5 h on 2 cores)
 bench-claim: install ## benchmark: OFA subnets vs the same architectures from scratch and a per-target NAS, cost of N targets against both (resumable; after bench-ps, bench-specialize, bench-pipeline)
-	$(BIN)/python bench/claim.py --seeds 0 1 2 --nas-seeds 0
+	$(BIN)/python bench/claim.py --seeds 0 --nas-seeds 0
+	$(BIN)/python bench/claim.py --seeds 1 2 --kinds scratch
 
 bench-predictor-data: install ## benchmark: predictor-data collection on streamed ImageNet-layout JPEGs at 224 px (DATA=imagefolder:PATH)
 	$(BIN)/python bench/predictor_data_speed.py $(if $(DATA),--data $(DATA),--make-jpegs 5000) --out docs/results/predictor_data_speed.json

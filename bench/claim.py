@@ -23,9 +23,11 @@ The shared training (teacher + every shrinking phase, the recipe the supernet re
 again in the same run (`shared`), metered, so that its wall time and one training alone of the
 largest picked architecture are measured in one benchmark run (issue #21: at most 4x); whether it
 reproduced the supernet's weights bit for bit is recorded.
-Every training is metered (energy, CO2, wall time) and recorded in docs/results/claim.json as soon as
-it finishes; a rerun skips what is measured (each training's folder under bench/_work/claim/ holds its
-result), so the suite runs in pieces. Several seeds: mean and spread.
+Every training is metered (energy, CO2, wall time), paired with the OFA subnet and recorded in
+docs/results/claim.json as soon as it finishes; a rerun skips what is measured, so the suite runs in
+pieces, across sessions: what it reads is committed (the supernet and its teacher in bench/supernets
+when bench/_work has none, the subnets and latency tables in bench/ledger/claim). Several seeds: mean
+and spread.
 
 Cost (onceforall/infra/cost.py), at each scale from what is measured at that scale: OFA with N targets
 (shared training once, per-target stages N times) against N trainings alone and N per-target NAS
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import shutil
 import statistics
@@ -54,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from progressive_shrinking import machine, weights_sha256  # noqa: E402
+from specialize import SUPERNET_FIXTURE  # noqa: E402
 
 from onceforall.infra.cost import NS, Cost, cost_model  # noqa: E402
 
@@ -64,6 +68,7 @@ RECIPE_RESULTS = ROOT / "docs" / "results" / "recipe.json"
 PROVENANCE = ROOT / "onceforall" / "resources" / "standard_claim.json"
 WORK = ROOT / "bench" / "_work"
 TARGETS = WORK / "specialize" / "targets"
+SNAPSHOT = ROOT / "bench" / "ledger" / "claim"  # the subnets measured, committed (see `searched`)
 # The paper's "OFA #25" and "OFA #75": fine-tuned for 25 and 75 of the 180 epochs a network trains
 # from scratch, here that fraction of the teacher recipe's epochs; lr 0.01, no warm-up.
 FINETUNES = {"finetune_14": 25 / 180, "finetune_42": 75 / 180}
@@ -91,6 +96,7 @@ class Ctx:
     carbon: str | None
     nas: Any  # NASSettings
     tiny: bool = False
+    ofa_right: dict = dataclasses.field(default_factory=dict, repr=False)  # target -> right answers
 
 
 def trained_on(ctx: Ctx) -> dict:
@@ -125,24 +131,41 @@ def save(doc: dict, path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1))
 
 
-def searched(targets: Path, snapshot_dir: Path, supernet: Path) -> dict[str, dict]:
-    """Target name -> the model card of the subnet the claim measures.
+def searched(targets: Path, snapshot: Path, supernet: Path) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Target name -> the model card of the subnet the claim measures, and target name -> the latency
+    table its search used (latency targets; the per-target NAS searches within it).
 
     The claim measures the subnets of one specialization run: the first time it sees a target it
-    snapshots that target's card into bench/_work/claim/cards/, and from then on it reads the
-    snapshot, so a later `make bench-specialize` (which may pick other subnets) never mixes results
-    of different architectures into one row.
+    snapshots that target's card and latency table into SNAPSHOT (committed: the claim runs for hours,
+    in pieces, across sessions, and a fresh checkout keeps no ignored folder), and from then on it
+    reads the snapshot, so a later `make bench-specialize` (which may pick other subnets, or time
+    another host) never mixes results of different architectures or budgets into one row. The
+    snapshot names its supernet's sha256 and is refused for another supernet.
     """
-    snapshot_dir.mkdir(parents=True, exist_ok=True)
-    for card in sorted(targets.glob("*/model/model_card.json")):
-        snapshot = snapshot_dir / f"{card.parent.parent.name}.json"
-        if not snapshot.exists():
-            snapshot.write_text(card.read_text())
-    cards = {p.stem: json.loads(p.read_text()) for p in sorted(snapshot_dir.glob("*.json"))}
-    if not cards or not (supernet / "checkpoint.json").is_file():
-        raise SystemExit("needs the standard supernet and its searched subnets: run `make bench-ps` and "
-                         "`make bench-specialize` first")
-    return cards
+    if not (supernet / "checkpoint.json").is_file():
+        raise SystemExit(f"needs the standard supernet ({supernet}): run `make bench-ps` first")
+    sha = weights_sha256(supernet)
+    index_path = snapshot / "subnets.json"
+    index = load(index_path) or {"supernet_sha256": sha, "cards": {}}
+    if index["supernet_sha256"] != sha:
+        raise SystemExit(f"{index_path} holds the subnets searched on another supernet (sha256 "
+                         f"{index['supernet_sha256'][:12]}, now {sha[:12]}): move {snapshot} and "
+                         f"{RESULT.relative_to(ROOT)} aside to measure the new one from the start")
+    for card_path in sorted(targets.glob("*/model/model_card.json")):
+        name = card_path.parent.parent.name
+        if name not in index["cards"]:
+            index["cards"][name] = json.loads(card_path.read_text())
+            table = card_path.parent.parent / "latency.json"
+            if table.is_file():
+                (snapshot / "latency").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(table, snapshot / "latency" / f"{name}.json")
+            save(index, index_path)
+    if not index["cards"]:
+        raise SystemExit("needs the subnets searched on the standard supernet: run `make bench-specialize` "
+                         "first")
+    tables = {n: snapshot / "latency" / f"{n}.json" for n, c in index["cards"].items()
+              if c["target"]["constraint"]["kind"] == "latency_ms"}
+    return index["cards"], tables
 
 
 def recipe_schedule(ctx: Ctx):
@@ -155,11 +178,10 @@ def recipe_schedule(ctx: Ctx):
 
 def train_one(kind: str, name: str, card: dict, seed: int, ctx: Ctx) -> dict:
     """One training (or one per-target NAS), metered; a finished folder is read back."""
-    from onceforall.specialization.export import load_supernet
     from onceforall.supernet.space import SubnetConfig
 
     out = ctx.work / name / f"{kind}-s{seed}"
-    net = load_supernet(ctx.supernet)
+    net = _supernet(ctx.supernet)
     if kind == "nas":
         return nas_one(name, card, seed, ctx, net.space, out)
     cfg = SubnetConfig.from_dict(card["subnet"], net.space, name)
@@ -234,6 +256,8 @@ def quality(doc: dict, ctx: Ctx, plan: list[tuple[int, str]], budget_s: float) -
             runs[str(seed)]["wall_s"] = r.get("energy", {}).get("duration_s")  # metered, evaluation too
             if "nas" in r:
                 runs[str(seed)]["nas"] = r["nas"]
+            if kind in PAIRED:
+                pair(targets[name], name, card, kind, str(seed), ctx)
             summarize(targets[name])
             save(doc, ctx.result)
 
@@ -308,23 +332,33 @@ def static_right(ctx: Ctx, card: dict, folder: Path, space):
 
 
 def significance(doc: dict, ctx: Ctx) -> None:
-    """Every OFA subnet paired with every seed of the trainings in PAIRED (McNemar, per target)."""
-    from onceforall.specialization.export import load_supernet
-
-    net = None  # loaded once, when a target has something to pair
+    """Every OFA subnet paired with every seed of the trainings in PAIRED (McNemar, per target) that
+    is not yet: `quality` pairs each training as it finishes; this catches up on older rows."""
     for name, card in ctx.cards.items():
         t = doc["targets"][name]
-        todo = [(kind, seed) for kind in PAIRED for seed in t.get("runs", {}).get(kind, {})
-                if seed not in t.get("mcnemar", {}).get(kind, {})]
-        if not todo:
-            continue
-        net = net or load_supernet(ctx.supernet)
-        ofa = ofa_right(ctx, card, net)
-        t["ofa_recomputed_test_acc"] = round(100.0 * float(ofa.mean()), 3)
-        for kind, seed in todo:
-            other = static_right(ctx, card, ctx.work / name / f"{kind}-s{seed}", net.space)
-            t.setdefault("mcnemar", {}).setdefault(kind, {})[seed] = mcnemar(ofa, other)
-        save(doc, ctx.result)
+        for kind in PAIRED:
+            for seed in t.get("runs", {}).get(kind, {}):
+                if seed not in t.get("mcnemar", {}).get(kind, {}):
+                    pair(t, name, card, kind, seed, ctx)
+                    save(doc, ctx.result)
+
+
+def pair(t: dict, name: str, card: dict, kind: str, seed: str, ctx: Ctx) -> None:
+    """The OFA subnet and one training of ``kind`` on the same test images (McNemar), from the weights
+    that training wrote: done as soon as it is trained, since its folder need not outlive the session."""
+    net = _supernet(ctx.supernet)
+    if name not in ctx.ofa_right:
+        ctx.ofa_right[name] = ofa_right(ctx, card, net)
+        t["ofa_recomputed_test_acc"] = round(100.0 * float(ctx.ofa_right[name].mean()), 3)
+    other = static_right(ctx, card, ctx.work / name / f"{kind}-s{seed}", net.space)
+    t.setdefault("mcnemar", {}).setdefault(kind, {})[seed] = mcnemar(ctx.ofa_right[name], other)
+
+
+@functools.lru_cache(maxsize=1)
+def _supernet(path: Path):
+    from onceforall.specialization.export import load_supernet
+
+    return load_supernet(path)
 
 
 def shared_training(doc: dict, ctx: Ctx) -> None:
@@ -596,14 +630,22 @@ def standard_ctx(args) -> Ctx:
     from onceforall.specialization.nas_baseline import NASSettings
     from onceforall.training.schedule import get_schedule
 
-    std = args.standard.resolve()
-    supernet, teacher = std / "ps" / "width-2", std / "ps" / "teacher"
-    cards = searched(TARGETS, WORK / "claim" / "cards", supernet)
-    tables = {n: TARGETS / n / "latency.json" for n, c in cards.items()
-              if c["target"]["constraint"]["kind"] == "latency_ms"}
+    supernet, teacher = standard_supernet(args.standard.resolve())
+    cards, tables = searched(TARGETS, SNAPSHOT, supernet)
     return Ctx(supernet, teacher, get_schedule("standard"),
                load_dataset("fashion-mnist", val_size=5000, seed=0), cards, tables, WORK / "claim",
                RESULT, args.carbon, NASSettings())
+
+
+def standard_supernet(std: Path) -> tuple[Path, Path]:
+    """The supernet and its teacher: the ones `make bench-ps` trained under ``std`` where they are
+    there, else the committed ones (bench/supernets; a fresh checkout has no bench/_work)."""
+    if (std / "ps" / "width-2").is_dir():
+        return std / "ps" / "width-2", std / "ps" / "teacher"
+    if not (SUPERNET_FIXTURE / "teacher" / "checkpoint.json").is_file():
+        raise SystemExit(f"neither {std / 'ps'} nor a committed teacher ({SUPERNET_FIXTURE / 'teacher'}): "
+                         "run `make bench-ps` first")
+    return SUPERNET_FIXTURE, SUPERNET_FIXTURE / "teacher"
 
 
 def tiny_ctx(work: Path, carbon: str | None) -> tuple[Ctx, Cost]:
@@ -700,8 +742,10 @@ def main(argv: list[str] | None = None) -> int:
                     "nas": dataclasses.asdict(ctx.nas)
                     | {"module": "onceforall/specialization/nas_baseline.py"},
                     "carbon": ctx.carbon or "default (OFA_CARBON or 475 g/kWh)",
-                    "supernet": str(ctx.supernet), "subnets": "bench/_work/claim/cards (snapshot of "
-                    "the specialization run they were first taken from)"}})
+                    "supernet": str(ctx.supernet.relative_to(ROOT) if ctx.supernet.is_relative_to(ROOT)
+                                    else ctx.supernet),
+                    "subnets": f"{SNAPSHOT.relative_to(ROOT)}/subnets.json (snapshot of the "
+                               "specialization run they were first taken from)"}})
     throughput(doc)
     plan = [(s, k) for s in args.seeds for k in args.kinds if k not in ("nas", "shared")]
     plan += [(s, "nas") for s in args.nas_seeds if "nas" in args.kinds]

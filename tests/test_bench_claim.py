@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,3 +154,48 @@ def test_tiny_claim_runs_end_to_end(tmp_path):
     assert "shared_over_scratch_wall" in doc["acceptance"] and "tiny" in doc["cost_model"]
     assert (tmp_path / "claim.md").read_text().startswith("## ")
     assert docs.stat().st_mtime == before
+
+
+def _fake_supernet(folder: Path, sha: str) -> Path:
+    from onceforall.supernet.checkpoint import FORMAT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoint.json").write_text(json.dumps(
+        {"format": FORMAT, "space": {}, "phase": "width-2", "files": {"weights.safetensors": sha}}))
+    return folder
+
+
+def test_the_subnets_measured_are_a_snapshot_of_one_supernet_that_outlives_the_work_folder(tmp_path):
+    """The claim runs in pieces across sessions, and a fresh checkout has no bench/_work: the cards and
+    the latency tables the searches used are kept in a (committed) snapshot that names its supernet,
+    read from there once taken, and refused for another supernet."""
+    targets, snapshot = tmp_path / "targets", tmp_path / "snapshot"
+    for name, kind in (("phone", "macs"), ("edge", "latency_ms")):
+        (targets / name / "model").mkdir(parents=True)
+        card = {"subnet": {"r": 28}, "target": {"name": name, "constraint": {"kind": kind}}}
+        (targets / name / "model" / "model_card.json").write_text(json.dumps(card))
+    (targets / "edge" / "latency.json").write_text('{"block_ms": [1.5]}')
+    supernet = _fake_supernet(tmp_path / "supernet", "ab" * 32)
+    cards, tables = claim.searched(targets, snapshot, supernet)
+    assert set(cards) == {"phone", "edge"} and set(tables) == {"edge"}
+    assert tables["edge"].is_relative_to(snapshot)
+    assert json.loads(tables["edge"].read_text()) == {"block_ms": [1.5]}
+    shutil.rmtree(targets)  # a fresh checkout: only the snapshot is left
+    assert claim.searched(targets, snapshot, supernet) == (cards, tables)
+    with pytest.raises(SystemExit, match="another supernet"):
+        claim.searched(targets, snapshot, _fake_supernet(tmp_path / "other", "cd" * 32))
+    with pytest.raises(SystemExit, match="make bench-specialize"):
+        claim.searched(targets, tmp_path / "empty", supernet)
+
+
+def test_the_claim_measures_the_committed_supernet_and_teacher_where_no_training_is_here(tmp_path,
+                                                                                       monkeypatch):
+    trained = tmp_path / "standard"
+    (trained / "ps" / "width-2").mkdir(parents=True)
+    assert claim.standard_supernet(trained) == (trained / "ps" / "width-2", trained / "ps" / "teacher")
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(claim, "SUPERNET_FIXTURE", committed)
+    with pytest.raises(SystemExit, match="make bench-ps"):
+        claim.standard_supernet(tmp_path / "fresh")
+    _fake_supernet(committed / "teacher", "ab" * 32)
+    assert claim.standard_supernet(tmp_path / "fresh") == (committed, committed / "teacher")

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from progressive_shrinking import machine, weights_sha256  # noqa: E402  (bench/)
+from progressive_shrinking import code_commit, machine, weights_sha256  # noqa: E402  (bench/)
 
 from onceforall.supernet import checkpoint as ckpt  # noqa: E402
 from onceforall.data import calibration_images, load_dataset, resize, subsample, train_batch  # noqa: E402
@@ -451,14 +450,6 @@ def _base(ledger: Path) -> Schedule:
     today's `standard` for a new ablation."""
     kept = json.loads(ledger.read_text()) if ledger.exists() else {}
     return Schedule.from_dict(kept["base"]) if kept.get("runs") else get_schedule("standard")
-
-
-def code_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
 
 
 def context(space: SearchSpace, base: Schedule, data, work: Path, tiny: bool) -> dict:

@@ -71,11 +71,11 @@ def progressive_shrinking(r: dict) -> list[str]:
         lines += ["", "Earlier runs of this benchmark (other schedules; final test accuracy, %):", "",
                   "| run | teacher max | " + " | ".join(SUBNETS) + " | baseline min |",
                   "|---|---|" + "---|" * len(SUBNETS) + "---|"]
-        for p in r["previous_runs"] + [{"run": f"this run ({r.get('schedule_summary', '')})",
-                                        "teacher_max": r["phases"][0]["test_accuracy"]["max"],
-                                        "final": r["final"]["test_accuracy"],
-                                        "baseline_min": r.get("baseline_no_ps", {})
-                                        .get("test_accuracy", {}).get("min")}]:
+        this = [{"run": f"this run ({r.get('schedule_summary', '')})",
+                 "teacher_max": r["phases"][0]["test_accuracy"]["max"], "final": r["final"]["test_accuracy"],
+                 "baseline_min": r.get("baseline_no_ps", {}).get("test_accuracy", {}).get("min")}
+                ] if "final" in r else []
+        for p in r["previous_runs"] + this:
             base = "pending" if p.get("baseline_min") is None else f"{p['baseline_min']:.2f}"
             lines.append(f"| {p['run']} | {p['teacher_max']:.2f} | "
                          + " | ".join(f"{p['final'][s]:.2f}" for s in SUBNETS) + f" | {base} |")

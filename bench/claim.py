@@ -67,7 +67,7 @@ PS_RESULTS = ROOT / "docs" / "results" / "progressive_shrinking.json"
 RECIPE_RESULTS = ROOT / "docs" / "results" / "recipe.json"
 PROVENANCE = ROOT / "onceforall" / "resources" / "standard_claim.json"
 WORK = ROOT / "bench" / "_work"
-TARGETS = WORK / "specialize" / "targets"
+TARGETS = ROOT / "bench" / "ledger" / "specialize" / "targets"  # bench/specialize.py keeps them there
 SNAPSHOT = ROOT / "bench" / "ledger" / "claim"  # the subnets measured, committed (see `searched`)
 # The paper's "OFA #25" and "OFA #75": fine-tuned for 25 and 75 of the 180 epochs a network trains
 # from scratch, here that fraction of the teacher recipe's epochs; lr 0.01, no warm-up.
@@ -145,6 +145,11 @@ def searched(targets: Path, snapshot: Path, supernet: Path) -> tuple[dict[str, d
     if not (supernet / "checkpoint.json").is_file():
         raise SystemExit(f"needs the standard supernet ({supernet}): run `make bench-ps` first")
     sha = weights_sha256(supernet)
+    marker = targets.parent / "supernet_sha256"  # which supernet the specialization searched on
+    if marker.is_file() and marker.read_text().strip() != sha:
+        raise SystemExit(f"{targets} holds the subnets searched on another supernet (sha256 "
+                         f"{marker.read_text().strip()[:12]}, now {sha[:12]}): run `make bench-specialize` "
+                         "on this one")
     index_path = snapshot / "subnets.json"
     index = load(index_path) or {"supernet_sha256": sha, "cards": {}}
     if index["supernet_sha256"] != sha:

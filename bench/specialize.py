@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,10 @@ from onceforall.specialization.targets import load_targets  # noqa: E402
 # benchmark does not need the ~1-2 h of training first on a fresh machine; its README says how and
 # where it was trained.
 SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
+# The targets' model cards and latency tables, kept where git keeps them (targets/<name>/model/
+# model_card.json, targets/<name>/latency.json, and the supernet's sha256): bench/claim.py measures
+# these subnets for hours, in later sessions, and a fresh checkout has no bench/_work.
+KEPT = ROOT / "bench/ledger/specialize"
 
 
 def latency_key(threads: int, batch_size: int | None = None) -> str:
@@ -150,6 +155,8 @@ def main() -> int:
                          "the same way; a later set extends the earlier ones")
     ap.add_argument("--work", default=str(ROOT / "bench/_work/specialize"))
     ap.add_argument("--out", default=str(ROOT / "docs/results/specialize.json"))
+    ap.add_argument("--keep", default=str(KEPT), help="where the targets' model cards and latency tables "
+                                                      "are kept for bench/claim.py (committed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--revalidate-latency", action="store_true",
                     help="only validate the stored latency tables again (on a quiet host), keeping "
@@ -160,18 +167,19 @@ def main() -> int:
                          "again (after bench/reference_search.py); then render")
     args = ap.parse_args()
 
-    work, out = Path(args.work), Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
+    work, out, keep = Path(args.work), Path(args.out), Path(args.keep)
     res = json.loads(out.read_text()) if out.exists() else {}
     # Resumable, but never across supernets: the rows, predictor and cards belong to one.
     sha = weights_sha256(args.supernet)
-    marker = work / "supernet_sha256"
+    markers = [work / "supernet_sha256", keep / "supernet_sha256"]
     for where, then in ((out, res.get("supernet_sha256")),
-                        (work, marker.read_text().strip() if marker.exists() else None)):
+                        *((m.parent, m.read_text().strip() if m.exists() else None) for m in markers)):
         if then not in (None, sha):
             raise SystemExit(f"{where} holds results of another supernet (sha256 {then[:12]}, now "
-                             f"{sha[:12]}): move {out} and {work} aside to measure this one")
-    marker.write_text(sha)
+                             f"{sha[:12]}): move {out}, {work} and {keep} aside to measure this one")
+    for m in markers:
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.write_text(sha)
     supernet = Path(args.supernet).resolve()
     supernet = str(supernet.relative_to(ROOT) if supernet.is_relative_to(ROOT) else supernet)
     res.update({"machine": machine(), "supernet": supernet, "supernet_sha256": sha,
@@ -324,6 +332,11 @@ def main() -> int:
                              predicted_accuracy=pick["predicted_acc"],
                              predicted_latency_ms=pick.get("latency_ms"), host_probe_reference_ms=probe_ref,
                              seed=args.seed, net=net, extra={"selection": selection})
+        kept = keep / "targets" / target.name
+        (kept / "model").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tdir / "model" / "model_card.json", kept / "model" / "model_card.json")
+        if latency_path is not None:
+            shutil.copyfile(latency_path, kept / "latency.json")
         # Best uniform subnet under the same budget, chosen on validation, judged on test.
         # A latency budget is judged as the searched pick is (measured on the target's runtime
         # with the card's statistic, against the budget less its headroom), every uniform subnet

@@ -169,13 +169,17 @@ def test_the_subnets_measured_are_a_snapshot_of_one_supernet_that_outlives_the_w
     """The claim runs in pieces across sessions, and a fresh checkout has no bench/_work: the cards and
     the latency tables the searches used are kept in a (committed) snapshot that names its supernet,
     read from there once taken, and refused for another supernet."""
-    targets, snapshot = tmp_path / "targets", tmp_path / "snapshot"
+    targets, snapshot = tmp_path / "specialize" / "targets", tmp_path / "snapshot"
     for name, kind in (("phone", "macs"), ("edge", "latency_ms")):
         (targets / name / "model").mkdir(parents=True)
         card = {"subnet": {"r": 28}, "target": {"name": name, "constraint": {"kind": kind}}}
         (targets / name / "model" / "model_card.json").write_text(json.dumps(card))
     (targets / "edge" / "latency.json").write_text('{"block_ms": [1.5]}')
     supernet = _fake_supernet(tmp_path / "supernet", "ab" * 32)
+    (targets.parent / "supernet_sha256").write_text("cd" * 32)  # searched on another supernet
+    with pytest.raises(SystemExit, match="make bench-specialize"):
+        claim.searched(targets, snapshot, supernet)
+    (targets.parent / "supernet_sha256").write_text("ab" * 32)
     cards, tables = claim.searched(targets, snapshot, supernet)
     assert set(cards) == {"phone", "edge"} and set(tables) == {"edge"}
     assert tables["edge"].is_relative_to(snapshot)

@@ -58,9 +58,10 @@ from onceforall.specialization.targets import load_targets  # noqa: E402
 # benchmark does not need the ~1-2 h of training first on a fresh machine; its README says how and
 # where it was trained.
 SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
-# The targets' model cards and latency tables, kept where git keeps them (targets/<name>/model/
-# model_card.json, targets/<name>/latency.json, and the supernet's sha256): bench/claim.py measures
-# these subnets for hours, in later sessions, and a fresh checkout has no bench/_work.
+# What the benchmark measures on the supernet and later sessions need, kept where git keeps it (a
+# fresh checkout has no bench/_work): the accuracy rows (accuracy*.jsonl), the targets' model cards
+# and latency tables (targets/<name>/model/model_card.json, targets/<name>/latency.json: bench/claim.py
+# measures these subnets for hours, in later sessions), and the supernet's sha256.
 KEPT = ROOT / "bench/ledger/specialize"
 
 
@@ -206,11 +207,12 @@ def main() -> int:
     data = load_dataset(args.data, seed=args.seed)
 
     # 1. accuracy data: balanced sets (each choice equally often per slot) and a graded set (one
-    # size level per subnet, reaching the corners where generous budgets are spent)
-    sets = [(work / ("accuracy.jsonl" if s == 0 else f"accuracy_set{s}.jsonl"), "balanced", args.seed + s)
+    # size level per subnet, reaching the corners where generous budgets are spent). The rows are kept
+    # with the targets, in a folder git tracks, row by row (~1 h of measuring a session may not finish).
+    sets = [(keep / ("accuracy.jsonl" if s == 0 else f"accuracy_set{s}.jsonl"), "balanced", args.seed + s)
             for s in range(args.sets)]
     if args.graded:
-        sets.append((work / "accuracy_graded.jsonl", "graded", args.seed))
+        sets.append((keep / "accuracy_graded.jsonl", "graded", args.seed))
     rows_paths = [p for p, _, _ in sets]
     t0 = time.monotonic()
     for rows_path, sampler, sample_seed in sets:

@@ -48,7 +48,7 @@ compile: install ## compile both pipelines to pipelines/onceforall{,-specialize}
 train: install ## train a supernet alone on Fashion-MNIST (quick schedule), no specialization
 	$(BIN)/ofa train --space fashion-mnist --schedule quick --data fashion-mnist --out runs/quick
 
-bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedule (~90 min on 2 cores)
+bench-ps: install ## benchmark: progressive shrinking vs no PS, standard schedule (~2 h on 2 cores: the supernet in ~1 h, then the baseline)
 	$(BIN)/python bench/progressive_shrinking.py
 
 bench-kernel: install ## benchmark: what the kernel phase costs the max subnet, one change at a time (~15 min; after bench-ps)

@@ -233,7 +233,7 @@ class SubnetConfig:
 
 
 def fashion_mnist_space() -> SearchSpace:
-    """28x28 grayscale, sized so that the `standard` schedule trains on 2 CPU cores in 45 minutes."""
+    """28x28 grayscale, sized so that the `standard` schedule trains on 2 CPU cores in about an hour."""
     return SearchSpace(
         name="fashion-mnist", in_channels=1, num_classes=10,
         # Full resolution only in the stem; the first block halves it (measured: +0.9 points after

@@ -56,8 +56,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from progressive_shrinking import machine, weights_sha256  # noqa: E402
-from specialize import SUPERNET_FIXTURE  # noqa: E402
+from progressive_shrinking import SUPERNET_FIXTURE, machine, weights_sha256  # noqa: E402
 
 from onceforall.infra.cost import NS, Cost, cost_model  # noqa: E402
 

@@ -25,6 +25,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The standard supernet (its last phase's checkpoint) and its teacher (teacher/), kept in the
+# repository (~8 MB each): the benchmarks after this one (specialize, claim) and this one's baseline
+# start from them on a fresh machine, which has no bench/_work; its README says how and where it was
+# trained.
+SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
 sys.path.insert(0, str(ROOT))
 
 from onceforall.supernet import checkpoint as ckpt  # noqa: E402
@@ -119,6 +124,40 @@ def checks(results: dict) -> dict[str, bool]:
     }
 
 
+def progressive_shrinking(space, schedule, data, work: Path, seed: int, record, results: dict) -> Path:
+    """The teacher and every shrinking phase, each measured as it ends; the teacher's folder."""
+    teacher_dir, prev = work / "ps" / schedule.teacher.name, None
+    for phase in schedule.all_phases():
+        folder = work / "ps" / phase.name
+        fresh = not (folder / "checkpoint.json").is_file()
+        with Meter() as meter:
+            res = run_phase(space, schedule, phase.name, data, folder, init=prev,
+                            teacher=teacher_dir if phase.kd_ratio > 0 else None, seed=seed)
+        record("phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
+        prev = folder
+    results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
+    results["supernet_sha256"] = weights_sha256(prev)
+    results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
+    return teacher_dir
+
+
+def committed_teacher(results: dict, schedule, work: Path) -> Path | None:
+    """The committed teacher, where this run's progressive shrinking is measured and its supernet is
+    the committed one but its checkpoints are gone (a fresh checkout: the baseline then starts from the
+    committed teacher, the one its supernet was shrunk from); None where there is training to do."""
+    if (work / "ps" / schedule.all_phases()[-1].name / "checkpoint.json").is_file():
+        return None  # here: every phase resumes or counts as done as usual
+    teacher = SUPERNET_FIXTURE / "teacher"
+    measured = [p["name"] for p in results.get("phases", [])] == [p.name for p in schedule.all_phases()]
+    if not (measured and (teacher / "checkpoint.json").is_file()
+            and weights_sha256(SUPERNET_FIXTURE) == results.get("supernet_sha256")):
+        return None
+    if ckpt.read_meta(teacher)["schedule"] != results["recipe"]:
+        raise SystemExit(f"{teacher} is not the teacher of the committed supernet's recipe: commit the "
+                         "teacher its run trained, or move the results aside to train again")
+    return teacher
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedule", default="standard")
@@ -165,20 +204,13 @@ def main() -> int:
         print(f"[bench] {key} {phase_name}: {result.wall_s:.0f}s test acc {acc}", flush=True)
 
     # Progressive shrinking: the schedule as it is.
-    teacher_dir = work / "ps" / schedule.teacher.name
-    prev = None
-    for phase in schedule.all_phases():
-        folder = work / "ps" / phase.name
-        fresh = not (folder / "checkpoint.json").is_file()
-        with Meter() as meter:
-            res = run_phase(space, schedule, phase.name, data, folder, init=prev,
-                            teacher=teacher_dir if phase.kd_ratio > 0 else None, seed=args.seed)
-        record("phases", phase.name, folder, res, meter.reading.to_dict() if fresh else None)
-        prev = folder
-    results["final"] = {"test_accuracy": results["phases"][-1]["test_accuracy"]}
-    results["supernet_sha256"] = weights_sha256(prev)
-    results["training_wall_s"] = round(sum(p["wall_s"] for p in results["phases"]), 1)
-    save()
+    teacher_dir = committed_teacher(results, schedule, work)
+    if teacher_dir is None:
+        teacher_dir = progressive_shrinking(space, schedule, data, work, args.seed, record, results)
+        save()
+    else:
+        print(f"[bench] progressive shrinking is measured and its supernet committed: the baseline starts "
+              f"from the committed teacher ({teacher_dir.relative_to(ROOT)})", flush=True)
 
     # Baseline: same teacher, same phases, everything elastic from the start.
     baseline = schedule.without_progressive_shrinking()

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from progressive_shrinking import machine, weights_sha256  # noqa: E402
+from progressive_shrinking import SUPERNET_FIXTURE, machine, weights_sha256  # noqa: E402
 
 from onceforall.specialization.accuracy_data import (  # noqa: E402
     SubnetEvaluator, collect_accuracy, load_accuracy_rows, read_rows)
@@ -54,10 +54,6 @@ from onceforall.supernet.space import SubnetConfig  # noqa: E402
 from onceforall.specialization.targets import load_targets  # noqa: E402
 
 
-# A standard supernet kept in the repository (weights and checkpoint.json, ~8 MB), so that this
-# benchmark does not need the ~1-2 h of training first on a fresh machine; its README says how and
-# where it was trained.
-SUPERNET_FIXTURE = ROOT / "bench/supernets/fashion-mnist-standard"
 # What the benchmark measures on the supernet and later sessions need, kept where git keeps it (a
 # fresh checkout has no bench/_work): the accuracy rows (accuracy*.jsonl), the targets' model cards
 # and latency tables (targets/<name>/model/model_card.json, targets/<name>/latency.json: bench/claim.py

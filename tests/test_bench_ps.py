@@ -1,7 +1,10 @@
 """bench/progressive_shrinking.py: a run of another recipe starts over, and the bars it checks."""
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -41,3 +44,35 @@ def test_the_bars_are_issue_21s_on_the_final_supernet():
 def test_the_summary_names_the_lr_recipe():
     assert "one lr cosine over the whole training to 5% of its peak" in ps.summary(get_schedule("standard"))
     assert "every phase restarts its lr" in ps.summary(get_schedule("quick"))
+
+
+def _checkpoint(folder: Path, sha: str, schedule: dict | None = None) -> None:
+    from onceforall.supernet.checkpoint import FORMAT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoint.json").write_text(json.dumps({"format": FORMAT, "space": {}, "phase": "p",
+                                                        "files": {"weights.safetensors": sha},
+                                                        "schedule": schedule or {}}))
+
+
+def test_the_baseline_resumes_from_the_committed_teacher_on_a_fresh_checkout(tmp_path, monkeypatch):
+    """bench-ps takes about 2 h, longer than some sessions, and a fresh checkout has no bench/_work:
+    once its supernet is measured and committed with its teacher, the baseline starts from them."""
+    schedule = get_schedule("standard")
+    recipe = json.loads(json.dumps(schedule.to_dict()))
+    results = {"recipe": recipe, "supernet_sha256": "ab" * 32,
+               "phases": [{"name": p.name} for p in schedule.all_phases()]}
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(ps, "SUPERNET_FIXTURE", committed)
+    work = tmp_path / "work"
+    assert ps.committed_teacher(results, schedule, work) is None  # nothing committed: train
+    _checkpoint(committed, "ab" * 32)
+    _checkpoint(committed / "teacher", "cd" * 32, recipe)
+    assert ps.committed_teacher(results, schedule, work) == committed / "teacher"
+    assert ps.committed_teacher({**results, "phases": results["phases"][:-1]}, schedule, work) is None
+    assert ps.committed_teacher({**results, "supernet_sha256": "ef" * 32}, schedule, work) is None
+    _checkpoint(work / "ps" / schedule.all_phases()[-1].name, "ab" * 32)
+    assert ps.committed_teacher(results, schedule, work) is None  # trained here: resume as usual
+    _checkpoint(committed / "teacher", "cd" * 32, {**recipe, "batch_size": 64})
+    with pytest.raises(SystemExit, match="not the teacher"):
+        ps.committed_teacher(results, schedule, tmp_path / "fresh")

@@ -67,8 +67,9 @@ WALL_TOLERANCE = 0.05  # a plan's wall time within 5% of the base's counts as eq
 # dearer) at 0.90x the base's cost; 32 steps' mean at 0.99x
 PROBE_STEPS = 32
 # the chosen recipe is trained once more with this many times its shrinking epochs, as evidence of how
-# much of the gap is budget (not a choice: teacher ~1,000 s + 2 x ~1,200 s of shrinking is ~4.4x the
-# ~770 s scratch training of the largest pick in docs/results/claim.json, over issue #21's 4x cap)
+# much of the gap is budget (not a choice here; on 2026-12-07 the `standard` preset adopted it: +0.98
+# on validation, the whole training 3,505 s, ~3.8x the 919 s scratch training of the largest pick in
+# the claim of 2026-12-06, under issue #21's 4x cap)
 LONGER = 2.0
 
 

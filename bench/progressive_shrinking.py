@@ -112,7 +112,8 @@ def test_accuracy(folder: Path, space, data, calib) -> dict[str, float]:
 
 def checks(results: dict) -> dict[str, bool]:
     """The bars on the final supernet: issue #21's (the max subnet within 0.1 of its teacher, the min
-    subnet at 89.5 or more, on test) and the earlier ones."""
+    subnet at 89.5 or more, on test) and the earlier ones (the 45-minute training went with the budget
+    of 2026-12-07: issue #21 caps it at 4x one scratch training instead, which bench/claim.py measures)."""
     fin, base = results["final"]["test_accuracy"], results["baseline_no_ps"]["test_accuracy"]
     teacher = results["phases"][0]["test_accuracy"]
     return {
@@ -120,7 +121,6 @@ def checks(results: dict) -> dict[str, bool]:
         "min_at_least_89_5": fin["min"] >= 89.5,
         "ps_beats_baseline_on_min": fin["min"] > base["min"],
         "max_at_least_92_5": fin["max"] >= 92.5,
-        "training_within_45_min": results["training_wall_s"] <= 45 * 60,
     }
 
 

@@ -35,7 +35,7 @@ def test_the_bars_are_issue_21s_on_the_final_supernet():
     results = {"phases": [{"test_accuracy": {**ACC, "max": 92.1}}], "final": {"test_accuracy": ACC},
                "baseline_no_ps": {"test_accuracy": {**ACC, "min": 89.7}}, "training_wall_s": 2400}
     c = ps.checks(results)
-    assert c["max_within_0_1_of_its_teacher"] and c["min_at_least_89_5"] and c["training_within_45_min"]
+    assert c["max_within_0_1_of_its_teacher"] and c["min_at_least_89_5"]
     assert not c["ps_beats_baseline_on_min"] and not c["max_at_least_92_5"]
     results["phases"][0]["test_accuracy"]["max"] = 92.11
     assert not ps.checks(results)["max_within_0_1_of_its_teacher"]

@@ -25,7 +25,7 @@ from onceforall.training.train import LOG, _carry_momentum, reference_configs, r
 
 SPACE = get_space("fashion-mnist")
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "bench/supernets/fashion-mnist-standard"
+COMMITTED = ROOT / "bench/supernets/fashion-mnist-standard-restarts"  # the recipe before issue #21
 
 
 def _phase(**changes) -> PhaseConfig:
